@@ -1,0 +1,217 @@
+"""Array bytes in and out of shared memory for the API, without blocking the event loop.
+
+Uploads are written chunk by chunk into the segment as they arrive (the whole array never
+exists as one Python `bytes`); downloads stream the `.npy` header and then the segment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+from anyio import to_thread
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+
+from api.deps import AppState
+from api.errors import ApiError, not_found
+from shared.arrays.npy import NpyFormatError, NpyHeader, build_header, parse_header
+from shared.arrays.segments import (
+    Segment,
+    ShmFullError,
+    attach_segment,
+    create_segment,
+    unlink_segment,
+)
+from shared.arrays.store import ArrayRecord
+
+DOWNLOAD_CHUNK = 4 << 20
+MAX_HEADER = 65536
+
+NPY_MEDIA_TYPE = "application/x-npy"
+
+
+async def free_arrays(state: AppState, array_ids: list[str]) -> None:
+    """Drop records and unlink their segments (unlinking a big tmpfs file is not free)."""
+    for array_id in array_ids:
+        segment = await state.arrays.drop(array_id)
+        if segment:
+            await to_thread.run_sync(unlink_segment, segment)
+
+
+async def load_array(state: AppState, array_id: str, owner: str) -> ArrayRecord:
+    record = await state.arrays.get(array_id) if _plain_id(array_id) else None
+    if record is None or not record.visible or record.owner != owner:
+        raise not_found("array", array_id)
+    return record
+
+
+def _plain_id(ident: str) -> bool:
+    return 0 < len(ident) <= 64 and all(c in "0123456789abcdef" for c in ident)
+
+
+def npy_headers(record: ArrayRecord, header_len: int) -> dict[str, str]:
+    return {
+        "Content-Length": str(header_len + record.nbytes),
+        "X-Forklift-Array-Id": record.id,
+        "X-Forklift-Shape": ",".join(map(str, record.shape)),
+        "X-Forklift-Dtype": record.dtype,
+        "X-Forklift-Order": record.order,
+    }
+
+
+async def npy_response(state: AppState, array_id: str, owner: str, *, head: bool) -> Response:
+    record = await load_array(state, array_id, owner)
+    if record.domain != state.settings.shm_domain:
+        raise ApiError(409, "other_domain", f"array {array_id} lives in shm domain {record.domain}")
+    header = build_header(np.dtype(record.dtype), record.shape, record.order == "F")
+    headers = npy_headers(record, len(header))
+    if head:
+        return Response(status_code=200, headers=headers, media_type=NPY_MEDIA_TYPE)
+    try:
+        segment = attach_segment(record.segment, record.nbytes)
+    except FileNotFoundError:
+        raise not_found("array", array_id) from None
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield header
+            view = segment.buffer
+            for start in range(0, record.nbytes, DOWNLOAD_CHUNK):
+                # bytes(): the transport may buffer what it cannot send yet, and the mapping
+                # is closed when this generator ends.
+                yield bytes(view[start : start + DOWNLOAD_CHUNK])
+            del view
+        finally:
+            with contextlib.suppress(BufferError):
+                segment.close()
+
+    return StreamingResponse(body(), headers=headers, media_type=NPY_MEDIA_TYPE)
+
+
+@dataclass
+class Upload:
+    """One upload in flight: header known, record reserved, segment being filled."""
+
+    header: NpyHeader
+    array_id: str
+    segment: Segment | None = None
+    written: int = 0
+
+
+async def _read_header(stream: AsyncIterator[bytes]) -> tuple[NpyHeader, bytes]:
+    prefix = bytearray()
+    async for chunk in stream:
+        prefix += chunk
+        header = parse_header(bytes(prefix[:MAX_HEADER]), max_header_len=MAX_HEADER)
+        if header is not None:
+            return header, bytes(prefix[header.header_len :])
+        if len(prefix) > MAX_HEADER:
+            raise NpyFormatError("the .npy header is longer than 64 KiB")
+    raise NpyFormatError(f"truncated .npy: the body ended after {len(prefix)} bytes, in the header")
+
+
+async def ingest(
+    state: AppState,
+    request: Request,
+    owner: str,
+    raw_header: NpyHeader | None,
+    ttl: float | None,
+) -> ArrayRecord:
+    """Stream the request body into a new segment and register it; nothing left on failure."""
+    declared = request.headers.get("content-length")
+    stream = request.stream()
+    try:
+        if raw_header is None:
+            header, first = await _read_header(stream)
+        else:
+            header, first = raw_header, b""
+    except NpyFormatError as exc:
+        raise ApiError(400, "bad_npy", str(exc)) from None
+    total = header.header_len + header.nbytes if raw_header is None else header.nbytes
+    if declared is not None and int(declared) != total:
+        raise ApiError(
+            400,
+            "length_mismatch",
+            f"Content-Length is {declared} but the array needs {total} bytes"
+            f" ({header.dtype.str}, shape {header.shape})",
+        )
+    if header.nbytes > state.settings.max_upload_bytes:
+        raise ApiError(
+            413,
+            "too_large",
+            f"the array has {header.nbytes} bytes; the limit is"
+            f" {state.settings.max_upload_bytes} (FORKLIFT_MAX_UPLOAD_BYTES)",
+        )
+    upload = Upload(header=header, array_id=uuid.uuid4().hex)
+    used = await state.arrays.reserve(
+        upload.array_id, header.shape, header.dtype.str, header.order, header.nbytes, owner
+    )
+    if used is not None:
+        raise ApiError(
+            507,
+            "shm_full",
+            f"shared memory is full: {header.nbytes} more bytes would pass the cap of"
+            f" {state.settings.shm_limit_bytes} ({used} in use); delete arrays or wait",
+        )
+    try:
+        await _fill(state, upload, first, stream)
+    except BaseException:
+        await _abandon(state, upload)
+        raise
+    await state.arrays.commit(upload.array_id, ttl)
+    record = await state.arrays.get(upload.array_id)
+    assert record is not None
+    return record
+
+
+async def _fill(
+    state: AppState, upload: Upload, first: bytes, stream: AsyncIterator[bytes]
+) -> None:
+    nbytes = upload.header.nbytes
+    name = state.arrays.segment_name(upload.array_id)
+    try:
+        upload.segment = await to_thread.run_sync(create_segment, name, nbytes)
+    except ShmFullError:
+        raise ApiError(507, "shm_full", "shared memory is full (/dev/shm has no room)") from None
+    buffer = upload.segment.buffer
+    try:
+        chunk: bytes = first
+        while True:
+            if chunk:
+                end = upload.written + len(chunk)
+                if end > nbytes:
+                    raise ApiError(
+                        400,
+                        "length_mismatch",
+                        f"the body is longer than the {nbytes} bytes the array needs",
+                    )
+                buffer[upload.written : end] = chunk
+                upload.written = end
+            try:
+                chunk = await anext(stream)
+            except StopAsyncIteration:
+                break
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client went away mid-upload") from None
+    finally:
+        del buffer
+    if upload.written != nbytes:
+        raise ApiError(
+            400,
+            "truncated",
+            f"truncated upload: got {upload.written} of {nbytes} data bytes",
+        )
+    upload.segment.close()
+    upload.segment = None
+
+
+async def _abandon(state: AppState, upload: Upload) -> None:
+    if upload.segment is not None:
+        with contextlib.suppress(BufferError):
+            upload.segment.close()
+    segment = await state.arrays.drop(upload.array_id)
+    await to_thread.run_sync(unlink_segment, segment or state.arrays.segment_name(upload.array_id))

@@ -1,0 +1,66 @@
+"""Dependencies: the app's state (settings, Redis stores, event hub) and who is calling."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.errors import ApiError
+from api.events import JobEventHub
+from shared.arrays.store import ArrayStore
+from shared.jobstore import JobStore
+from shared.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    redis: aioredis.Redis
+    jobs: JobStore
+    arrays: ArrayStore
+    hub: JobEventHub
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.forklift
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+_bearer = HTTPBearer(auto_error=False, description="one of FORKLIFT_API_KEYS, when set")
+
+
+def owner_id(api_key: str) -> str:
+    """Records store a digest of the key, never the key itself."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:24]
+
+
+def get_owner(
+    state: State,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The caller's owner id ('' when the API runs open). Keys compared in constant time."""
+    keys = state.settings.api_keys
+    if not keys:
+        return ""
+    offered = credentials.credentials if credentials else ""
+    match = False
+    for key in keys:
+        match |= hmac.compare_digest(offered.encode(), key.get_secret_value().encode())
+    if not match:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing or unknown API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return owner_id(offered)
+
+
+Owner = Annotated[str, Depends(get_owner)]

@@ -1,0 +1,81 @@
+"""The FastAPI app: `uvicorn api.main:app`. Accepts work, answers at once, never computes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from anyio import to_thread
+from fastapi import FastAPI
+
+from api import errors
+from api.deps import AppState
+from api.events import JobEventHub
+from api.limits import BodyLimitMiddleware
+from api.routes import arrays, health, jobs, tasks
+from shared.arrays.janitor import sweep
+from shared.arrays.store import ArrayStore
+from shared.jobstore import JobStore
+from shared.redis_io import async_redis, sync_redis
+from shared.registry import load_job_modules
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger("forklift.api")
+
+
+async def _janitor(settings: Settings) -> None:
+    client = sync_redis(settings)
+    while True:
+        try:
+            await to_thread.run_sync(sweep, client, settings)
+        except Exception as exc:  # Redis down: try again next round
+            log.warning("janitor pass failed: %s", exc)
+        await asyncio.sleep(settings.janitor_interval)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    load_job_modules(settings.all_job_modules)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.api_keys:
+            log.warning("FORKLIFT_API_KEYS is not set: the API is open to anyone who reaches it")
+        client = async_redis(settings)
+        hub = JobEventHub(settings)
+        await hub.start()
+        app.state.forklift = AppState(
+            settings=settings,
+            redis=client,
+            jobs=JobStore(client, settings),
+            arrays=ArrayStore(client, settings),
+            hub=hub,
+        )
+        janitor = asyncio.create_task(_janitor(settings), name="forklift-janitor")
+        try:
+            yield
+        finally:
+            janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await janitor
+            await hub.stop()
+            await client.aclose()
+
+    app = FastAPI(
+        title="forklift",
+        summary="CPU-heavy Python and NumPy jobs behind an HTTP API",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_json_bytes, exempt_prefixes=("/arrays",)
+    )
+    errors.install(app)
+    for module in (jobs, arrays, tasks, health):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,38 @@
+"""/healthz: is Redis answering, and how many workers are online."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import State
+from shared.redis_io import REDIS_ERRORS
+from worker.heartbeat import STALE_AFTER_S, workers_key
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", responses={503: {"description": "Redis is down"}})
+async def healthz(state: State) -> Any:
+    """200 while Redis answers (even with no worker online: jobs then wait in the queue)."""
+    settings = state.settings
+    try:
+        await state.redis.ping()
+        workers = await state.redis.zcount(
+            workers_key(settings), time.time() - STALE_AFTER_S, "+inf"
+        )
+    except REDIS_ERRORS:
+        return JSONResponse(
+            {"status": "unavailable", "redis": False, "workers": None},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+    return {
+        "status": "ok" if workers else "no_workers",
+        "redis": True,
+        "workers": workers,
+        "shm_domain": settings.shm_domain,
+    }

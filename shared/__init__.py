@@ -1,0 +1,1 @@
+"""Code both sides import: settings, schemas, the job registry and the stores."""

@@ -1,0 +1,1 @@
+"""Arrays in shared memory: the .npy wire format and named POSIX segments."""

@@ -1,0 +1,137 @@
+"""Payload schemas: what travels over HTTP, through the broker, and into Redis records."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+class ArrayRef(BaseModel):
+    """What a worker needs to attach an array: only names and numbers, never the bytes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    segment: str
+    shape: tuple[int, ...]
+    dtype: str
+    order: str = "C"
+    nbytes: int
+    domain: str
+
+
+class ArrayMeta(BaseModel):
+    """An array as clients see it."""
+
+    id: str
+    shape: list[int]
+    dtype: str
+    order: str
+    nbytes: int
+    domain: str
+    segment: str
+    created_at: float
+    expires_at: float
+
+
+class ArrayInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    array: str = Field(description="id of an uploaded array or of an array result")
+
+
+class JobSubmission(BaseModel):
+    """Body of `POST /jobs`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"task": "fib", "params": {"n": 25}},
+                {"task": "sum", "params": {"axis": 0}, "inputs": {"a": {"array": "<id>"}}},
+            ]
+        },
+    )
+
+    task: str = Field(min_length=1, max_length=200)
+    params: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, ArrayInput] = Field(default_factory=dict)
+    timeout: float | None = Field(
+        None, gt=0, description="seconds; may only lower the server's job time limit"
+    )
+
+
+class Progress(BaseModel):
+    fraction: float = 0.0
+    note: str = ""
+
+
+class WorkerInfo(BaseModel):
+    hostname: str = ""
+    pid: int = 0
+    domain: str = ""
+
+
+class JobView(BaseModel):
+    """A job as clients see it (`GET /jobs/{id}`)."""
+
+    id: str
+    task: str
+    status: JobStatus
+    params: dict[str, Any]
+    inputs: dict[str, str] = Field(description="input name → array id")
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: Progress | None = None
+    error: str | None = None
+    result: Any = None
+    worker: WorkerInfo | None = None
+    attempts: int = 0
+
+
+class TaskPayload(BaseModel):
+    """The one argument of the Celery task: JSON only, arrays by reference."""
+
+    job_id: str
+    task: str
+    params: dict[str, Any]
+    inputs: dict[str, ArrayRef] = Field(default_factory=dict)
+    timeout: float | None = None
+    owner: str = ""
+
+
+class TaskInfo(BaseModel):
+    name: str
+    doc: str
+    params_schema: dict[str, Any]
+    inputs: dict[str, dict[str, Any]]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    detail: Any = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

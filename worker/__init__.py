@@ -1,0 +1,1 @@
+"""forklift workers: a Celery prefork pool running registered jobs."""

@@ -1,0 +1,75 @@
+"""The Celery app. `celery -A worker.app worker --pool=prefork` runs it.
+
+BLAS/OpenMP thread counts are pinned to one *before* NumPy can be imported, so N prefork
+children use N cores instead of N x cores threads fighting over them.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+):
+    os.environ.setdefault(_var, "1")
+
+from celery import Celery  # noqa: E402
+
+from shared.settings import Settings, get_settings  # noqa: E402
+
+TASK_NAME = "forklift.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    """Celery settings derived from forklift's; kept apart so tests can read them."""
+    hard_limit = settings.job_time_limit + settings.job_kill_grace
+    # With late acks, Redis redelivers a message unacked for longer than the visibility
+    # timeout. Keep it well above the hard limit so a long job is never run twice.
+    transport = {"visibility_timeout": int(hard_limit) + 600}
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_soft_time_limit": settings.job_time_limit,
+        "task_time_limit": hard_limit,
+        "task_default_queue": settings.queue,
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_max_tasks_per_child": settings.max_tasks_per_child or None,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "imports": ("worker.tasks",),
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("forklift", set_as_current=True)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+app = create_app()

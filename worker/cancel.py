@@ -1,0 +1,99 @@
+"""Cancelling a running job hits that job and no other.
+
+`revoke(terminate=True)` signals whatever the child runs *now*, which may already be the next
+job. Instead each child watches the cancel channel itself and interrupts only the job it is
+running, identified by id, at the moment the message arrives: SIGUSR2 to its own main thread
+raises `JobCancelled` between bytecodes; if the job is stuck in C code (a long NumPy call)
+and does not stop within the grace period, the child kills itself and the pool refills. The
+redelivered message then finds the record `cancelled` and is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+from shared.redis_io import sync_redis
+from worker.runtime import runtime
+
+log = logging.getLogger("forklift.worker")
+
+
+class JobCancelled(BaseException):
+    """Raised inside a cancelled job (a BaseException, so `except Exception` cannot eat it)."""
+
+
+_lock = threading.Lock()
+_current: str | None = None
+_cancelled: str | None = None
+
+
+def _on_sigusr2(signum: int, frame: object) -> None:
+    with _lock:
+        hit = _current is not None and _current == _cancelled
+    if hit:
+        raise JobCancelled(_current)
+
+
+def _kill_if_still_running(job_id: str, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        with _lock:
+            if _current != job_id:
+                return
+    log.warning("job %s ignored cancellation for %.0f s; ending its process", job_id, grace)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _watch() -> None:
+    global _cancelled
+    rt = runtime()
+    channel = rt.jobs.cancel_channel
+    while True:
+        try:
+            client = sync_redis(rt.settings, socket_timeout=None)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(channel)
+            for message in pubsub.listen():
+                job_id = message.get("data")
+                with _lock:
+                    if job_id != _current:
+                        continue
+                    _cancelled = job_id
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR2)
+                threading.Thread(
+                    target=_kill_if_still_running,
+                    args=(job_id, rt.settings.job_kill_grace),
+                    daemon=True,
+                ).start()
+        except Exception as exc:  # reconnect after Redis restarts
+            log.debug("cancel watcher reconnecting: %s", exc)
+            time.sleep(1)
+
+
+def install() -> None:
+    """Run in each child right after the fork."""
+    signal.signal(signal.SIGUSR2, _on_sigusr2)
+    threading.Thread(target=_watch, name="forklift-cancel-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def cancellable(job_id: str) -> Iterator[None]:
+    """Mark `job_id` as the one this process runs; only it can be interrupted."""
+    global _current, _cancelled
+    with _lock:
+        _current, _cancelled = job_id, None
+    try:
+        # A cancel published between the job's start and this point found no job to hit.
+        if runtime().redis.hget(runtime().jobs.key(job_id), "status") == "cancelled":
+            raise JobCancelled(job_id)
+        yield
+    finally:
+        with _lock:
+            _current = _cancelled = None

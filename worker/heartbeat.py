@@ -1,0 +1,74 @@
+"""Worker presence in Redis: who is online, in which shm domain, with how many children.
+
+The main worker process refreshes a sorted set (score = last beat) and a small hash with a
+TTL. `/healthz` counts members seen recently; nothing needs a broadcast round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from shared.redis_io import sync_redis
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger("forklift.worker")
+
+INTERVAL_S = 2.0
+STALE_AFTER_S = 10.0
+
+_stop = threading.Event()
+_name: str | None = None
+
+
+def workers_key(settings: Settings) -> str:
+    return settings.key("workers")
+
+
+def worker_key(settings: Settings, name: str) -> str:
+    return settings.key("worker", name)
+
+
+def _beat(settings: Settings, name: str, info: dict[str, Any]) -> None:
+    client = sync_redis(settings)
+    while not _stop.is_set():
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.zadd(workers_key(settings), {name: time.time()})
+            pipe.set(worker_key(settings, name), json.dumps(info), ex=int(STALE_AFTER_S * 3))
+            pipe.execute()
+        except Exception as exc:  # Redis restarting: keep trying
+            log.debug("heartbeat failed: %s", exc)
+        _stop.wait(INTERVAL_S)
+    try:
+        client.zrem(workers_key(settings), name)
+        client.delete(worker_key(settings, name))
+    except Exception:  # best effort on the way out
+        pass
+
+
+def start(consumer: Any) -> None:
+    global _name
+    settings = get_settings()
+    _name = getattr(consumer, "hostname", None) or f"worker@{os.uname().nodename}"
+    concurrency = getattr(getattr(consumer, "pool", None), "limit", None)
+    info = {
+        "name": _name,
+        "pid": os.getpid(),
+        "domain": settings.shm_domain,
+        "concurrency": concurrency or settings.worker_concurrency,
+        "started_at": time.time(),
+    }
+    _stop.clear()
+    threading.Thread(
+        target=_beat, args=(settings, _name, info), name="forklift-heartbeat", daemon=True
+    ).start()
+
+
+def stop() -> None:
+    _stop.set()
+    time.sleep(0.05)

@@ -1,0 +1,183 @@
+"""Runs one job in a worker child: start, attach inputs, call, store the result, finish.
+
+Celery-free on purpose (only its time-limit exception is named), so the job lifecycle reads
+top to bottom in one place. Every path ends the record and releases the inputs exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from billiard.exceptions import SoftTimeLimitExceeded
+
+from shared.arrays.segments import (
+    Segment,
+    ShmFullError,
+    attach_segment,
+    create_segment,
+    ndarray_view,
+    unlink_segment,
+)
+from shared.arrays.store import ArrayRecord
+from shared.registry import get_job
+from shared.schemas import ArrayRef, JobStatus, TaskPayload
+from worker import cancel
+from worker.runtime import Runtime, runtime
+
+log = logging.getLogger("forklift.worker")
+
+
+class JobFailure(Exception):
+    """A failure whose message is meant for the client as is."""
+
+
+def run(payload: TaskPayload) -> str:
+    """Run the job; returns its final status (or why it was skipped)."""
+    rt = runtime()
+    pid = os.getpid()
+    outcome, attempts = rt.jobs.start(payload.job_id, rt.hostname, pid, rt.settings.shm_domain)
+    if outcome != "started":
+        log.info("job %s not started: %s", payload.job_id, outcome)
+        free_arrays(rt, rt.jobs.release_inputs(payload.job_id))
+        return outcome
+    log.info("job %s (%s) started, attempt %d", payload.job_id, payload.task, attempts)
+    created: list[str] = []
+    status, error, result = JobStatus.failed, None, None
+    try:
+        result = _execute(rt, payload, created)
+        status = JobStatus.succeeded
+    except cancel.JobCancelled:
+        status, error = JobStatus.cancelled, "cancelled by the client"
+    except SoftTimeLimitExceeded:
+        limit = payload.timeout or rt.settings.job_time_limit
+        error = f"time limit exceeded: the job ran longer than its limit of {limit:g} s"
+    except MemoryError:
+        error = "memory limit: the job ran out of memory"
+    except JobFailure as exc:
+        error = str(exc)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.info("job %s failed: %s", payload.job_id, error)
+    final = status
+    if status is not JobStatus.cancelled:
+        won = rt.jobs.finish(payload.job_id, status, error=error, result=result, pid=pid)
+        if won != "ok":
+            final = JobStatus(won) if won in JobStatus.__members__ else JobStatus.cancelled
+    if final is not JobStatus.succeeded:
+        free_arrays(rt, created)
+    free_arrays(rt, rt.jobs.release_inputs(payload.job_id))
+    log.info("job %s ended %s", payload.job_id, final.value)
+    return final.value
+
+
+def _execute(rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:
+    spec = get_job(payload.task)
+    if spec is None:
+        raise JobFailure(f"unknown task '{payload.task}' on worker {rt.hostname}")
+    params = spec.validate_params(payload.params)
+
+    def progress(fraction: float, note: str = "") -> None:
+        rt.jobs.report_progress(payload.job_id, fraction, note)
+
+    with attached(payload.inputs, rt) as arrays:
+        spec.check_inputs(arrays, params)
+        with cancel.cancellable(payload.job_id):
+            value = spec.call(params, arrays, progress)
+        return encode_result(value, rt, payload, created)
+
+
+@contextlib.contextmanager
+def attached(inputs: dict[str, ArrayRef], rt: Runtime) -> Iterator[dict[str, np.ndarray]]:
+    """Read-only zero-copy views of the inputs, closed afterwards."""
+    segments: list[Segment] = []
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        for name, ref in inputs.items():
+            if ref.domain != rt.settings.shm_domain:
+                raise JobFailure(
+                    f"input '{name}' (array {ref.id}) lives in shm domain {ref.domain};"
+                    f" this worker is in {rt.settings.shm_domain}"
+                )
+            try:
+                segment = attach_segment(ref.segment, ref.nbytes)
+            except FileNotFoundError:
+                raise JobFailure(f"input '{name}': array {ref.id} is gone") from None
+            segments.append(segment)
+            arrays[name] = ndarray_view(segment, np.dtype(ref.dtype), ref.shape, ref.order)
+        yield arrays
+    finally:
+        arrays.clear()
+        for segment in segments:
+            with contextlib.suppress(BufferError):  # a job kept a view: GC closes it later
+                segment.close()
+
+
+def encode_result(value: Any, rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:
+    """JSON for the record: ndarrays become new segments, `{"array": meta}`."""
+    if isinstance(value, np.ndarray):
+        record = store_ndarray(value, rt, owner=payload.owner, job=payload.job_id)
+        created.append(record.id)
+        return {"array": record.meta().model_dump()}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, complex):
+        return {"real": _json_float(value.real), "imag": _json_float(value.imag)}
+    if isinstance(value, float):
+        return _json_float(value)
+    if isinstance(value, dict):
+        return {str(k): encode_result(v, rt, payload, created) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_result(v, rt, payload, created) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    raise JobFailure(f"job returned a {type(value).__name__}, which is not JSON or an ndarray")
+
+
+def _json_float(x: float) -> float | str:
+    """JSON has no NaN or infinity; spell them as strings rather than lose them."""
+    return x if math.isfinite(x) else str(x)
+
+
+def store_ndarray(arr: np.ndarray, rt: Runtime, *, owner: str, job: str = "") -> ArrayRecord:
+    """Copy an array into a new registered segment (one memcpy)."""
+    from shared.arrays.npy import check_dtype
+
+    dtype = check_dtype(arr.dtype.newbyteorder("=") if arr.dtype.byteorder == ">" else arr.dtype)
+    order = "F" if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+    array_id = uuid.uuid4().hex
+    used = rt.arrays.reserve(array_id, arr.shape, dtype.str, order, arr.nbytes, owner, job)
+    if used is not None:
+        raise JobFailure(
+            f"shared memory full: the {arr.nbytes} byte result does not fit"
+            f" ({used} of {rt.settings.shm_limit_bytes} bytes in use)"
+        )
+    name = rt.arrays.segment_name(array_id)
+    try:
+        with create_segment(name, arr.nbytes) as segment:
+            target = ndarray_view(segment, dtype, arr.shape, order)
+            np.copyto(target, arr, casting="no" if arr.dtype == dtype else "equiv")
+            del target
+    except BaseException as exc:
+        rt.arrays.drop(array_id)
+        unlink_segment(name)
+        if isinstance(exc, ShmFullError):
+            raise JobFailure("shared memory full: no room for the job's result") from exc
+        raise
+    rt.arrays.commit(array_id)
+    record = rt.arrays.get(array_id)
+    assert record is not None
+    return record
+
+
+def free_arrays(rt: Runtime, array_ids: list[str]) -> None:
+    for array_id in array_ids:
+        segment = rt.arrays.drop(array_id)
+        if segment:
+            unlink_segment(segment)
