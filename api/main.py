@@ -14,7 +14,7 @@ from api import errors
 from api.deps import AppState
 from api.events import JobEventHub
 from api.limits import BodyLimitMiddleware
-from api.routes import arrays, health, jobs, tasks
+from api.routes import arrays, events, health, jobs, shm, tasks
 from shared.arrays.janitor import sweep
 from shared.arrays.store import ArrayStore
 from shared.jobstore import JobStore
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware, max_bytes=settings.max_json_bytes, exempt_prefixes=("/arrays",)
     )
     errors.install(app)
-    for module in (jobs, arrays, tasks, health):
+    for module in (jobs, events, shm, arrays, tasks, health):
         app.include_router(module.router)
     return app
 

@@ -45,7 +45,7 @@ _ACCEPTED_NAMES = (
 ACCEPTED_DTYPES: tuple[np.dtype, ...] = tuple(np.dtype(name) for name in _ACCEPTED_NAMES)
 # Dtype spellings worth handing to np.dtype: letters, digits and a byte-order mark. Keeps list
 # and comma syntax ("[('a','O')]", "f8,f8") away from numpy's parser altogether.
-_DTYPE_TEXT = re.compile(r"[<>|=]?[A-Za-z][A-Za-z0-9]{0,15}")
+_DTYPE_TEXT = re.compile(r"[<>|=]?(\?|[A-Za-z][A-Za-z0-9]{0,15})")
 _DIM_TEXT = re.compile(r"[0-9]{1,19}")
 
 
@@ -132,8 +132,10 @@ def _read_dict(
     reader = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
     try:
         return reader(stream, max_header_size=max_header_len)
-    # literal_eval raises MemoryError on very deep nesting and numpy's dtype parser a TypeError.
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+    # Hostile text reaches literal_eval, numpy's Python-2 fallback (tokenize) and np.dtype,
+    # which raise ValueError, SyntaxError, TokenError, TypeError, MemoryError (deep nesting)...
+    # Whatever they raise, the header is invalid.
+    except Exception as exc:
         raise NpyFormatError(f"invalid .npy header: {_shorten(str(exc))}") from None
 
 
@@ -208,9 +210,7 @@ def check_dtype(dtype: np.dtype) -> np.dtype:
     for accepted in ACCEPTED_DTYPES:
         if dtype == accepted:
             return accepted
-    raise NpyFormatError(
-        f"dtype {shown} refused: accepted are {', '.join(_ACCEPTED_NAMES)}"
-    )
+    raise NpyFormatError(f"dtype {shown} refused: accepted are {', '.join(_ACCEPTED_NAMES)}")
 
 
 def _describe(dtype: np.dtype) -> str:

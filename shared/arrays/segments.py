@@ -118,10 +118,10 @@ def create_segment(name: str, size: int) -> Segment:
 
     Allocation strategy, measured with bench/fill_strategies.py (2-core VM, Linux 6.x, two runs
     of medians of 5; GB/s for create + fill by 1 MiB slice assignments, 16 MiB / 256 MiB / 1 GiB):
-        ftruncate only (sparse)          1.4-1.5 / 1.5-1.7 / 1.3-1.5   full /dev/shm = SIGBUS later
-        fallocate                        1.5-1.6 / 1.7-1.8 / 1.6-1.9   256 write faults per MiB left
-        fallocate + MAP_POPULATE         1.6     / 1.6-1.7 / 1.7       slower to create
-        fallocate + MADV_POPULATE_WRITE  1.8     / 2.0     / 2.1       chosen: fastest, 0 fill faults
+        ftruncate only (sparse)          1.4-1.5 / 1.5-1.7 / 1.3-1.5  full /dev/shm = SIGBUS later
+        fallocate                        1.5-1.6 / 1.7-1.8 / 1.6-1.9  256 write faults/MiB left
+        fallocate + MAP_POPULATE         1.6     / 1.6-1.7 / 1.7      slower to create
+        fallocate + MADV_POPULATE_WRITE  1.8     / 2.0     / 2.1      chosen: fastest, 0 faults
     Receiving from a socketpair (recv_into) is noisier, 1.2-1.75 GB/s; the chosen one was best
     in 5 of 6 cells.
     Page allocation dominates: for 1 GiB, create takes ~0.46 s and the copy ~0.06 s.
@@ -231,7 +231,9 @@ def ndarray_view(
     """A zero-copy array over the segment; read-only segments give read-only arrays.
 
     The dtype goes through check_dtype first: an object array over raw bytes would
-    dereference garbage pointers.
+    dereference garbage pointers. Built with np.frombuffer, which holds a buffer export
+    that pins the mapping; np.ndarray(buffer=...) does not (it releases the export and keeps
+    only the mmap object), so Segment.close() would unmap memory under a live array.
     """
     dtype = check_dtype(dtype)
     if order not in ("C", "F"):
@@ -242,7 +244,8 @@ def ndarray_view(
             f"array of {nbytes} bytes does not fit segment {segment.name} "
             f"({len(segment.buffer)} bytes{', closed' if segment.closed else ''})"
         )
-    return np.ndarray(shape, dtype=dtype, buffer=segment.buffer, order=order)
+    flat = np.frombuffer(segment.buffer, dtype=dtype, count=math.prod(shape))
+    return flat.reshape(shape, order=order)  # a view: flat is contiguous
 
 
 def _check_name(name: str) -> str:

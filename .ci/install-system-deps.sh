@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# System packages the tests need: redis-server (the test stacks' private Redis and the
+# launcher's embedded one) and Debian's docker-compose (the tests run `docker-compose config`
+# on the compose file; no Docker engine is needed for that).
+# Idempotent and quiet: a binary already on PATH is not installed again.
+set -euo pipefail
+
+declare -A wanted=(
+    [redis-server]=redis-server
+    [docker-compose]=docker-compose
+)
+
+missing=()
+for binary in "${!wanted[@]}"; do
+    command -v "$binary" >/dev/null 2>&1 || missing+=("${wanted[$binary]}")
+done
+
+if ((${#missing[@]} == 0)); then
+    exit 0
+fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then
+    SUDO="sudo"
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+echo "install-system-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+for binary in "${!wanted[@]}"; do
+    command -v "$binary" >/dev/null 2>&1 || { echo "install-system-deps: $binary still missing" >&2; exit 1; }
+done
