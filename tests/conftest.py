@@ -35,9 +35,8 @@ class Stack:
 
     def queue_lengths(self) -> int:
         """Messages waiting in every forklift queue of this stack's broker."""
-        return sum(
-            self.redis.llen(k) for k in self.redis.scan_iter("forklift*") if self.redis.type(k) == "list"
-        )
+        keys = self.redis.scan_iter("forklift*")
+        return sum(self.redis.llen(k) for k in keys if self.redis.type(k) == "list")
 
 
 @pytest.fixture(scope="session")

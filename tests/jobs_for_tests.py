@@ -7,7 +7,6 @@ import time
 from typing import Annotated
 
 import numpy as np
-
 from pydantic import Field
 
 from shared.registry import job
@@ -31,9 +30,10 @@ def _anonymous_kib() -> int:
     Shared-memory pages mapped by one process only show up as Private_* in smaps even though
     they are shmem, so `Anonymous` is the honest measure of copies a job made.
     """
-    for line in open("/proc/self/smaps_rollup"):
-        if line.startswith("Anonymous:"):
-            return int(line.split()[1])
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1])
     return -1
 
 

@@ -113,7 +113,7 @@ def segment_path(name: str) -> Path:
     return SHM_DIR / _check_name(name)
 
 
-def create_segment(name: str, size: int) -> Segment:
+def create_segment(name: str, size: int, *, allocate: bool = True) -> Segment:
     """Create a new segment of `size` bytes, its memory allocated up front, mapped writable.
 
     Allocation strategy, measured with bench/fill_strategies.py (2-core VM, Linux 6.x, two runs
@@ -125,6 +125,9 @@ def create_segment(name: str, size: int) -> Segment:
     Receiving from a socketpair (recv_into) is noisier, 1.2-1.75 GB/s; the chosen one was best
     in 5 of 6 cells.
     Page allocation dominates: for 1 GiB, create takes ~0.46 s and the copy ~0.06 s.
+    With `allocate=False` the segment is sparse: the caller must `allocate_pages` each range
+    before writing it (an upload does so in a thread, ahead of the bytes arriving, so the
+    kernel zeroes pages while the network delivers).
     posix_fallocate is not optional: it turns a full /dev/shm into ENOSPC here (ShmFullError)
     instead of SIGBUS in the middle of a later write. MADV_POPULATE_WRITE then maps every page
     with one syscall instead of one fault per 4 KiB page.
@@ -133,21 +136,46 @@ def create_segment(name: str, size: int) -> Segment:
     _check_size(size)
     fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        _allocate(fd, name, max(size, 1))
+        if allocate:
+            _allocate(fd, name, max(size, 1))
+        else:
+            os.ftruncate(fd, max(size, 1))
         mapping = mmap.mmap(fd, max(size, 1))
     except BaseException:
         unlink_segment(name)
         raise
     finally:
         os.close(fd)
-    _prefault(mapping)
+    if allocate:
+        _prefault(mapping)
     return Segment(name, size, mapping, readonly=False)
 
 
-def _allocate(fd: int, name: str, size: int) -> None:
+def allocate_pages(segment: Segment, start: int, stop: int) -> None:
+    """Allocate and map pages [start, stop) of a sparse segment before anything writes there.
+
+    Safe to call from a thread: both syscalls release the GIL. ShmFullError when /dev/shm is
+    full, which a write into unallocated pages would have turned into SIGBUS.
+    """
+    if segment._mmap is None or segment.readonly:
+        raise ValueError(f"segment {segment.name} is not open for writing")
+    length = min(stop, max(segment.size, 1)) - start
+    if length <= 0:
+        return
+    fd = _posixshmem.shm_open("/" + segment.name, os.O_RDWR, 0)
+    try:
+        _allocate(fd, segment.name, length, offset=start)
+    finally:
+        os.close(fd)
+    page = mmap.PAGESIZE
+    aligned = start - start % page
+    _prefault(segment._mmap, aligned, length + start - aligned)
+
+
+def _allocate(fd: int, name: str, size: int, offset: int = 0) -> None:
     """Reserve every page now, so that running out of memory is an error and not a SIGBUS."""
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, offset, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.ENOMEM):
             raise ShmFullError(
@@ -158,13 +186,13 @@ def _allocate(fd: int, name: str, size: int) -> None:
         raise
 
 
-def _prefault(mapping: mmap.mmap) -> None:
-    """Map all pages into this process in one call; a speed-up only, so failures are ignored."""
+def _prefault(mapping: mmap.mmap, start: int = 0, length: int = 0) -> None:
+    """Map pages into this process in one call; a speed-up only, so failures are ignored."""
     global _populate_write_supported
     if not _populate_write_supported:
         return
     try:
-        mapping.madvise(_MADV_POPULATE_WRITE)
+        mapping.madvise(_MADV_POPULATE_WRITE, start, length or len(mapping) - start)
     except OSError as exc:
         if exc.errno == errno.EINVAL:  # kernel older than 5.14: stop trying
             _populate_write_supported = False

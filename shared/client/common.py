@@ -1,0 +1,165 @@
+"""What the sync and async clients share: constants, argument splitting, outcomes, backoff."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shared.client.errors import JobCancelled, JobFailed, Timeout, Unavailable
+from shared.client.handles import ArrayHandle
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+USER_AGENT = "forklift-client/0.1"
+POLL_S = 30.0  # one long-poll; the server caps it at FORKLIFT_MAX_WAIT (60 s by default)
+SSE_READ_S = 45.0  # the server sends a keep-alive every 15 s
+SHM_THRESHOLD = 1 << 20  # auto mode registers arrays at least this big
+FINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def headers_for(api_key: str | None) -> dict[str, str]:
+    headers = {"User-Agent": USER_AGENT}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, ArrayHandle):
+        return value.id
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def encode_json(body: Any) -> bytes:
+    return json.dumps(body, default=_json_default).encode()
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass
+class Arguments:
+    """A job's keyword arguments sorted into params, handles to reuse and arrays to upload."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    handles: dict[str, str] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def split_arguments(arguments: Mapping[str, Any]) -> Arguments:
+    out = Arguments()
+    for name, value in arguments.items():
+        if isinstance(value, ArrayHandle):
+            out.handles[name] = value.id
+        elif isinstance(value, np.ndarray):
+            out.arrays[name] = value
+        else:
+            out.params[name] = value
+    return out
+
+
+def submission(
+    task: str, params: dict[str, Any], inputs: dict[str, str], time_limit: float | None
+) -> bytes:
+    body: dict[str, Any] = {"task": task, "params": params}
+    if inputs:
+        body["inputs"] = {name: {"array": array_id} for name, array_id in inputs.items()}
+    if time_limit is not None:
+        body["timeout"] = time_limit
+    return encode_json(body)
+
+
+def is_array_ref(value: Any) -> bool:
+    """A job result's `{"array": meta}`: an array the worker stored."""
+    return (
+        isinstance(value, dict)
+        and set(value) == {"array"}
+        and isinstance(value["array"], dict)
+        and "id" in value["array"]
+        and "dtype" in value["array"]
+    )
+
+
+def map_arrays(value: Any, convert: Callable[[dict[str, Any]], Any]) -> Any:
+    """`value` with every nested `{"array": meta}` replaced by `convert(meta)`."""
+    if is_array_ref(value):
+        return convert(value["array"])
+    if isinstance(value, dict):
+        return {k: map_arrays(v, convert) for k, v in value.items()}
+    if isinstance(value, list):
+        return [map_arrays(v, convert) for v in value]
+    return value
+
+
+def array_metas(value: Any) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    map_arrays(value, found.append)
+    return found
+
+
+def raise_for_outcome(job_id: str, view: dict[str, Any]) -> None:
+    """JobFailed / JobCancelled for a job that ended without a result."""
+    status = view.get("status")
+    if status == "failed":
+        raise JobFailed(view.get("error") or "the job failed", job_id=job_id, view=view)
+    if status == "cancelled":
+        raise JobCancelled(view.get("error") or "the job was cancelled", job_id=job_id, view=view)
+
+
+class Deadline:
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.at = None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+    def expired(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+    def poll(self, cap: float = POLL_S) -> float:
+        remaining = self.remaining()
+        return cap if remaining is None else min(cap, remaining)
+
+    def timeout_error(self, what: str) -> Timeout:
+        return Timeout(f"{what}: still not done after {self.timeout:g} s", code="timeout")
+
+
+class Backoff:
+    """Delays between retries: exponential with jitter, given up after `window` seconds."""
+
+    def __init__(self, window: float, first: float = 0.1, cap: float = 5.0) -> None:
+        self.window = window
+        self.first = first
+        self.cap = cap
+        self._delay = first
+        self._since: float | None = None
+
+    def reset(self) -> None:
+        self._delay = self.first
+        self._since = None
+
+    def next_delay(self, reason: str, deadline: Deadline, hint: float | None = None) -> float:
+        """Seconds to wait before the next try; Unavailable/Timeout when out of patience."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since > self.window:
+            raise Unavailable(
+                f"{reason} (retried for {self.window:g} s)", code="unavailable", status=None
+            )
+        delay = min(self._delay, self.cap) * random.uniform(0.5, 1.0)
+        if hint is not None:
+            delay = max(delay, min(hint, self.cap))
+        self._delay = min(self._delay * 2, self.cap)
+        remaining = deadline.remaining()
+        if remaining is not None and delay >= remaining:
+            raise deadline.timeout_error(reason)
+        return delay

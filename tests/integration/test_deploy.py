@@ -1,0 +1,481 @@
+"""Deployment: the compose file, the Dockerfile, the settings table and `forklift up`.
+
+No Docker engine here, so the compose file is checked three ways: Debian's `docker-compose
+config` must accept it, its structure must be what the design needs, and the exact command
+lines it gives `api` and `worker` are run here as local processes, with the compose
+environment, and must serve a real job. `forklift up` is run for real and stopped with SIGINT.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import yaml
+
+from shared.settings import Settings
+from tests import stack
+
+REPO = stack.REPO
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+DOCS = REPO / "docs" / "deployment.md"
+
+pytestmark = pytest.mark.slow
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_]\w*)")
+
+
+# -- reading the compose file ------------------------------------------------------------------
+
+
+def setting_vars() -> set[str]:
+    """The environment variable of every setting (`redis_url` is read as `REDIS_URL`)."""
+    return {
+        "REDIS_URL" if name == "redis_url" else f"FORKLIFT_{name.upper()}"
+        for name in Settings.model_fields
+    }
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's `${VAR}`, `${VAR:-default}`, `${VAR-default}` and `$$`, applied to every
+    string of a loaded compose document."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def repl(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        op, default = match.group(2), match.group(3) or ""
+        if op == ":-":
+            return env.get(name) or default
+        if op == "-":
+            return env.get(name, default)
+        if op and op.endswith("?") and not (env.get(name) if op == ":?" else name in env):
+            raise KeyError(f"{name} is required: {default}")
+        return env.get(name, "")
+
+    return _VAR.sub(repl, value)
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without anything the compose file reads."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith("FORKLIFT_") and k != "REDIS_URL"
+    }
+
+
+def compose_doc() -> dict[str, Any]:
+    """The compose file with anchors merged and every variable at its default."""
+    raw = yaml.safe_load(COMPOSE.read_text())
+    return interpolate(raw, {})
+
+
+def service_env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def command(service: dict[str, Any]) -> list[str]:
+    cmd = service["command"]
+    assert isinstance(cmd, list), "give commands in exec form (a list), not a shell string"
+    return [str(part) for part in cmd]
+
+
+def published_ports(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(published, target) pairs, from the short "8000:8000" or the long form."""
+    pairs = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            pairs.append((str(port.get("published")), str(port["target"])))
+        else:
+            *_, published, target = str(port).split(":")
+            pairs.append((published, target.split("/")[0]))
+    return pairs
+
+
+def check_compose_shape(doc: dict[str, Any]) -> None:
+    services = doc["services"]
+    assert set(services) == {"redis", "api", "worker"}
+    redis_svc, api, worker = services["redis"], services["api"], services["worker"]
+
+    assert str(redis_svc["image"]).startswith("redis:")
+    redis_cmd = " ".join(map(str, redis_svc["command"]))
+    assert re.search(r"--appendonly\s+yes", redis_cmd), redis_cmd
+    assert any(str(v).split(":")[1] == "/data" for v in redis_svc["volumes"])
+    assert "redis-data" in doc["volumes"]
+    assert "redis-cli" in redis_svc["healthcheck"]["test"]
+    assert "ping" in redis_svc["healthcheck"]["test"]
+
+    assert api["ipc"] == "shareable"
+    assert api["shm_size"]
+    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    assert ("8000", "8000") in published_ports(api)
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+
+    assert worker["ipc"] == "service:api"
+    assert "container_name" not in worker and "hostname" not in worker, "must be scalable"
+    assert "ports" not in worker
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["api"]["condition"] == "service_healthy"
+    assert api["image"] == worker["image"], "one image for api and worker"
+
+    api_env, worker_env = service_env(api), service_env(worker)
+    assert api_env["FORKLIFT_SHM_DOMAIN"], "the shm domain must be set explicitly"
+    assert api_env["FORKLIFT_SHM_DOMAIN"] == worker_env["FORKLIFT_SHM_DOMAIN"]
+    assert api_env == worker_env, "api and worker must share their settings"
+    assert api_env["REDIS_URL"] == "redis://redis:6379/0"
+    assert api_env["FORKLIFT_WORKER_CONCURRENCY"] == "", "default: the container's cores"
+
+    assert command(api)[:2] == ["uvicorn", "api.main:app"]
+    assert command(worker)[:4] == ["celery", "-A", "worker.app", "worker"]
+    assert "--pool=prefork" in command(worker)
+
+
+def test_compose_file_shape() -> None:
+    check_compose_shape(compose_doc())
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (bash .ci/install-system-deps.sh)")
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE), "config"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    normalized = yaml.safe_load(result.stdout)
+    check_compose_shape(normalized)
+    # Our reading of the file (used to run its commands below) is docker-compose's reading.
+    for name in ("api", "worker"):
+        assert service_env(normalized["services"][name]) == service_env(
+            compose_doc()["services"][name]
+        )
+        assert command(normalized["services"][name]) == command(compose_doc()["services"][name])
+
+
+def test_compose_settings_are_the_settings_and_their_defaults() -> None:
+    env = service_env(compose_doc()["services"]["api"])
+    fields = setting_vars()
+    assert set(env) - fields == set(), "compose passes variables that are not settings"
+    assert fields - set(env) == set(), "settings the compose file does not pass through"
+    from_compose = Settings.from_env(env).model_dump()
+    defaults = Settings.from_env({}).model_dump()
+    for key in ("redis_url", "shm_domain"):
+        from_compose.pop(key)
+        defaults.pop(key)
+    assert from_compose == defaults, "a compose default differs from the settings default"
+
+
+def test_docs_table_lists_every_setting_and_compose_variable() -> None:
+    text = DOCS.read_text()
+    rows = set(re.findall(r"^\|\s*`((?:FORKLIFT_|REDIS_URL)[A-Z_]*)`", text, re.M))
+    settings_vars = setting_vars()
+    compose_vars = set(re.findall(r"\$\{([A-Z_]+)", COMPOSE.read_text()))
+    assert settings_vars - rows == set(), "settings missing from the docs table"
+    assert compose_vars - rows == set(), "compose variables missing from the docs table"
+
+
+def _dockerfile_stages() -> list[list[str]]:
+    lines, current = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        if raw.strip().startswith("#") and not current:
+            continue
+        current += raw.rstrip("\\").strip() + " "
+        if not raw.rstrip().endswith("\\"):
+            if current.strip():
+                lines.append(current.strip())
+            current = ""
+    stages: list[list[str]] = []
+    for line in lines:
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+def test_dockerfile_is_multi_stage_slim_non_root_and_runs_the_api() -> None:
+    stages = _dockerfile_stages()
+    assert len(stages) >= 2, "a builder stage and a final stage"
+    final = stages[-1]
+    assert re.match(r"FROM python:3\.1[1-9]-slim\b", final[0]), final[0]
+    final_text = "\n".join(final)
+    assert not re.search(r"apt-get install|build-essential|gcc", final_text)
+    users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    cmd = [line for line in final if line.upper().startswith("CMD ")][-1]
+    assert yaml.safe_load(cmd[4:]) == command(compose_doc()["services"]["api"])
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for stage in stages:
+        for line in stage:
+            if line.upper().startswith("COPY ") and "--from" not in line:
+                for source in line.split()[1:-1]:
+                    assert (REPO / source).exists(), f"the Dockerfile copies {source}: missing"
+                    assert source not in ignored, f"{source} is in .dockerignore"
+
+
+# -- running things --------------------------------------------------------------------------
+
+
+def _resolve(argv: list[str]) -> list[str]:
+    """The compose command as a local process: the console scripts of this interpreter."""
+    local = Path(sys.executable).parent / argv[0]
+    found = str(local) if local.exists() else shutil.which(argv[0])
+    assert found, f"{argv[0]} is not installed next to {sys.executable} nor on PATH"
+    return [found, *argv[1:]]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _workers_online(redis_url: str, key_prefix: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return client.zcard(f"{key_prefix}:workers")
+    except redis.RedisError:
+        return 0
+    finally:
+        client.close()
+
+
+def _run_fib(url: str) -> None:
+    with httpx.Client(base_url=url, timeout=30) as http:
+        reply = http.post("/jobs", json={"task": "fib", "params": {"n": 20}})
+        assert reply.status_code == 202, reply.text
+        job = http.get(f"/jobs/{reply.json()['id']}", params={"wait": 20}).json()
+        assert job["status"] == "succeeded", job
+        assert job["result"] == 6765
+
+
+def _all_gone(pids: set[int], timeout: float = 10) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = {p for p in pids if stack.pid_alive(p)}
+        if not alive:
+            return set()
+        time.sleep(0.1)
+    return {p for p in pids if stack.pid_alive(p)}
+
+
+def _tree(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for child in stack.children_of(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_compose_commands_serve_a_job_as_local_processes() -> None:
+    doc = compose_doc()
+    api_svc, worker_svc = doc["services"]["api"], doc["services"]["worker"]
+    redis_proc, redis_url = stack.start_redis()
+    procs: list[stack.Proc] = []
+    try:
+        base = stack.stack_env(redis_url)
+        env = {**base, **service_env(api_svc)}
+        for key in ("REDIS_URL", "FORKLIFT_KEY_PREFIX", "FORKLIFT_SHM_PREFIX"):
+            env[key] = base[key]
+        assert service_env(worker_svc) == service_env(api_svc)
+
+        port = stack.free_port()
+        api_argv = command(api_svc)
+        api_argv[api_argv.index("--port") + 1] = str(port)
+        worker = stack.spawn("compose-worker", _resolve(command(worker_svc)), env)
+        procs.append(worker)
+        api = stack.spawn("compose-api", _resolve(api_argv), env)
+        procs.append(api)
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            for proc in procs:
+                if proc.popen.poll() is not None:
+                    raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
+            try:
+                health = httpx.get(f"{url}/healthz", timeout=1)
+            except httpx.HTTPError:
+                return False
+            return health.status_code == 200 and health.json()["workers"] >= 1
+
+        stack.wait_until(ready, 45, interval=0.2, what="compose api and worker")
+        # Concurrency is left empty in compose: the pool has one child per core.
+        cores = Settings.from_env({}).worker_concurrency
+        stack.wait_until(lambda: len(stack.children_of(worker.pid)) == cores, 20, what="pool")
+
+        _run_fib(url)
+        # An array job goes to the queue of the API's shm domain: only a worker that agrees
+        # on the domain (FORKLIFT_SHM_DOMAIN from compose) takes it.
+        with httpx.Client(base_url=url, timeout=30) as http:
+            meta = http.post(
+                "/arrays",
+                content=_npy(np.arange(1000, dtype=np.float64)),
+                headers={"content-type": "application/x-npy"},
+            ).json()
+            assert meta["domain"] == env["FORKLIFT_SHM_DOMAIN"], meta
+            reply = http.post(
+                "/jobs", json={"task": "sum", "params": {}, "inputs": {"a": {"array": meta["id"]}}}
+            )
+            assert reply.status_code == 202, reply.text
+            job = http.get(f"/jobs/{reply.json()['id']}", params={"wait": 20}).json()
+            assert job["status"] == "succeeded", job
+            assert job["result"] == 499500.0
+            assert http.delete(f"/arrays/{meta['id']}").status_code in (200, 204)
+
+        pids = {p.pid for p in procs} | {c for p in procs for c in stack.children_of(p.pid)}
+        for proc in procs:
+            proc.stop()
+        assert _all_gone(pids) == set()
+        assert stack.segments(env["FORKLIFT_SHM_PREFIX"]) == set()
+    finally:
+        for proc in procs:
+            proc.stop()
+        redis_proc.stop()
+
+
+def _launcher_env(**extra: str) -> dict[str, str]:
+    env = clean_env()
+    tag = uuid.uuid4().hex[:8]
+    env.update(
+        {
+            "FORKLIFT_KEY_PREFIX": f"forklift-up-{tag}",
+            "FORKLIFT_SHM_PREFIX": f"forklift_u{tag}_",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def _start_launcher(env: dict[str, str], redis_port: int) -> tuple[stack.Proc, str]:
+    port = stack.free_port()
+    argv = [sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--redis-port",
+            str(redis_port), "--workers", "2", "--stop-timeout", "20"]  # fmt: skip
+    proc = stack.spawn("forklift-up", argv, env)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"forklift up exited:\n{proc.log()[-3000:]}")
+        return "ready:" in proc.log()
+
+    stack.wait_until(ready, 45, interval=0.2, what="forklift up ready")
+    return proc, url
+
+
+def _interrupt(proc: stack.Proc) -> tuple[int, set[int]]:
+    """SIGINT to the launcher alone (as Ctrl-C would reach it); its exit code and the pids
+    it had started that are still alive afterwards."""
+    started = _tree(proc.pid)
+    os.kill(proc.pid, signal.SIGINT)
+    try:
+        code = proc.popen.wait(40)
+    except subprocess.TimeoutExpired:
+        code = None
+    return code, started
+
+
+def test_forklift_up_embedded_redis_job_and_clean_sigint() -> None:
+    redis_port = stack.free_port()  # nothing answers there: the launcher embeds its own
+    env = _launcher_env()
+    prefix = env["FORKLIFT_SHM_PREFIX"]
+    proc, url = _start_launcher(env, redis_port)
+    try:
+        _run_fib(url)
+        # An array left behind on purpose: the private stack's segments go with it.
+        with httpx.Client(base_url=url, timeout=30) as http:
+            reply = http.post(
+                "/arrays",
+                content=_npy(np.ones((64, 64))),
+                headers={"content-type": "application/x-npy"},
+            )
+            assert reply.status_code == 201, reply.text
+        assert stack.segments(prefix), "the upload should have made a segment"
+
+        started = _tree(proc.pid)
+        cmdlines = {pid: _cmdline(pid) for pid in started}
+        assert any("redis-server" in c for c in cmdlines.values()), cmdlines
+        assert any("uvicorn" in c for c in cmdlines.values()), cmdlines
+        assert sum("celery" in c for c in cmdlines.values()) >= 3, cmdlines  # main + 2
+        assert not any(f":{redis_port}" in c for c in cmdlines.values())
+
+        code, started = _interrupt(proc)
+        log = proc.log()
+        assert code == 0, log[-3000:]
+        assert _all_gone(started | {proc.pid}) == set(), log[-3000:]
+        assert stack.segments(prefix) == set()
+        for name in ("api   ", "worker", "redis ", "up    "):
+            assert re.search(rf"^{name} \| ", log, re.M), f"no '{name} |' lines"
+        assert f"API:  {url}" in log
+        assert f"docs: {url}/docs" in log
+    finally:
+        proc.stop()
+        for name in stack.segments(prefix):  # only after a failure: do not leak it
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+def test_forklift_up_uses_a_redis_that_answers_and_leaves_shm_alone() -> None:
+    redis_proc, redis_url = stack.start_redis()
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    env = _launcher_env()
+    # A segment under this stack's prefix that is not the launcher's to delete: on a shared
+    # Redis, other stacks' segments may look like this.
+    foreign = Path("/dev/shm") / f"{env['FORKLIFT_SHM_PREFIX']}someone_else"
+    foreign.write_bytes(b"x")
+    proc = None
+    try:
+        proc, url = _start_launcher(env, redis_port)
+        assert _workers_online(redis_url, env["FORKLIFT_KEY_PREFIX"]) >= 1
+        _run_fib(url)
+        started = _tree(proc.pid)
+        assert not any("redis-server" in _cmdline(p) for p in started)
+        code, started = _interrupt(proc)
+        assert code == 0, proc.log()[-3000:]
+        assert _all_gone(started | {proc.pid}) == set()
+        assert foreign.exists(), "a stack on a shared Redis deleted a segment it did not own"
+        assert stack.pid_alive(redis_proc.pid), "the launcher stopped a Redis it did not start"
+    finally:
+        foreign.unlink(missing_ok=True)
+        if proc is not None:
+            proc.stop()
+        redis_proc.stop()
