@@ -8,6 +8,9 @@ set -euo pipefail
 declare -A wanted=(
     [redis-server]=redis-server
     [docker-compose]=docker-compose
+    # headless browser for the dashboard test (tests/integration/test_observability.py)
+    [chromium]=chromium
+    [chromedriver]=chromium-driver
 )
 
 missing=()

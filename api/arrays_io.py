@@ -19,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 
 from api.deps import AppState
 from api.errors import ApiError, not_found
+from api.remote import proxy_array
 from shared.arrays.npy import NpyFormatError, NpyHeader, build_header, parse_header
 from shared.arrays.segments import (
     Segment,
@@ -29,6 +30,7 @@ from shared.arrays.segments import (
     unlink_segment,
 )
 from shared.arrays.store import ArrayRecord
+from shared.schemas import is_id
 
 DOWNLOAD_CHUNK = 4 << 20
 ALLOCATION_BLOCK = 64 << 20
@@ -46,14 +48,10 @@ async def free_arrays(state: AppState, array_ids: list[str]) -> None:
 
 
 async def load_array(state: AppState, array_id: str, owner: str) -> ArrayRecord:
-    record = await state.arrays.get(array_id) if _plain_id(array_id) else None
+    record = await state.arrays.get(array_id) if is_id(array_id) else None
     if record is None or not record.visible or record.owner != owner:
         raise not_found("array", array_id)
     return record
-
-
-def _plain_id(ident: str) -> bool:
-    return 0 < len(ident) <= 64 and all(c in "0123456789abcdef" for c in ident)
 
 
 def npy_headers(record: ArrayRecord, header_len: int) -> dict[str, str]:
@@ -68,12 +66,12 @@ def npy_headers(record: ArrayRecord, header_len: int) -> dict[str, str]:
 
 async def npy_response(state: AppState, array_id: str, owner: str, *, head: bool) -> Response:
     record = await load_array(state, array_id, owner)
-    if record.domain != state.settings.shm_domain:
-        raise ApiError(409, "other_domain", f"array {array_id} lives in shm domain {record.domain}")
     header = build_header(np.dtype(record.dtype), record.shape, record.order == "F")
     headers = npy_headers(record, len(header))
     if head:
         return Response(status_code=200, headers=headers, media_type=NPY_MEDIA_TYPE)
+    if record.domain != state.settings.shm_domain:  # another host's: stream it from its API
+        return await proxy_array(state, record, header, headers, NPY_MEDIA_TYPE)
     try:
         segment = attach_segment(record.segment, record.nbytes)
     except FileNotFoundError:
@@ -134,6 +132,8 @@ async def ingest(
             header, first = raw_header, b""
     except NpyFormatError as exc:
         raise ApiError(400, "bad_npy", str(exc)) from None
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client went away mid-upload") from None
     total = header.header_len + header.nbytes if raw_header is None else header.nbytes
     if declared is not None and int(declared) != total:
         raise ApiError(

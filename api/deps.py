@@ -11,10 +11,11 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.errors import ApiError
+from api.errors import ApiError, not_found
 from api.events import JobEventHub
 from shared.arrays.store import ArrayStore
-from shared.jobstore import JobStore
+from shared.jobstore import JobRecord, JobStore
+from shared.schemas import is_id
 from shared.settings import Settings
 
 
@@ -64,3 +65,11 @@ def get_owner(
 
 
 Owner = Annotated[str, Depends(get_owner)]
+
+
+async def load_job(state: AppState, job_id: str, owner: str) -> JobRecord:
+    """The caller's job, or 404 (also for another owner's: existence is not told)."""
+    record = await state.jobs.get(job_id) if is_id(job_id) else None
+    if record is None or record.owner != owner:
+        raise not_found("job", job_id)
+    return record

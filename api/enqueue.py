@@ -2,29 +2,76 @@
 
 from __future__ import annotations
 
-from functools import partial
+import logging
+from collections.abc import Collection
 
+import redis
 from anyio import to_thread
 
+from api.topology import live_domains
+from shared.redis_io import REDIS_ERRORS, sync_redis
 from shared.schemas import TaskPayload
 from shared.settings import Settings
 from worker.app import TASK_NAME, app
 
+log = logging.getLogger("forklift.api")
 
-def route(settings: Settings, payload: TaskPayload) -> str:
-    """Jobs with array inputs run where the arrays live; the rest run anywhere."""
+
+def route(settings: Settings, payload: TaskPayload, live: Collection[str] | None = None) -> str:
+    """Jobs whose array inputs all live in one shm domain run there (no copy) while a worker
+    of that domain is alive (`live`: domains with a fresh heartbeat; None = assume so); the
+    rest go to the common queue, which every worker consumes, and pull what they lack."""
     domains = {ref.domain for ref in payload.inputs.values()}
     if len(domains) == 1:
-        return settings.domain_queue(domains.pop())
+        domain = domains.pop()
+        if live is None or domain in live:
+            return settings.domain_queue(domain)
     return settings.queue
 
 
+_clients: dict[str, redis.Redis] = {}
+
+
+def _client(settings: Settings) -> redis.Redis:
+    """One blocking client per Redis URL, shared by the threads that publish."""
+    client = _clients.get(settings.redis_url)
+    if client is None:
+        client = _clients.setdefault(settings.redis_url, sync_redis(settings))
+    return client
+
+
+def _live(settings: Settings, payloads: list[TaskPayload]) -> set[str] | None:
+    """Live domains, asked only when a job has inputs in one domain (blocking: in a thread)."""
+    if not any(len({ref.domain for ref in p.inputs.values()}) == 1 for p in payloads):
+        return None
+    try:
+        return live_domains(_client(settings), settings)
+    except REDIS_ERRORS as exc:  # the publish below fails too, with the usual 503
+        log.warning("cannot read worker heartbeats: %s", exc)
+        return None
+
+
+def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
+    """Route and send every message over one producer connection; returns the queues."""
+    live = _live(settings, payloads)
+    queues = []
+    with app.producer_or_acquire() as producer:
+        for payload in payloads:
+            queue = route(settings, payload, live)
+            options: dict[str, object] = {"task_id": payload.job_id, "queue": queue}
+            if payload.timeout is not None:
+                options["soft_time_limit"] = payload.timeout
+                options["time_limit"] = payload.timeout + settings.job_kill_grace
+            args = [payload.model_dump(mode="json")]
+            app.send_task(TASK_NAME, args=args, producer=producer, **options)
+            queues.append(queue)
+    return queues
+
+
+async def enqueue_many(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
+    """Publish in one trip to a worker thread; the loop never waits on kombu."""
+    return await to_thread.run_sync(_publish, settings, payloads)
+
+
 async def enqueue(settings: Settings, payload: TaskPayload) -> str:
-    queue = route(settings, payload)
-    options: dict[str, object] = {"task_id": payload.job_id, "queue": queue}
-    if payload.timeout is not None:
-        options["soft_time_limit"] = payload.timeout
-        options["time_limit"] = payload.timeout + settings.job_kill_grace
-    send = partial(app.send_task, TASK_NAME, args=[payload.model_dump(mode="json")], **options)
-    await to_thread.run_sync(send)
-    return queue
+    return (await enqueue_many(settings, [payload]))[0]

@@ -16,6 +16,7 @@ from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.redis_io import REDIS_ERRORS
+from shared.schemas import ErrorBody
 
 log = logging.getLogger("forklift.api")
 
@@ -81,7 +82,65 @@ def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: e[k] for k in keep if k in e} for e in errors]
 
 
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+_COMMON_ERRORS = {
+    "400": "malformed body (not JSON, a broken .npy, a length that does not add up)",
+    "401": "missing or unknown API key (when FORKLIFT_API_KEYS is set)",
+    "404": "no such id (or not the caller's: existence is not told)",
+    "408": "the request body stopped arriving (FORKLIFT_BODY_TIMEOUT)",
+    "413": "request body over its cap",
+    "422": "invalid request",
+    "503": "Redis or the broker is unavailable; retry after `Retry-After` seconds",
+}
+
+
+def _honest_openapi(app: FastAPI) -> None:
+    """Every error an operation can answer is in its schema, with the one error shape.
+
+    FastAPI documents only the success and its own 422 (`{"detail": [...]}`, which forklift
+    never sends). Added per operation: 400/408/413 where there is a body, 401 and 503 where
+    the caller's key and Redis are involved, 404 where the path holds an id, 422 where
+    anything is validated; every 4xx/5xx answer is `ErrorBody`.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(error_schema.pop("$defs", {}))
+        components["ErrorBody"] = error_schema
+        for path, item in schema.get("paths", {}).items():
+            for method, op in item.items():
+                if method not in ("get", "put", "post", "delete", "patch", "head"):
+                    continue
+                codes = set()
+                if "requestBody" in op:
+                    codes |= {"400", "408", "413", "422"}
+                if op.get("parameters"):
+                    codes.add("422")
+                if "{" in path:
+                    codes.add("404")
+                if op.get("security"):
+                    codes |= {"401", "503"}
+                responses = op.setdefault("responses", {})
+                for code in sorted(codes):
+                    responses.setdefault(code, {"description": _COMMON_ERRORS[code]})
+                for code, response in responses.items():
+                    if code[0] in "45":
+                        response["content"] = {"application/json": {"schema": _ERROR_REF}}
+                        response.setdefault("description", _COMMON_ERRORS.get(code, "error"))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
+    _honest_openapi(app)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.detail, exc.headers)
@@ -94,7 +153,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout"}.get(
+            exc.status_code, "http_error"
+        )
         return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     for error_type in REDIS_ERRORS:

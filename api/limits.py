@@ -5,9 +5,11 @@ Array uploads have their own, much larger cap and stream into shared memory; the
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -72,3 +74,42 @@ class BodyLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class BodyTimeoutMiddleware:
+    """408 when a client stops sending a body it announced, instead of a request held forever.
+
+    A Content-Length larger than what the client sends (or an upload that stalls) would keep
+    the request, its reservation and its half-filled segment alive until the client goes
+    away. Each read of the body may wait at most `idle_s`; once the body is complete, reads
+    (e.g. a streaming response listening for the disconnect) are not timed.
+    """
+
+    def __init__(self, app: ASGIApp, idle_s: float) -> None:
+        self.app = app
+        self.idle_s = idle_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except TimeoutError:
+                body_done = True
+                raise HTTPException(
+                    408,
+                    f"the request body stopped arriving for {self.idle_s:g} s"
+                    " (is Content-Length larger than the body?)",
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed_receive, send)

@@ -13,11 +13,23 @@ from fastapi import FastAPI
 from api import errors
 from api.deps import AppState
 from api.events import JobEventHub
-from api.limits import BodyLimitMiddleware
-from api.routes import arrays, events, health, jobs, shm, tasks
+from api.limits import BodyLimitMiddleware, BodyTimeoutMiddleware
+from api.routes import (
+    arrays,
+    cluster,
+    dashboard,
+    events,
+    health,
+    internal,
+    jobs,
+    metrics,
+    shm,
+    tasks,
+)
 from shared.arrays.janitor import sweep
 from shared.arrays.store import ArrayStore
 from shared.jobstore import JobStore
+from shared.logs import setup_logging
 from shared.redis_io import async_redis, sync_redis
 from shared.registry import load_job_modules
 from shared.settings import Settings, get_settings
@@ -41,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        setup_logging(settings, "api")
         if not settings.api_keys:
             log.warning("FORKLIFT_API_KEYS is not set: the API is open to anyone who reaches it")
         client = async_redis(settings)
@@ -72,9 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_json_bytes, exempt_prefixes=("/arrays",)
     )
+    app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_timeout)
     errors.install(app)
-    for module in (jobs, events, shm, arrays, tasks, health):
+    for module in (jobs, events, shm, arrays, tasks, health, dashboard, cluster, internal):
         app.include_router(module.router)
+    metrics.install(app)  # /metrics, and the outermost middleware: times every request
     return app
 
 

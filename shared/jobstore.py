@@ -21,12 +21,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from shared.metrics import LUA_JOB_ENDED, metrics_prefix
 from shared.redis_io import AnyRedis, then
 from shared.schemas import JobStatus, JobView, Progress, WorkerInfo
 from shared.settings import Settings
 
 _CREATE = """
--- KEYS: job, jobs-index, array keys...   ARGV: now, ttl, owner, fields-json, n-inputs
+-- KEYS: job, jobs-index, array keys...   ARGV: now, ttl, owner, fields-json, metrics-prefix
 local now = tonumber(ARGV[1])
 for i = 3, #KEYS do
   local a = redis.call('HMGET', KEYS[i], 'state', 'owner', 'delete_requested')
@@ -43,16 +44,18 @@ for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', ARGV[1], 'attempts', 0)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 redis.call('ZADD', KEYS[2], now, fields['id'])
+redis.call('HINCRBY', ARGV[5] .. 'submitted', fields['task'], 1)
 return {'ok'}
 """
 
 _START = """
--- KEYS: job, events   ARGV: now, hostname, pid, domain, max-attempts
+-- KEYS: job, events   ARGV: now, hostname, pid, domain, max-attempts, metrics-prefix, node
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', 0} end
 if st ~= 'queued' and st ~= 'running' then return {st, 0} end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts > tonumber(ARGV[5]) then
+  fl_job_ended(KEYS[1], 'lost', 'failed', tonumber(ARGV[1]), ARGV[6])
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error',
     'worker lost: the worker process running this job died ' .. (attempts - 1) ..
     ' time(s) (killed, out of memory or crashed); not retried again')
@@ -62,6 +65,9 @@ if attempts > tonumber(ARGV[5]) then
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'hostname', ARGV[2],
   'pid', ARGV[3], 'domain', ARGV[4])
+local job = redis.call('HMGET', KEYS[1], 'id', 'task')
+redis.call('HSET', ARGV[6] .. 'running', job[1], cjson.encode({domain = ARGV[4],
+  node = ARGV[7], task = job[2], started_at = tonumber(ARGV[1]), pid = tonumber(ARGV[3])}))
 redis.call('PUBLISH', KEYS[2], cjson.encode({id = redis.call('HGET', KEYS[1], 'id'),
   status = 'running'}))
 return {'started', attempts}
@@ -77,11 +83,12 @@ return 1
 """
 
 _FINISH = """
--- KEYS: job, events   ARGV: now, status, error, result-json, ttl, require-pid
+-- KEYS: job, events   ARGV: now, status, error, result-json, ttl, require-pid, metrics-prefix
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st ~= 'running' then return st end
 if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'pid') ~= ARGV[6] then return 'moved' end
+fl_job_ended(KEYS[1], 'running', ARGV[2], tonumber(ARGV[1]), ARGV[7])
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[1])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[4]) end
@@ -92,10 +99,11 @@ return 'ok'
 """
 
 _CANCEL = """
--- KEYS: job, events, cancel-channel   ARGV: now
+-- KEYS: job, events, cancel-channel   ARGV: now, metrics-prefix
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st ~= 'queued' and st ~= 'running' then return st end
+fl_job_ended(KEYS[1], st, 'cancelled', tonumber(ARGV[1]), ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1],
   'error', 'cancelled by the client')
 local id = redis.call('HGET', KEYS[1], 'id')
@@ -189,11 +197,12 @@ class JobStore:
         self.events_channel = settings.key("events")
         self.cancel_channel = settings.key("cancel")
         self.index_key = settings.key("jobs")
+        self.metrics = metrics_prefix(settings)
         self._create = client.register_script(_CREATE)
-        self._start = client.register_script(_START)
+        self._start = client.register_script(LUA_JOB_ENDED + _START)
         self._progress = client.register_script(_PROGRESS)
-        self._finish = client.register_script(_FINISH)
-        self._cancel = client.register_script(_CANCEL)
+        self._finish = client.register_script(LUA_JOB_ENDED + _FINISH)
+        self._cancel = client.register_script(LUA_JOB_ENDED + _CANCEL)
         self._release = client.register_script(_RELEASE)
 
     def key(self, job_id: str) -> str:
@@ -227,7 +236,7 @@ class JobStore:
             "timeout": "" if timeout is None else repr(timeout),
         }
         keys = [self.key(job_id), self.index_key, *(self.array_key(inputs[n]) for n in names)]
-        args = [repr(time.time()), self.settings.job_ttl, owner, json.dumps(fields)]
+        args = [repr(time.time()), self.settings.job_ttl, owner, json.dumps(fields), self.metrics]
 
         def parse(reply: list[Any]) -> str | None:
             return None if reply[0] == "ok" else names[int(reply[1])]
@@ -237,9 +246,19 @@ class JobStore:
     def get(self, job_id: str) -> Any:
         return then(self.client.hgetall(self.key(job_id)), _parse_record)
 
-    def start(self, job_id: str, hostname: str, pid: int, domain: str) -> Any:
-        """Returns (outcome, attempts); outcome is 'started', 'exhausted', 'missing' or a status."""
+    def get_many(self, job_ids: list[str]) -> Any:
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.key(job_id))
+        return then(pipe.execute(), lambda replies: [_parse_record(r) for r in replies])
+
+    def start(self, job_id: str, hostname: str, pid: int, domain: str, node: str = "") -> Any:
+        """Returns (outcome, attempts); outcome is 'started', 'exhausted', 'missing' or a status.
+
+        `node` is the Celery worker's name, so the dashboard can show each worker's jobs.
+        """
         args = [repr(time.time()), hostname, pid, domain, self.settings.job_max_attempts]
+        args += [self.metrics, node]
         return then(
             self._start(keys=[self.key(job_id), self.events_channel], args=args),
             lambda r: (str(r[0]), int(r[1])),
@@ -268,15 +287,27 @@ class JobStore:
             "" if result is None else json.dumps(result),
             self.settings.job_ttl,
             "" if pid is None else str(pid),
+            self.metrics,
         ]
         return then(self._finish(keys=[self.key(job_id), self.events_channel], args=args), str)
 
     def cancel(self, job_id: str) -> Any:
         """Returns the status before cancelling ('queued'/'running'), else the final one."""
         keys = [self.key(job_id), self.events_channel, self.cancel_channel]
-        return then(self._cancel(keys=keys, args=[repr(time.time())]), str)
+        return then(self._cancel(keys=keys, args=[repr(time.time()), self.metrics]), str)
 
     def release_inputs(self, job_id: str) -> Any:
         """Unpin the job's inputs once; returns ids of arrays now due to be freed."""
         args = [self.settings.key("array", ""), repr(time.time()), self.settings.janitor_interval]
         return then(self._release(keys=[self.key(job_id)], args=args), list)
+
+    def discard(self, job_id: str, task: str) -> Any:
+        """Undo a creation whose message could not be sent: no record, no count, no index.
+
+        Call `release_inputs` first (it needs the record); this removes the rest at once.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.key(job_id))
+        pipe.zrem(self.index_key, job_id)
+        pipe.hincrby(self.metrics + "submitted", task, -1)
+        return then(pipe.execute(), lambda _: None)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
+_ID = re.compile(ID_PATTERN)
+
+
+def is_id(text: str) -> bool:
+    """Job and array ids are 32 lowercase hex digits; anything else is never looked up."""
+    return bool(_ID.fullmatch(text))
 
 
 class JobStatus(StrEnum):
@@ -80,6 +87,27 @@ class JobSubmission(BaseModel):
     )
 
 
+MAX_BATCH = 1000
+
+
+class JobBatch(BaseModel):
+    """Body of `POST /jobs/batch`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobSubmission] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class JobWait(BaseModel):
+    """Body of `POST /jobs/wait`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(min_length=1, max_length=MAX_BATCH)
+    wait: float = Field(0, ge=0, description="seconds to wait for the jobs to end")
+    any: bool = Field(False, description="answer as soon as one job has ended")
+
+
 class Progress(BaseModel):
     fraction: float = 0.0
     note: str = ""
@@ -107,6 +135,10 @@ class JobView(BaseModel):
     result: Any = None
     worker: WorkerInfo | None = None
     attempts: int = 0
+
+
+class JobBatchView(BaseModel):
+    jobs: list[JobView]
 
 
 class TaskPayload(BaseModel):

@@ -59,17 +59,33 @@ class Settings(BaseModel):
     job_time_limit: float = Field(3600.0, gt=0)
     job_kill_grace: float = Field(10.0, gt=0)
     job_max_attempts: int = Field(3, ge=1)
+    # Seconds past the hard time limit after which the message of a job whose worker vanished
+    # (SIGKILL, OOM, power loss) is delivered again: the Redis transport's visibility timeout.
+    redelivery_margin: float = Field(600.0, gt=0)
     job_ttl: int = Field(86400, gt=0)
     array_ttl: int = Field(3600, gt=0)
     max_wait: float = Field(60.0, ge=0)
     max_json_bytes: int = Field(1 << 20, gt=0)
     max_upload_bytes: int = Field(8 << 30, gt=0)
+    # Seconds a client may go silent in the middle of a request body (a Content-Length larger
+    # than what it sends, a stalled upload) before the API answers 408 and lets go.
+    body_timeout: float = Field(30.0, gt=0)
     shm_limit_bytes: int = Field(default_factory=lambda: _dev_shm_bytes() // 2, ge=0)
     janitor_interval: float = Field(60.0, gt=0)
 
     api_keys: tuple[SecretStr, ...] = ()
     log_format: str = Field("text", pattern=r"^(text|json)$")
+    # Celery task events cost a publish per state change; Flower turns them on by itself.
+    celery_events: bool = False
 
+    # Several shm domains (hosts): the URL other domains reach this domain's API at, recorded
+    # in every array made here, and the secret the APIs' /internal endpoints require.
+    api_internal_url: str = Field("", pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
+    internal_token: SecretStr | None = None
+
+    # Address space a job may add to its worker child (RLIMIT_AS, set per job on top of what
+    # the child maps already, attached input segments included); 0 = no limit.
+    child_memory_limit_bytes: int = Field(0, ge=0)
     worker_concurrency: int = Field(default_factory=_cpu_count, ge=1)
     max_tasks_per_child: int = Field(0, ge=0)
 

@@ -52,3 +52,54 @@ def inspect_input(a: np.ndarray, hold: Annotated[float, Field(ge=0, le=30)] = 0.
         "anon_growth_kib": _anonymous_kib() - before,
         "pid": os.getpid(),
     }
+
+
+# --- fault-injection jobs (tests/integration/test_faults.py, test_leaks.py) ---------------
+
+
+@job
+def suicide() -> None:
+    """SIGKILLs the worker child running it, every time: a job that crashes its process."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@job
+def record_run(
+    log: Annotated[str, Field(pattern=r"^/tmp/[A-Za-z0-9_./-]{1,200}$")],
+    tag: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+    seconds: Annotated[float, Field(ge=0, le=60)] = 0.0,
+) -> str:
+    """Sleeps, then appends `done <tag>` to the file `log`: one line per run to completion."""
+    time.sleep(seconds)
+    with open(log, "a") as out:
+        out.write(f"done {tag} {os.getpid()}\n")
+    return tag
+
+
+@job
+def ignore_soft_limit(seconds: Annotated[float, Field(ge=0, le=600)] = 60.0) -> str:
+    """Blocks the soft-time-limit signal (SIGUSR1) and sleeps: C code that never yields."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    return "finished"
+
+
+@job
+def hog(
+    megabytes: Annotated[int, Field(ge=1, le=1 << 20)],
+    step_megabytes: Annotated[int, Field(ge=1, le=4096)] = 64,
+    pause: Annotated[float, Field(ge=0, le=1)] = 0.0,
+) -> int:
+    """Allocates and touches `megabytes` of private memory in steps; returns MiB held."""
+    held = []
+    for _ in range(0, megabytes, step_megabytes):
+        held.append(np.ones(step_megabytes << 20, dtype=np.uint8))
+        time.sleep(pause)
+    return sum(a.nbytes for a in held) >> 20

@@ -6,6 +6,7 @@ children use N cores instead of N x cores threads fighting over them.
 
 from __future__ import annotations
 
+import math
 import os
 
 for _var in (
@@ -29,8 +30,16 @@ def celery_config(settings: Settings) -> dict[str, object]:
     """Celery settings derived from forklift's; kept apart so tests can read them."""
     hard_limit = settings.job_time_limit + settings.job_kill_grace
     # With late acks, Redis redelivers a message unacked for longer than the visibility
-    # timeout. Keep it well above the hard limit so a long job is never run twice.
-    transport = {"visibility_timeout": int(hard_limit) + 600}
+    # timeout. Keep it above the hard limit so a long job is never run twice; the margin is
+    # how long the job of a vanished worker (SIGKILL, power loss) waits to be delivered again.
+    visibility = math.ceil(hard_limit + settings.redelivery_margin)
+    transport: dict[str, object] = {
+        "visibility_timeout": visibility,
+        # kombu sweeps for such messages every interval x throttle seconds (default 10 x 10);
+        # sweep every interval instead, so redelivery follows the timeout closely.
+        "unacked_restore_interval": max(1, min(10, visibility // 4)),
+        "unacked_restore_throttle": 1,
+    }
     return {
         "broker_url": settings.redis_url,
         "result_backend": settings.redis_url,
@@ -58,8 +67,11 @@ def celery_config(settings: Settings) -> dict[str, object]:
         },
         "worker_concurrency": settings.worker_concurrency,
         "worker_max_tasks_per_child": settings.max_tasks_per_child or None,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Off by default: each event is one more Redis publish per job. Flower switches them
+        # on at runtime (its `enable_events` control command); FORKLIFT_CELERY_EVENTS=true
+        # keeps them on from the start.
+        "worker_send_task_events": settings.celery_events,
+        "task_send_sent_event": settings.celery_events,
         "worker_hijack_root_logger": False,
         "imports": ("worker.tasks",),
     }

@@ -29,13 +29,14 @@ class JobCancelled(BaseException):
 
 
 _lock = threading.Lock()
-_current: str | None = None
-_cancelled: str | None = None
+_current: str | None = None  # the job this process is running (watching), if any
+_cancelled: str | None = None  # set by the watcher when _current was cancelled
+_armed = False  # True while the job's own code runs: only then may a signal interrupt it
 
 
 def _on_sigusr2(signum: int, frame: object) -> None:
     with _lock:
-        hit = _current is not None and _current == _cancelled
+        hit = _armed and _current is not None and _current == _cancelled
     if hit:
         raise JobCancelled(_current)
 
@@ -45,10 +46,15 @@ def _kill_if_still_running(job_id: str, grace: float) -> None:
     while time.monotonic() < deadline:
         time.sleep(0.1)
         with _lock:
-            if _current != job_id:
+            if _current != job_id or not _armed:
                 return
     log.warning("job %s ignored cancellation for %.0f s; ending its process", job_id, grace)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _interrupt(job_id: str, grace: float) -> None:
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR2)
+    threading.Thread(target=_kill_if_still_running, args=(job_id, grace), daemon=True).start()
 
 
 def _watch() -> None:
@@ -66,12 +72,9 @@ def _watch() -> None:
                     if job_id != _current:
                         continue
                     _cancelled = job_id
-                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR2)
-                threading.Thread(
-                    target=_kill_if_still_running,
-                    args=(job_id, rt.settings.job_kill_grace),
-                    daemon=True,
-                ).start()
+                    armed = _armed
+                if armed:
+                    _interrupt(job_id, rt.settings.job_kill_grace)
         except Exception as exc:  # reconnect after Redis restarts
             log.debug("cancel watcher reconnecting: %s", exc)
             time.sleep(1)
@@ -84,16 +87,34 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def cancellable(job_id: str) -> Iterator[None]:
-    """Mark `job_id` as the one this process runs; only it can be interrupted."""
-    global _current, _cancelled
+def watching(job_id: str) -> Iterator[None]:
+    """From before the job's start until its end, a cancel of `job_id` is noted.
+
+    Watching begins before the record turns `running` (when the API can first publish a
+    cancel for it), so no cancel falls between the start and the job's code.
+    """
+    global _current, _cancelled, _armed
     with _lock:
-        _current, _cancelled = job_id, None
+        _current, _cancelled, _armed = job_id, None, False
     try:
-        # A cancel published between the job's start and this point found no job to hit.
-        if runtime().redis.hget(runtime().jobs.key(job_id), "status") == "cancelled":
-            raise JobCancelled(job_id)
         yield
     finally:
         with _lock:
             _current = _cancelled = None
+            _armed = False
+
+
+@contextlib.contextmanager
+def armed() -> Iterator[None]:
+    """While the job's own code runs, a cancel interrupts it (or one noted earlier does now)."""
+    global _armed
+    with _lock:
+        _armed = True
+        already = _current is not None and _current == _cancelled
+    try:
+        if already:
+            raise JobCancelled(_current)
+        yield
+    finally:
+        with _lock:
+            _armed = False

@@ -60,6 +60,7 @@ def start(consumer: Any) -> None:
         "name": _name,
         "pid": os.getpid(),
         "domain": settings.shm_domain,
+        "api_url": settings.api_internal_url,  # the domain's API, shown by GET /cluster
         "concurrency": concurrency or settings.worker_concurrency,
         "started_at": time.time(),
     }

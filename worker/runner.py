@@ -10,6 +10,8 @@ import contextlib
 import logging
 import math
 import os
+import resource
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +30,7 @@ from shared.arrays.segments import (
 from shared.arrays.store import ArrayRecord
 from shared.registry import get_job
 from shared.schemas import ArrayRef, JobStatus, TaskPayload
-from worker import cancel
+from worker import cancel, remote
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger("forklift.worker")
@@ -38,14 +40,28 @@ class JobFailure(Exception):
     """A failure whose message is meant for the client as is."""
 
 
-def run(payload: TaskPayload) -> str:
-    """Run the job; returns its final status (or why it was skipped)."""
-    rt = runtime()
+def run(payload: TaskPayload, node: str = "") -> str:
+    """Run the job; returns its final status (or why it was skipped).
+
+    `node` is the Celery worker's name (for the dashboard's workers and their jobs).
+    """
+    with cancel.watching(payload.job_id):
+        return _run(runtime(), payload, node)
+
+
+def _release_inputs(rt: Runtime, payload: TaskPayload) -> None:
+    if payload.inputs:  # a job without inputs pinned nothing: spare the round trip
+        free_arrays(rt, rt.jobs.release_inputs(payload.job_id))
+
+
+def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
     pid = os.getpid()
-    outcome, attempts = rt.jobs.start(payload.job_id, rt.hostname, pid, rt.settings.shm_domain)
+    domain = rt.settings.shm_domain
+    outcome, attempts = rt.jobs.start(payload.job_id, rt.hostname, pid, domain, node)
+    began = time.monotonic()
     if outcome != "started":
         log.info("job %s not started: %s", payload.job_id, outcome)
-        free_arrays(rt, rt.jobs.release_inputs(payload.job_id))
+        _release_inputs(rt, payload)
         return outcome
     log.info("job %s (%s) started, attempt %d", payload.job_id, payload.task, attempts)
     created: list[str] = []
@@ -59,7 +75,10 @@ def run(payload: TaskPayload) -> str:
         limit = payload.timeout or rt.settings.job_time_limit
         error = f"time limit exceeded: the job ran longer than its limit of {limit:g} s"
     except MemoryError:
-        error = "memory limit: the job ran out of memory"
+        cap = rt.settings.child_memory_limit_bytes
+        error = "memory limit: the job ran out of memory" + (
+            f" (it may add at most {cap} bytes; FORKLIFT_CHILD_MEMORY_LIMIT_BYTES)" if cap else ""
+        )
     except JobFailure as exc:
         error = str(exc)
     except Exception as exc:
@@ -72,8 +91,15 @@ def run(payload: TaskPayload) -> str:
             final = JobStatus(won) if won in JobStatus.__members__ else JobStatus.cancelled
     if final is not JobStatus.succeeded:
         free_arrays(rt, created)
-    free_arrays(rt, rt.jobs.release_inputs(payload.job_id))
-    log.info("job %s ended %s", payload.job_id, final.value)
+    _release_inputs(rt, payload)
+    duration = time.monotonic() - began
+    log.info(
+        "job %s ended %s in %.3f s",
+        payload.job_id,
+        final.value,
+        duration,
+        extra={"state": final.value, "duration": round(duration, 6)},
+    )
     return final.value
 
 
@@ -88,9 +114,38 @@ def _execute(rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:
 
     with attached(payload.inputs, rt) as arrays:
         spec.check_inputs(arrays, params)
-        with cancel.cancellable(payload.job_id):
+        limit = rt.settings.child_memory_limit_bytes
+        with cancel.armed(), memory_limit(limit):
             value = spec.call(params, arrays, progress)
         return encode_result(value, rt, payload, created)
+
+
+@contextlib.contextmanager
+def memory_limit(extra_bytes: int) -> Iterator[None]:
+    """Let the job map at most `extra_bytes` more than this child maps now (RLIMIT_AS).
+
+    Set per job after the inputs are attached, so shared-memory inputs of any size do not
+    count against it; an allocation past it raises MemoryError in the job instead of pushing
+    the host into swap or the OOM killer. Lifted again before the result is stored.
+    """
+    if extra_bytes <= 0:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = _mapped_bytes() + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _mapped_bytes() -> int:
+    """This process's virtual address space (VmSize), what RLIMIT_AS is checked against."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[0]) * resource.getpagesize()
 
 
 @contextlib.contextmanager
@@ -100,11 +155,11 @@ def attached(inputs: dict[str, ArrayRef], rt: Runtime) -> Iterator[dict[str, np.
     arrays: dict[str, np.ndarray] = {}
     try:
         for name, ref in inputs.items():
-            if ref.domain != rt.settings.shm_domain:
-                raise JobFailure(
-                    f"input '{name}' (array {ref.id}) lives in shm domain {ref.domain};"
-                    f" this worker is in {rt.settings.shm_domain}"
-                )
+            if ref.domain != rt.settings.shm_domain:  # another host's: use this domain's copy
+                try:
+                    ref = remote.local_ref(ref, rt)
+                except remote.PullError as exc:
+                    raise JobFailure(f"input '{name}': {exc}") from None
             try:
                 segment = attach_segment(ref.segment, ref.nbytes)
             except FileNotFoundError:

@@ -8,6 +8,7 @@ import os
 from celery import signals
 from celery.worker.request import Request
 
+from shared import logs
 from shared.registry import load_job_modules
 from shared.schemas import JobStatus, TaskPayload
 from shared.settings import get_settings
@@ -34,9 +35,32 @@ class JobRequest(Request):
             runner.free_arrays(rt, rt.jobs.release_inputs(job_id))
 
 
-@app.task(name=TASK_NAME, Request=JobRequest)
-def run_job(payload: dict) -> str:
-    return runner.run(TaskPayload.model_validate(payload))
+@app.task(name=TASK_NAME, Request=JobRequest, bind=True)
+def run_job(self: object, payload: dict) -> str:
+    node = getattr(getattr(self, "request", None), "hostname", None) or ""
+    return runner.run(TaskPayload.model_validate(payload), node=node)
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | None = None, **_: object) -> None:
+    """forklift's text or JSON lines (FORKLIFT_LOG_FORMAT) instead of Celery's format."""
+    logs.setup_logging(get_settings(), "worker", loglevel or logging.INFO)
+
+
+@signals.task_prerun.connect
+def _bind_job_log_context(task_id: str, args: tuple = (), **_: object) -> None:
+    """Every line logged in the child while a job runs carries its id, task and domain."""
+    payload = args[0] if args and isinstance(args[0], dict) else {}
+    logs.bind_job(
+        str(payload.get("job_id") or task_id),
+        str(payload.get("task", "")),
+        get_settings().shm_domain,
+    )
+
+
+@signals.task_postrun.connect
+def _unbind_job_log_context(**_: object) -> None:
+    logs.unbind_job()
 
 
 @signals.worker_process_init.connect

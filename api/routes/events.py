@@ -16,6 +16,7 @@ reconnects of the subscription (`resync`) cost nothing but a re-read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,8 +24,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from api.deps import AppState, Owner, State
-from api.errors import not_found
+from api.deps import AppState, Owner, State, load_job
 from shared.jobstore import JobRecord
 from shared.redis_io import REDIS_ERRORS
 
@@ -33,17 +33,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 KEEPALIVE_S = 15.0
 RETRY_MS = 2000
 EVENT_STREAM = "text/event-stream"
-
-
-def _valid_id(ident: str) -> bool:
-    return len(ident) == 32 and all(c in "0123456789abcdef" for c in ident)
-
-
-async def _load(state: AppState, job_id: str, owner: str) -> JobRecord:
-    record = await state.jobs.get(job_id) if _valid_id(job_id) else None
-    if record is None or record.owner != owner:
-        raise not_found("job", job_id)
-    return record
 
 
 def _event(name: str, data: str) -> str:
@@ -60,10 +49,8 @@ async def _stream(state: AppState, job_id: str, first: JobRecord) -> AsyncIterat
     with state.hub.subscribe(job_id) as queue:
         # Re-read after subscribing: a change between the 404 check and now is not lost.
         record: JobRecord | None = first
-        try:
+        with contextlib.suppress(*REDIS_ERRORS):
             record = await state.jobs.get(job_id)
-        except REDIS_ERRORS:
-            pass
         last: tuple[Any, Any] | None = None
         while True:
             if record is None:  # expired under us; nothing more will come
@@ -102,7 +89,7 @@ async def _stream(state: AppState, job_id: str, first: JobRecord) -> AsyncIterat
 )
 async def job_events(job_id: str, state: State, owner: Owner) -> StreamingResponse:
     """Server-Sent Events: the current state, then every change, until the final state."""
-    record = await _load(state, job_id, owner)
+    record = await load_job(state, job_id, owner)
     return StreamingResponse(
         _stream(state, job_id, record),
         media_type=EVENT_STREAM,

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import State
+from api.errors import RETRY_AFTER_S
 from shared.redis_io import REDIS_ERRORS
 from worker.heartbeat import STALE_AFTER_S, workers_key
 
@@ -25,10 +26,11 @@ async def healthz(state: State) -> Any:
             workers_key(settings), time.time() - STALE_AFTER_S, "+inf"
         )
     except REDIS_ERRORS:
+        error = {"code": "unavailable", "message": "Redis is unavailable; retry in a few seconds"}
         return JSONResponse(
-            {"status": "unavailable", "redis": False, "workers": None},
+            {"status": "unavailable", "redis": False, "workers": None, "error": error},
             status_code=503,
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     return {
         "status": "ok" if workers else "no_workers",

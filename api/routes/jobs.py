@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
@@ -14,16 +14,24 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from api.arrays_io import free_arrays, npy_response
-from api.deps import AppState, Owner, State
-from api.enqueue import enqueue
+from api.deps import AppState, Owner, State, load_job
+from api.enqueue import enqueue_many
 from api.errors import ApiError, not_found
+from shared.arrays.store import ArrayRecord
 from shared.jobstore import JobRecord
 from shared.registry import InputError, get_job
-from shared.schemas import ID_PATTERN, JobStatus, JobSubmission, JobView, TaskPayload
+from shared.schemas import (
+    JobBatch,
+    JobBatchView,
+    JobStatus,
+    JobSubmission,
+    JobView,
+    JobWait,
+    TaskPayload,
+    is_id,
+)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-
-JobId = Annotated[str, Query(pattern=ID_PATTERN)]
 
 
 @dataclass(frozen=True)
@@ -32,29 +40,32 @@ class _ArrayInfo:
     dtype: np.dtype
 
 
-async def _load(state: AppState, job_id: str, owner: str) -> JobRecord:
-    record = await state.jobs.get(job_id) if _valid_id(job_id) else None
-    if record is None or record.owner != owner:
-        raise not_found("job", job_id)
-    return record
-
-
-def _valid_id(ident: str) -> bool:
-    return len(ident) == 32 and all(c in "0123456789abcdef" for c in ident)
-
-
 def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
     return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
 
 
-@router.post(
-    "",
-    status_code=202,
-    response_model=JobView,
-    responses={404: {"description": "unknown array"}, 422: {"description": "invalid job"}},
-)
-async def submit_job(body: JobSubmission, state: State, owner: Owner, response: Response) -> Any:
-    """Validate a job, queue it, and answer at once with its id (`Location: /jobs/{id}`)."""
+@dataclass
+class _Prepared:
+    """A validated submission, ready to be recorded and published."""
+
+    body: JobSubmission
+    params: dict[str, Any]
+    inputs: dict[str, ArrayRecord]
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def payload(self, owner: str) -> TaskPayload:
+        return TaskPayload(
+            job_id=self.job_id,
+            task=self.body.task,
+            params=self.params,
+            inputs={name: record.ref() for name, record in self.inputs.items()},
+            timeout=self.body.timeout,
+            owner=owner,
+        )
+
+
+async def _prepare(state: AppState, body: JobSubmission, owner: str) -> _Prepared:
+    """Every check that can be made before anything is written; raises ApiError (4xx)."""
     spec = get_job(body.task)
     if spec is None:
         raise ApiError(
@@ -84,39 +95,127 @@ async def submit_job(body: JobSubmission, state: State, owner: Owner, response: 
         spec.check_inputs(infos, params)
     except InputError as exc:
         raise ApiError(422, "invalid_inputs", f"{body.task}: {exc}") from None
+    return _Prepared(body=body, params=params.model_dump(mode="json"), inputs=refs)
 
-    job_id = uuid.uuid4().hex
-    clean_params = params.model_dump(mode="json")
+
+async def _record(state: AppState, job: _Prepared, owner: str) -> JobView:
+    """Create the queued record and pin the inputs; the view is built, not read back."""
+    body = job.body
+    input_ids = {name: record.id for name, record in job.inputs.items()}
     missing = await state.jobs.create(
-        job_id, body.task, clean_params, input_ids, owner, body.timeout
+        job.job_id, body.task, job.params, input_ids, owner, body.timeout
     )
     if missing is not None:  # deleted between the check and the pin
         raise ApiError(422, "unknown_array", f"input '{missing}': array is gone")
-    payload = TaskPayload(
-        job_id=job_id,
+    return JobView(
+        id=job.job_id,
         task=body.task,
-        params=clean_params,
-        inputs={name: record.ref() for name, record in refs.items()},
-        timeout=body.timeout,
-        owner=owner,
+        status=JobStatus.queued,
+        params=job.params,
+        inputs=input_ids,
+        created_at=time.time(),
     )
+
+
+async def _undo(state: AppState, jobs: list[_Prepared]) -> None:
+    """Remove records whose messages could not be published: nothing is left behind."""
+    for job in jobs:
+        released = await state.jobs.release_inputs(job.job_id)
+        await state.jobs.discard(job.job_id, job.body.task)
+        await free_arrays(state, released)
+
+
+async def _submit(state: AppState, jobs: list[_Prepared], owner: str) -> list[JobView]:
+    views: list[JobView] = []
     try:
-        await enqueue(state.settings, payload)
+        for job in jobs:
+            views.append(await _record(state, job, owner))
+        await enqueue_many(state.settings, [job.payload(owner) for job in jobs])
     except BaseException:
-        await state.redis.delete(state.jobs.key(job_id))
-        await state.redis.zrem(state.jobs.index_key, job_id)
-        await free_arrays(state, await state.jobs.release_inputs(job_id))
+        await _undo(state, jobs[: len(views)])
         raise
-    record = await state.jobs.get(job_id)
-    response.headers["Location"] = f"/jobs/{job_id}"
-    return record.view() if record else None
+    return views
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobView,
+    responses={404: {"description": "unknown array"}, 422: {"description": "invalid job"}},
+)
+async def submit_job(body: JobSubmission, state: State, owner: Owner, response: Response) -> Any:
+    """Validate a job, queue it, and answer at once with its id (`Location: /jobs/{id}`)."""
+    job = await _prepare(state, body, owner)
+    (view,) = await _submit(state, [job], owner)
+    response.headers["Location"] = f"/jobs/{job.job_id}"
+    return view
+
+
+@router.post(
+    "/batch",
+    status_code=202,
+    response_model=JobBatchView,
+    responses={422: {"description": "an invalid job: none is queued"}},
+)
+async def submit_jobs(body: JobBatch, state: State, owner: Owner) -> Any:
+    """Queue many jobs in one request: all are validated first, and none is queued unless
+    every one is valid (the error's `detail.index` names the first bad one)."""
+    prepared = []
+    for index, submission in enumerate(body.jobs):
+        try:
+            prepared.append(await _prepare(state, submission, owner))
+        except ApiError as exc:
+            exc.message = f"jobs[{index}]: {exc.message}"
+            exc.detail = {"index": index, "error": exc.detail}
+            raise
+    return JobBatchView(jobs=await _submit(state, prepared, owner))
+
+
+@router.post("/wait", response_model=JobBatchView, responses={404: {"description": "unknown job"}})
+async def wait_for_jobs(body: JobWait, state: State, owner: Owner) -> Any:
+    """Long-poll many jobs at once: answers when all (or, with `any`, one) have ended, or
+    after `wait` seconds, with every job's current view in the order asked."""
+    wait = min(body.wait, state.settings.max_wait)
+    deadline = time.monotonic() + wait
+    with state.hub.subscribe(None) as events:
+        records = await _load_many(state, body.ids, owner)
+        pending = {r.id for r in records if not r.status.is_final}
+        while pending and not (body.any and len(pending) < len(set(body.ids))):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=remaining)
+            except TimeoutError:
+                break
+            if event.get("resync"):
+                records = await _load_many(state, body.ids, owner)
+                pending = {r.id for r in records if not r.status.is_final}
+            elif event.get("id") in pending and event.get("status") in _FINAL:
+                pending.discard(event["id"])
+        records = await _load_many(state, body.ids, owner)
+    return JobBatchView(jobs=[r.view() for r in records])
+
+
+_FINAL = {s.value for s in JobStatus if s.is_final}
+
+
+async def _load_many(state: AppState, ids: list[str], owner: str) -> list[JobRecord]:
+    for job_id in ids:
+        if not is_id(job_id):
+            raise not_found("job", job_id)
+    records = await state.jobs.get_many(ids)
+    for job_id, record in zip(ids, records, strict=True):
+        if record is None or record.owner != owner:
+            raise not_found("job", job_id)
+    return records
 
 
 async def _wait_for_end(state: AppState, job_id: str, owner: str, wait: float) -> JobRecord:
     """Long-poll: woken by the job's events, never by polling Redis in a loop."""
     deadline = time.monotonic() + wait
     with state.hub.subscribe(job_id) as events:
-        record = await _load(state, job_id, owner)
+        record = await load_job(state, job_id, owner)
         while not record.status.is_final:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -127,7 +226,7 @@ async def _wait_for_end(state: AppState, job_id: str, owner: str, wait: float) -
                 break
             while not events.empty():
                 events.get_nowait()
-            record = await _load(state, job_id, owner)
+            record = await load_job(state, job_id, owner)
     return record
 
 
@@ -142,7 +241,7 @@ async def get_job_status(
     wait = min(wait, state.settings.max_wait)
     if wait > 0:
         return (await _wait_for_end(state, job_id, owner, wait)).view()
-    return (await _load(state, job_id, owner)).view()
+    return (await load_job(state, job_id, owner)).view()
 
 
 @router.get(
@@ -185,7 +284,7 @@ async def get_job_result(
 )
 async def cancel_job(job_id: str, state: State, owner: Owner) -> Any:
     """Cancel a queued job, or stop a running one (its worker process is interrupted)."""
-    record = await _load(state, job_id, owner)
+    record = await load_job(state, job_id, owner)
     before = await state.jobs.cancel(job_id)
     if before == "queued":
         await free_arrays(state, await state.jobs.release_inputs(job_id))
@@ -193,5 +292,5 @@ async def cancel_job(job_id: str, state: State, owner: Owner) -> Any:
         raise ApiError(
             409, "job_finished", f"job already {record.status.value}", {"status": before}
         )
-    record = await _load(state, job_id, owner)
+    record = await load_job(state, job_id, owner)
     return record.view()

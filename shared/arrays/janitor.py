@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from shared.arrays.replicas import sweep_replicas
 from shared.arrays.segments import list_segments, unlink_segment
 from shared.arrays.store import ArrayStore
 from shared.settings import Settings
@@ -88,6 +89,7 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
         if domain == settings.shm_domain and float(created_at or now) < now:
             store.drop(array_id)
             report.orphan_records.append(array_id)
+    in_use += sweep_replicas(client, settings).bytes_in_use  # copies of other domains' arrays
     client.set(store.bytes_key(), in_use)
     report.bytes_in_use = in_use
     client.zremrangebyscore(settings.key("jobs"), 0, now - settings.job_ttl)

@@ -85,6 +85,7 @@ class ArrayRecord(BaseModel):
     created_at: float = 0.0
     expires_at: float = 0.0
     job: str = ""
+    api_url: str = ""  # the owner domain's API, for reads from other domains
 
     @property
     def visible(self) -> bool:
@@ -169,6 +170,7 @@ class ArrayStore:
             "domain": self.settings.shm_domain,
             "owner": owner,
             "job": job,
+            "api_url": self.settings.api_internal_url,
         }
         args = [json.dumps(fields), nbytes, self.settings.shm_limit_bytes, UPLOAD_TIMEOUT_S]
         reply = self._reserve(keys=[self.key(array_id), self.bytes_key()], args=args)

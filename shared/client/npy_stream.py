@@ -19,6 +19,7 @@ import numpy as np
 from shared.arrays.npy import NpyFormatError, NpyHeader, build_header, check_dtype, parse_header
 from shared.client.errors import ForkliftError, InvalidRequest
 
+NPY = "application/x-npy"
 CHUNK = 4 << 20
 MAX_HEADER = 65536
 

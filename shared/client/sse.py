@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
+
+from shared.client.errors import error_from_response
 
 
 @dataclass(frozen=True)
@@ -39,3 +43,16 @@ class SseParser:
         elif name == "data":
             self._data.append(value)
         return None
+
+
+def event_item(name: str, data: str) -> dict[str, Any] | None:
+    """The dict a client yields for one event: `{"event": name, **data}`; error events raise."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    if name == "error":
+        raise error_from_response(404, data.encode())
+    if not isinstance(payload, dict):
+        return None
+    return {"event": name, **payload}

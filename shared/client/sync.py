@@ -8,9 +8,9 @@ with Client("http://127.0.0.1:8000") as fl:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from shared.client.errors import (
 from shared.client.handles import ArrayHandle, array_id
 from shared.client.npy_stream import (
     CHUNK,
+    NPY,
     NpyReader,
     file_chunks,
     memory_order,
@@ -41,9 +42,7 @@ from shared.client.npy_stream import (
     npy_length,
 )
 from shared.client.same_host import discard_segment, fill_segment, local_domain, new_segment_name
-from shared.client.sse import SseParser
-
-NPY = "application/x-npy"
+from shared.client.sse import SseParser, event_item
 
 
 class Job:
@@ -136,7 +135,7 @@ class Job:
                                 raise deadline.timeout_error(f"job {self.id}")
                             continue
                         backoff.reset()
-                        item = _event_item(event.event, event.data)
+                        item = event_item(event.event, event.data)
                         if item is None:
                             continue
                         if item["event"] == "status":
@@ -148,18 +147,6 @@ class Job:
                             raise deadline.timeout_error(f"job {self.id}")
             except httpx.TransportError as exc:
                 time.sleep(backoff.next_delay(f"event stream lost: {exc}", deadline))
-
-
-def _event_item(name: str, data: str) -> dict[str, Any] | None:
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        return None
-    if name == "error":
-        raise error_from_response(404, data.encode())
-    if not isinstance(payload, dict):
-        return None
-    return {"event": name, **payload}
 
 
 class Client:
@@ -402,14 +389,23 @@ class Client:
     def save_array(self, ref: ArrayHandle | str, path: str | os.PathLike[str]) -> Path:
         """Download an array's `.npy` bytes straight into a file (bit-exact, any size)."""
         target = Path(path)
-        partial = target.with_name(f".{target.name}.part")
+        if target.exists() and not target.is_file():  # /dev/null, a pipe: write as it is
+            with target.open("wb") as f:
+                self.write_array(ref, f)
+            return target
+        # a partial download never takes the place of the file
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
         try:
             with partial.open("wb") as f:
-                self._stream_to(f"/arrays/{array_id(ref)}", f.write)
+                self.write_array(ref, f)
             partial.replace(target)
         finally:
             partial.unlink(missing_ok=True)
         return target
+
+    def write_array(self, ref: ArrayHandle | str, fileobj: Any) -> None:
+        """Stream an array's `.npy` bytes into a binary file object."""
+        self._stream_to(f"/arrays/{array_id(ref)}", fileobj.write)
 
     def array_meta(self, ref: ArrayHandle | str) -> ArrayHandle:
         return ArrayHandle.from_meta(self._get_json(f"/arrays/{array_id(ref)}/meta", retry=True))

@@ -32,7 +32,7 @@ from tests import stack
 REPO = stack.REPO
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
-DOCS = REPO / "docs" / "deployment.md"
+DOCS = REPO / "README.md"
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,11 @@ def published_ports(service: dict[str, Any]) -> list[tuple[str, str]]:
 
 def check_compose_shape(doc: dict[str, Any]) -> None:
     services = doc["services"]
-    assert set(services) == {"redis", "api", "worker"}
+    assert {"redis", "api", "worker"} <= set(services)
+    optional = set(services) - {"redis", "api", "worker"}
+    assert optional <= {"flower"}, f"unexpected services {optional}"
+    for name in optional:
+        assert services[name].get("profiles"), f"{name} must only start when its profile is asked"
     redis_svc, api, worker = services["redis"], services["api"], services["worker"]
 
     assert str(redis_svc["image"]).startswith("redis:")

@@ -205,3 +205,41 @@ def test_openapi_docs_are_served(http: httpx.Client) -> None:
     assert http.get("/docs").status_code == 200
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/jobs", "/jobs/{job_id}", "/arrays", "/tasks", "/healthz"} <= set(paths)
+
+
+def test_batch_submission_and_batch_wait(http: httpx.Client, live: Stack) -> None:
+    body = {"jobs": [{"task": "fib", "params": {"n": n}} for n in range(1, 21)]}
+    response = http.post("/jobs/batch", json=body)
+    assert response.status_code == 202, response.text
+    ids = [job["id"] for job in response.json()["jobs"]]
+    assert len(set(ids)) == 20
+    done = http.post("/jobs/wait", json={"ids": ids, "wait": 30}, timeout=40).json()["jobs"]
+    assert [job["id"] for job in done] == ids
+    assert [job["result"] for job in done] == [1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144,
+                                              233, 377, 610, 987, 1597, 2584, 4181, 6765]  # fmt: skip
+
+
+def test_batch_with_one_bad_job_queues_nothing(http: httpx.Client, live: Stack) -> None:
+    queued_before = live.queue_lengths()
+    jobs_before = live.redis.zcard(f"{live.key_prefix}:jobs")
+    body = {"jobs": [{"task": "fib", "params": {"n": 3}}, {"task": "fib", "params": {"n": -1}}]}
+    response = http.post("/jobs/batch", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["message"].startswith("jobs[1]: fib: n:")
+    assert error["detail"]["index"] == 1
+    assert live.queue_lengths() == queued_before
+    assert live.redis.zcard(f"{live.key_prefix}:jobs") == jobs_before
+
+
+def test_wait_any_returns_at_the_first_end(http: httpx.Client) -> None:
+    quick = submit(http, "sleep", seconds=0.2)["id"]
+    slow = submit(http, "sleep", seconds=5)["id"]
+    start = time.monotonic()
+    jobs = http.post("/jobs/wait", json={"ids": [slow, quick], "wait": 20, "any": True}).json()
+    assert time.monotonic() - start < 4
+    assert [j["status"] for j in jobs["jobs"]][1] == "succeeded"
+    assert jobs["jobs"][0]["status"] in ("queued", "running")
+    assert http.delete(f"/jobs/{slow}").status_code == 200
+    unknown = http.post("/jobs/wait", json={"ids": [quick, "0" * 32]})
+    assert unknown.status_code == 404

@@ -1,0 +1,76 @@
+"""/cluster: the shm domains (hosts), their live workers, and what each holds in shared memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from api.deps import Owner, State
+from api.topology import read_cluster
+
+router = APIRouter(tags=["health"])
+
+
+class ClusterWorker(BaseModel):
+    name: str
+    pid: int
+    concurrency: int
+    last_seen: float = Field(description="unix time of the last heartbeat")
+    started_at: float
+
+
+class ClusterDomain(BaseModel):
+    domain: str
+    api_url: str = Field("", description="the domain's internal API URL, as its workers report")
+    workers: list[ClusterWorker]
+    concurrency: int = Field(description="worker processes in the domain")
+    segments: int = Field(description="arrays plus replicas held in the domain")
+    bytes: int = Field(description="bytes of those segments")
+    arrays: int
+    array_bytes: int
+    replicas: int = Field(description="copies of other domains' arrays, pulled for jobs")
+    replica_bytes: int
+    shm_bytes: int = Field(description="bytes counted against the domain's cap (uploads too)")
+
+
+class Cluster(BaseModel):
+    domain: str = Field(description="this API's shm domain")
+    domains: list[ClusterDomain]
+
+
+@router.get("/cluster", response_model=Cluster)
+async def cluster(state: State, _: Owner) -> Any:
+    """Every shm domain with a live worker or arrays in shared memory."""
+    views = await read_cluster(state.redis, state.settings)
+    domains = []
+    for v in views:
+        urls = sorted({w.api_url for w in v.workers if w.api_url})
+        if v.domain == state.settings.shm_domain and state.settings.api_internal_url:
+            urls = [state.settings.api_internal_url]
+        domains.append(
+            ClusterDomain(
+                domain=v.domain,
+                api_url=urls[0] if urls else "",
+                workers=[
+                    ClusterWorker(
+                        name=w.name,
+                        pid=w.pid,
+                        concurrency=w.concurrency,
+                        last_seen=w.last_seen,
+                        started_at=w.started_at,
+                    )
+                    for w in sorted(v.workers, key=lambda w: w.name)
+                ],
+                concurrency=sum(w.concurrency for w in v.workers),
+                segments=v.arrays + v.replicas,
+                bytes=v.array_bytes + v.replica_bytes,
+                arrays=v.arrays,
+                array_bytes=v.array_bytes,
+                replicas=v.replicas,
+                replica_bytes=v.replica_bytes,
+                shm_bytes=v.shm_bytes,
+            )
+        )
+    return Cluster(domain=state.settings.shm_domain, domains=domains)

@@ -1,0 +1,64 @@
+"""/internal: what the APIs and workers of other shm domains ask this domain's API for.
+
+Not for clients: every call must carry `X-Forklift-Internal-Token: <FORKLIFT_INTERNAL_TOKEN>`
+(compared in constant time; without the setting these endpoints answer 404). Kept out of the
+OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from starlette.responses import Response, StreamingResponse
+
+from api.arrays_io import DOWNLOAD_CHUNK
+from api.deps import State
+from api.errors import ApiError, not_found
+from api.remote import InternalCaller
+from shared.arrays.replicas import stats_key
+from shared.arrays.segments import attach_segment
+from shared.schemas import is_id
+
+router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False)
+
+
+@router.get("/arrays/{array_id}")
+async def internal_array(array_id: str, state: State, _: InternalCaller) -> Response:
+    """The raw bytes of an array held in this domain (no `.npy` header), for another domain.
+
+    No owner check: the caller checked the owner (an API) or holds a job that pins the array
+    (a worker). An array whose deletion waits for its jobs is still served.
+    """
+    record = await state.arrays.get(array_id) if is_id(array_id) else None
+    if record is None or record.state != "ready":
+        raise not_found("array", array_id)
+    here = state.settings.shm_domain
+    if record.domain != here:
+        raise ApiError(
+            409,
+            "other_domain",
+            f"array {array_id} lives in shm domain {record.domain}, not in {here}",
+        )
+    try:
+        segment = attach_segment(record.segment, record.nbytes)
+    except FileNotFoundError:
+        raise not_found("array", array_id) from None
+    pipe = state.redis.pipeline(transaction=False)
+    pipe.hincrby(stats_key(state.settings), f"served:{here}", 1)
+    pipe.hincrby(stats_key(state.settings), f"served_bytes:{here}", record.nbytes)
+    await pipe.execute()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            view = segment.buffer
+            for start in range(0, record.nbytes, DOWNLOAD_CHUNK):
+                yield bytes(view[start : start + DOWNLOAD_CHUNK])
+            del view
+        finally:
+            with contextlib.suppress(BufferError):
+                segment.close()
+
+    headers = {"Content-Length": str(record.nbytes), "X-Forklift-Array-Id": record.id}
+    return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")

@@ -1,0 +1,234 @@
+"""Replicas: another shm domain's arrays, copied into this domain once and freed with the original.
+
+A worker that must run a job whose input lives in another shm domain (another host) pulls the
+array over HTTP from the owner's API (`GET /internal/arrays/{id}`, see `worker/remote.py`) into a
+segment of its own domain. Every child of every worker of that domain then attaches the copy,
+so an array crosses the network at most once per domain. Keys, under the stack's prefix:
+
+    replica:<domain>:<id>   hash {segment, nbytes, state, token, created_at}; `pulling` while a
+                            process copies it in (that record is the lock: it carries a TTL, so a
+                            puller that died lets the next one try), `ready` after (no TTL)
+    replicas:<domain>       set of the array ids with a replica record in that domain
+    replicas:stats          hash of counters: pulls:<d>, pulled_bytes:<d>, hits:<d> (replica
+                            reused), served:<d>, served_bytes:<d> (internal reads answered by d)
+
+Replica segments are named `<shm prefix><id>_r`, apart from the `<prefix><32 hex>` names the
+array janitor reconciles. A replica counts against its domain's shared-memory cap like an upload.
+Its lifetime is the original's: the original cannot be freed while a job pins it, and once its
+record is gone (DELETE, expiry), `sweep_replicas` (run by each domain's janitor) unlinks the
+replica and drops its record. Records are touched by scripts only, so a pull racing a sweep
+either commits a replica whose original still exists or finds its claim gone and unlinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from shared.arrays.segments import list_segments, unlink_segment
+from shared.redis_io import AnyRedis, then
+from shared.settings import Settings
+
+TOKEN_HEADER = "X-Forklift-Internal-Token"
+REPLICA_SUFFIX = "_r"
+
+# Outcome of a claim: {'ready', segment} | {'claimed', api_url} | {'wait'} | {'gone'}
+# | {'full', bytes-in-use}
+_CLAIM = """
+-- KEYS: replica, index, bytes-counter, original
+-- ARGV: id, segment, nbytes, limit, lock-ttl, token, now
+local original = redis.call('HMGET', KEYS[4], 'state', 'api_url')
+if original[1] ~= 'ready' then return {'gone'} end
+local r = redis.call('HMGET', KEYS[1], 'state', 'segment')
+if r[1] == 'ready' then return {'ready', r[2]} end
+if r[1] then return {'wait'} end
+local n = tonumber(ARGV[3])
+local used = redis.call('INCRBY', KEYS[3], n)
+if used > tonumber(ARGV[4]) then
+  redis.call('DECRBY', KEYS[3], n)
+  return {'full', tostring(used - n)}
+end
+redis.call('HSET', KEYS[1], 'segment', ARGV[2], 'nbytes', n, 'state', 'pulling',
+  'token', ARGV[6], 'created_at', ARGV[7])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+redis.call('SADD', KEYS[2], ARGV[1])
+return {'claimed', original[2] or ''}
+"""
+
+_READY = """
+-- KEYS: replica, original   ARGV: token
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'state') ~= 'ready' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'ready')
+redis.call('PERSIST', KEYS[1])
+return 1
+"""
+
+# Drop a replica record: by its puller (token), or by anyone naming its segment ('' = any).
+_FORGET = """
+-- KEYS: replica, index, bytes-counter   ARGV: id, token, segment
+local r = redis.call('HMGET', KEYS[1], 'token', 'segment', 'nbytes')
+if not r[2] then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return 0
+end
+if ARGV[2] ~= '' and r[1] ~= ARGV[2] then return 0 end
+if ARGV[3] ~= '' and r[2] ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+local left = redis.call('DECRBY', KEYS[3], tonumber(r[3]))
+if left < 0 then redis.call('SET', KEYS[3], 0) end
+return 1
+"""
+
+# Per replica of a domain: keep it while its original is alive, else drop the record.
+# Returns {id, verdict, segment, nbytes, ...}; verdict 'keep' | 'freed' | 'lost' (no record).
+_SWEEP = """
+-- KEYS: index, bytes-counter   ARGV: replica-key-prefix, array-key-prefix
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local rk = ARGV[1] .. id
+  local r = redis.call('HMGET', rk, 'segment', 'nbytes')
+  if not r[1] then
+    redis.call('SREM', KEYS[1], id)
+    table.insert(out, id); table.insert(out, 'lost'); table.insert(out, ''); table.insert(out, 0)
+  else
+    local o = redis.call('HGET', ARGV[2] .. id, 'state')
+    if o == 'ready' or o == 'uploading' then
+      table.insert(out, id); table.insert(out, 'keep')
+    else
+      redis.call('DEL', rk)
+      redis.call('SREM', KEYS[1], id)
+      local left = redis.call('DECRBY', KEYS[2], tonumber(r[2]))
+      if left < 0 then redis.call('SET', KEYS[2], 0) end
+      table.insert(out, id); table.insert(out, 'freed')
+    end
+    table.insert(out, r[1]); table.insert(out, r[2])
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `ReplicaStore.claim` found: see the states in `_CLAIM`."""
+
+    state: str
+    segment: str = ""
+    api_url: str = ""
+    bytes_in_use: int = 0
+
+
+def _parse_claim(reply: list[Any]) -> Claim:
+    state = str(reply[0])
+    if state == "ready":
+        return Claim(state, segment=str(reply[1]))
+    if state == "claimed":
+        return Claim(state, api_url=str(reply[1]))
+    if state == "full":
+        return Claim(state, bytes_in_use=int(reply[1]))
+    return Claim(state)
+
+
+class ReplicaStore:
+    """Replica records of one shm domain (this process's unless told otherwise)."""
+
+    def __init__(self, client: AnyRedis, settings: Settings, domain: str | None = None) -> None:
+        self.client = client
+        self.settings = settings
+        self.domain = domain or settings.shm_domain
+        self.index_key = settings.key("replicas", self.domain)
+        self.stats_key = stats_key(settings)
+        self._claim = client.register_script(_CLAIM)
+        self._ready = client.register_script(_READY)
+        self._forget = client.register_script(_FORGET)
+
+    def key(self, array_id: str) -> str:
+        return self.settings.key("replica", self.domain, array_id)
+
+    def segment_name(self, array_id: str) -> str:
+        return f"{self.settings.shm_prefix}{array_id}{REPLICA_SUFFIX}"
+
+    def _bytes_key(self) -> str:
+        return self.settings.key("shm_bytes", self.domain)
+
+    def _array_key(self, array_id: str) -> str:
+        return self.settings.key("array", array_id)
+
+    def claim(self, array_id: str, nbytes: int, token: str, lock_ttl: float) -> Any:
+        """The replica if ready; else the right to pull it (bytes reserved), or 'wait'."""
+        keys = [self.key(array_id), self.index_key, self._bytes_key(), self._array_key(array_id)]
+        args = [
+            array_id,
+            self.segment_name(array_id),
+            nbytes,
+            self.settings.shm_limit_bytes,
+            max(1, int(lock_ttl)),
+            token,
+            repr(time.time()),
+        ]
+        return then(self._claim(keys=keys, args=args), _parse_claim)
+
+    def mark_ready(self, array_id: str, token: str) -> Any:
+        """False when the claim was lost (original freed, lock expired): unlink the copy."""
+        keys = [self.key(array_id), self._array_key(array_id)]
+        return then(self._ready(keys=keys, args=[token]), bool)
+
+    def forget(self, array_id: str, *, token: str = "", segment: str = "") -> Any:
+        """Drop the record (and uncount its bytes) if it is still the caller's."""
+        keys = [self.key(array_id), self.index_key, self._bytes_key()]
+        return then(self._forget(keys=keys, args=[array_id, token, segment]), bool)
+
+    def count(self, event: str, n: int = 1) -> Any:
+        return self.client.hincrby(self.stats_key, f"{event}:{self.domain}", n)
+
+
+def stats_key(settings: Settings) -> str:
+    return settings.key("replicas", "stats")
+
+
+def read_stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
+    """The counters as {"pulls:<domain>": n, ...} (sync client; for tests and tools)."""
+    return {k: int(v) for k, v in client.hgetall(stats_key(settings)).items()}
+
+
+@dataclass
+class ReplicaSweep:
+    freed: list[str] = field(default_factory=list)
+    orphan_segments: list[str] = field(default_factory=list)
+    bytes_in_use: int = 0
+
+
+def sweep_replicas(client: redis.Redis, settings: Settings) -> ReplicaSweep:
+    """Unlink this domain's replicas whose original is gone, and replica segments without a
+    record (a puller that died); returns the bytes the remaining replicas hold."""
+    store = ReplicaStore(client, settings)
+    report = ReplicaSweep()
+    # List the segments first: a record made after this listing keeps its segment safe below.
+    listed = list_segments(settings.shm_prefix)
+    script = client.register_script(_SWEEP)
+    reply = script(
+        keys=[store.index_key, store._bytes_key()],
+        args=[settings.key("replica", store.domain, ""), settings.key("array", "")],
+    )
+    recorded: set[str] = set()
+    for i in range(0, len(reply), 4):
+        array_id, verdict, segment, nbytes = reply[i : i + 4]
+        if verdict == "keep":
+            recorded.add(segment)
+            report.bytes_in_use += int(nbytes)
+        elif verdict == "freed":
+            with contextlib.suppress(ValueError):
+                unlink_segment(segment)
+            report.freed.append(array_id)
+    pattern = re.compile(re.escape(settings.shm_prefix) + r"[0-9a-f]{32}" + REPLICA_SUFFIX)
+    for name in listed:
+        if pattern.fullmatch(name) and name not in recorded and unlink_segment(name):
+            report.orphan_segments.append(name)
+    return report

@@ -1,0 +1,262 @@
+"""Operational figures kept in Redis, so every API process renders the same numbers.
+
+Workers never serve metrics themselves: the job state-change scripts in `shared/jobstore.py`
+bump these counters in the same Lua call that changes a job's state (so a count can never
+disagree with the records), and the API's `/metrics` and `/dashboard/state` read them here.
+
+Layout, under `<prefix>:metrics:`:
+
+    submitted            hash  task -> jobs created
+    finished             hash  "task|state" -> jobs that reached a final state
+    duration             hash  "task|<i>" -> runs in bucket i (1-based, not cumulative; the
+                               last is +Inf), "task|sum" -> seconds, "task|count" -> runs
+    running              hash  job id -> {"domain","node","task","started_at","pid"} (JSON)
+    tp:<t // 10>         string  jobs finished in that 10 s slot (expires after ~1 h)
+    array_bytes          hash  "upload" / "download" -> bytes of .npy bodies over HTTP
+
+Worker presence (`<prefix>:workers`, `<prefix>:worker:<name>`) comes from
+`worker/heartbeat.py`, shared-memory use from the array registry (`shared/arrays/store.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.settings import Settings
+
+# Job run time buckets (seconds): CPU jobs run from milliseconds to the hour limit.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0, 1800.0, 3600.0,
+)  # fmt: skip
+THROUGHPUT_SLOT_S = 10
+THROUGHPUT_KEEP_S = 3900
+
+# Redis transport priority steps (kombu): a queue's messages live in `name` and `name\x06\x16N`.
+_KOMBU_SEP = "\x06\x16"
+_KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def metrics_prefix(settings: Settings) -> str:
+    return settings.key("metrics", "")
+
+
+# Shared by the scripts that end a job: call before the job's status is overwritten.
+#   job: job key, before: status being left ('lost' = never really ran), status: new final
+#   state, now: seconds, m: metrics key prefix.
+LUA_JOB_ENDED = (
+    """
+local function fl_job_ended(job, before, status, now, m)
+  local f = redis.call('HMGET', job, 'id', 'task', 'started_at')
+  local task = f[2] or '?'
+  redis.call('HINCRBY', m .. 'finished', task .. '|' .. status, 1)
+  if f[1] then redis.call('HDEL', m .. 'running', f[1]) end
+  local slot = m .. 'tp:' .. string.format('%d', math.floor(now / SLOT_S))
+  redis.call('INCR', slot)
+  redis.call('EXPIRE', slot, KEEP_S)
+  if before == 'running' and f[3] then
+    local d = now - tonumber(f[3])
+    if d < 0 then d = 0 end
+    local b = {BUCKETS}
+    local i = #b + 1
+    for k = 1, #b do
+      if d <= b[k] then i = k; break end
+    end
+    redis.call('HINCRBY', m .. 'duration', task .. '|' .. i, 1)
+    redis.call('HINCRBYFLOAT', m .. 'duration', task .. '|sum', string.format('%.6f', d))
+    redis.call('HINCRBY', m .. 'duration', task .. '|count', 1)
+  end
+end
+""".replace("SLOT_S", str(THROUGHPUT_SLOT_S))
+    .replace("KEEP_S", str(THROUGHPUT_KEEP_S))
+    .replace("BUCKETS", ", ".join(repr(b) for b in DURATION_BUCKETS))
+)
+
+# Running jobs, with entries whose record is gone (expired, deleted) or no longer running
+# dropped: the state scripts keep the hash exact, this only sweeps what a lost key left.
+_RUNNING = """
+-- KEYS: running-hash   ARGV: job-key-prefix
+local raw = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #raw, 2 do
+  if redis.call('HGET', ARGV[1] .. raw[i], 'status') == 'running' then
+    table.insert(out, raw[i]); table.insert(out, raw[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], raw[i])
+  end
+end
+return out
+"""
+
+# Committed arrays (the expiry index) counted by shm domain: {domain, count, ...}.
+_SEGMENTS = """
+-- KEYS: expiry-index   ARGV: array-key-prefix
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local per = {}
+for _, id in ipairs(ids) do
+  local d = redis.call('HGET', ARGV[1] .. id, 'domain')
+  if d then per[d] = (per[d] or 0) + 1 end
+end
+local out = {}
+for d, n in pairs(per) do table.insert(out, d); table.insert(out, n) end
+return out
+"""
+
+
+@dataclass
+class WorkerState:
+    name: str
+    domain: str
+    concurrency: int
+    pid: int
+    started_at: float
+    last_seen: float
+    online: bool
+
+
+@dataclass
+class Snapshot:
+    """Everything `/metrics` and the dashboard show, read in a few round trips."""
+
+    now: float
+    submitted: dict[str, int] = field(default_factory=dict)
+    finished: dict[tuple[str, str], int] = field(default_factory=dict)
+    # task -> (non-cumulative bucket counts, len(DURATION_BUCKETS) + 1; sum; count)
+    durations: dict[str, tuple[list[int], float, int]] = field(default_factory=dict)
+    running: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workers: list[WorkerState] = field(default_factory=list)
+    queues: dict[str, int] = field(default_factory=dict)
+    shm_bytes: dict[str, int] = field(default_factory=dict)
+    shm_segments: dict[str, int] = field(default_factory=dict)
+    array_bytes: dict[str, int] = field(default_factory=dict)
+
+    def busy(self) -> dict[str, int]:
+        """Jobs in the running state, per shm domain."""
+        out: dict[str, int] = {}
+        for entry in self.running.values():
+            domain = str(entry.get("domain", ""))
+            out[domain] = out.get(domain, 0) + 1
+        return out
+
+    def domains(self) -> list[str]:
+        found = {w.domain for w in self.workers} | set(self.shm_bytes) | set(self.shm_segments)
+        found |= set(self.busy())
+        return sorted(d for d in found if d)
+
+
+def _split(field_name: str) -> tuple[str, str]:
+    task, _, rest = field_name.rpartition("|")
+    return task, rest
+
+
+def _parse_durations(raw: dict[str, str]) -> dict[str, tuple[list[int], float, int]]:
+    out: dict[str, tuple[list[int], float, int]] = {}
+    slots = len(DURATION_BUCKETS) + 1
+    for name, value in raw.items():
+        task, part = _split(name)
+        buckets, total, count = out.get(task, ([0] * slots, 0.0, 0))
+        if part == "sum":
+            total = float(value)
+        elif part == "count":
+            count = int(value)
+        elif part.isdigit() and 1 <= int(part) <= slots:
+            buckets[int(part) - 1] = int(value)
+        out[task] = (buckets, total, count)
+    return out
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists holding one Celery queue's messages (one per priority step)."""
+    return [queue if p == 0 else f"{queue}{_KOMBU_SEP}{p}" for p in _KOMBU_PRIORITY_STEPS]
+
+
+async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) -> Snapshot:
+    """Read every figure (async Redis client). Raises the client's errors when Redis is down."""
+    m = metrics_prefix(settings)
+    now = time.time()
+    running_script = client.register_script(_RUNNING)
+    segments_script = client.register_script(_SEGMENTS)
+
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(m + "submitted")
+    pipe.hgetall(m + "finished")
+    pipe.hgetall(m + "duration")
+    pipe.hgetall(m + "array_bytes")
+    pipe.zrange(settings.key("workers"), 0, -1, withscores=True)
+    submitted, finished, durations, array_bytes, workers = await pipe.execute()
+    running_flat = await running_script(keys=[m + "running"], args=[settings.key("job", "")])
+    segments_flat = await segments_script(
+        keys=[settings.key("arrays", "expiry")], args=[settings.key("array", "")]
+    )
+
+    snap = Snapshot(now=now)
+    snap.submitted = {k: int(v) for k, v in submitted.items()}
+    snap.finished = {_split(k): int(v) for k, v in finished.items()}
+    snap.durations = _parse_durations(durations)
+    snap.array_bytes = {k: int(v) for k, v in array_bytes.items()}
+    for i in range(0, len(running_flat), 2):
+        try:
+            snap.running[running_flat[i]] = json.loads(running_flat[i + 1])
+        except ValueError:
+            snap.running[running_flat[i]] = {}
+    snap.shm_segments = {
+        segments_flat[i]: int(segments_flat[i + 1]) for i in range(0, len(segments_flat), 2)
+    }
+
+    names = [name for name, _ in workers]
+    infos = await client.mget([settings.key("worker", n) for n in names]) if names else []
+    for (name, seen), raw in zip(workers, infos, strict=True):
+        info: dict[str, Any] = {}
+        if raw:
+            try:
+                info = json.loads(raw)
+            except ValueError:
+                info = {}
+        online = bool(raw) and seen >= now - stale_after
+        if not online and seen < now - 3 * stale_after:
+            continue  # long gone (crashed without deregistering): not worth a line
+        snap.workers.append(
+            WorkerState(
+                name=name,
+                domain=str(info.get("domain", "")),
+                concurrency=int(info.get("concurrency") or 0),
+                pid=int(info.get("pid") or 0),
+                started_at=float(info.get("started_at") or 0.0),
+                last_seen=float(seen),
+                online=online,
+            )
+        )
+
+    domains = sorted(set(snap.domains()) | {settings.shm_domain})
+    pipe = client.pipeline(transaction=False)
+    for domain in domains:
+        pipe.get(settings.key("shm_bytes", domain))
+    queues = [settings.queue, *(settings.domain_queue(d) for d in domains)]
+    for queue in queues:
+        for key in queue_keys(queue):
+            pipe.llen(key)
+    replies = await pipe.execute()
+    for domain, value in zip(domains, replies[: len(domains)], strict=True):
+        snap.shm_bytes[domain] = max(0, int(value or 0))
+    depths = replies[len(domains) :]
+    steps = len(_KOMBU_PRIORITY_STEPS)
+    for i, queue in enumerate(queues):
+        snap.queues[queue] = sum(int(n) for n in depths[i * steps : (i + 1) * steps])
+    return snap
+
+
+async def read_throughput(client: Any, settings: Settings, slots: int = 60) -> list[int]:
+    """Jobs finished in each of the last `slots` 10 s slots, oldest first (current included)."""
+    current = math.floor(time.time() / THROUGHPUT_SLOT_S)
+    keys = [metrics_prefix(settings) + f"tp:{current - i}" for i in range(slots - 1, -1, -1)]
+    return [int(v or 0) for v in await client.mget(keys)]
+
+
+async def count_array_bytes(client: Any, settings: Settings, direction: str, n: int) -> None:
+    """Add `n` bytes to the upload or download counter."""
+    if n > 0:
+        await client.hincrby(metrics_prefix(settings) + "array_bytes", direction, n)

@@ -1,0 +1,490 @@
+"""The Python client, the same-host registration, job events and the CLI, on the real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from shared.arrays.segments import create_segment, segment_path
+from shared.client import (
+    ArrayHandle,
+    AsyncClient,
+    Client,
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    NotFound,
+    Timeout,
+)
+from shared.client.same_host import discard_segment, local_domain
+from tests import stack
+from tests.conftest import Stack
+
+
+def fib(n: int) -> int:
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+def array_key(live: Stack, array_id: str) -> str:
+    return f"{live.key_prefix}:array:{array_id}"
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(live: Stack) -> Iterator[None]:
+    """Every test frees what it made: arrays it uploaded, registered or got as results."""
+    before = stack.segments(live.shm_prefix)
+    yield
+    stack.wait_until(
+        lambda: stack.segments(live.shm_prefix) <= before,
+        15,
+        what=f"segments freed: {sorted(stack.segments(live.shm_prefix) - before)}",
+    )
+
+
+@pytest.fixture
+def client(live: Stack) -> Iterator[Client]:
+    with Client(live.url, free_on_close=True, timeout=30) as fl:
+        yield fl
+
+
+def api_bytes_read(live: Stack) -> int:
+    """Bytes the API process has read from files and sockets (/proc/<pid>/io rchar)."""
+    fields = dict(
+        line.split(": ")
+        for line in Path(f"/proc/{live.api.pid}/io").read_text().split("\n")
+        if line
+    )
+    return int(fields["rchar"])
+
+
+# -- jobs ---------------------------------------------------------------------------------
+
+
+def test_matmul_result_equals_numpy(client: Client) -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.random((30, 40)), rng.random((40, 20))
+    job = client.submit("matmul", a=x, b=y)
+    result = job.result(timeout=60)
+    assert isinstance(result, np.ndarray) and result.shape == (30, 20)
+    assert np.allclose(result, x @ y)
+    assert job.status()["status"] == "succeeded"
+    # the result array is the client's to free (free_on_close); the inputs went with the job
+    assert len(client.owned_arrays) == 1
+
+
+def test_async_client_matmul_and_map(live: Stack) -> None:
+    rng = np.random.default_rng(2)
+    x, y = rng.random((30, 40)), rng.random((40, 20))
+
+    async def main() -> tuple[np.ndarray, list[int], list[dict]]:
+        async with AsyncClient(live.url, free_on_close=True) as fl:
+            job = await fl.submit("matmul", a=x, b=y)
+            product = await job.result(timeout=60)
+            numbers = await fl.map("fib", [{"n": n} for n in (5, 1, 20, 3)], timeout=60)
+            sleeper = await fl.submit("sleep", seconds=0.5)
+            events = [event async for event in sleeper.events(timeout=60)]
+            return product, numbers, events
+
+    product, numbers, events = asyncio.run(main())
+    assert np.allclose(product, x @ y)
+    assert numbers == [5, 1, 6765, 2]
+    assert events[-1]["event"] == "status" and events[-1]["status"] == "succeeded"
+    assert any(event["event"] == "progress" for event in events)
+
+
+def test_map_returns_fifty_results_in_order(client: Client) -> None:
+    ns = [min(n, 25) for n in range(1, 51)]
+    results = client.map("fib", ({"n": n} for n in ns), timeout=120)
+    assert results == [fib(n) for n in ns]
+
+
+def test_map_uploads_a_shared_array_once(client: Client, live: Stack) -> None:
+    data = np.arange(1000, dtype=np.int64)
+    uploads: list[str] = []
+
+    def count(request: httpx.Request) -> None:
+        if request.method == "POST" and request.url.path in ("/arrays", "/arrays/register"):
+            uploads.append(request.url.path)
+
+    client._http.event_hooks["request"].append(count)
+    results = client.map("sum", [{"a": data}] * 5 + [{"a": data, "axis": 0}], timeout=60)
+    assert results == [int(data.sum())] * 6
+    assert len(uploads) == 1
+
+
+def test_typed_errors_carry_the_servers_message(client: Client) -> None:
+    with pytest.raises(JobFailed) as failed:
+        client.submit("boom", message="it broke").result(timeout=60)
+    assert str(failed.value) == "ValueError: it broke"
+    assert failed.value.view["status"] == "failed"
+
+    with pytest.raises(InvalidRequest) as invalid:
+        client.submit("fib", n=1000)
+    assert invalid.value.status == 422 and "less than or equal to 45" in invalid.value.message
+
+    with pytest.raises(NotFound):
+        client.job(uuid.uuid4().hex).status()
+    with pytest.raises(NotFound):
+        client.get_array(uuid.uuid4().hex)
+
+    job = client.submit("sleep", seconds=30)
+    with pytest.raises(Timeout):
+        job.result(timeout=0.5)
+    assert job.cancel()["status"] == "cancelled"
+    with pytest.raises(JobCancelled):
+        job.result(timeout=30)
+
+
+def test_arrays_round_trip_over_http_in_any_layout(client: Client) -> None:
+    rng = np.random.default_rng(3)
+    base = rng.random((64, 48))
+    cases = [
+        base,
+        np.asfortranarray(base),
+        base[::3, 5:40:2],  # not contiguous: sent a block of rows at a time
+        np.arange(7, dtype=np.uint8),
+        np.array(2.5, dtype=np.float32),
+        np.zeros((0, 4)),
+        rng.random(100) > 0.5,
+    ]
+    for arr in cases:
+        handle = client.put_array(arr, shared_memory=False)
+        back = client.get_array(handle)
+        assert back.dtype == arr.dtype and back.shape == arr.shape
+        assert back.tobytes() == np.ascontiguousarray(arr).tobytes()
+        assert client.delete_array(handle) is True
+    with pytest.raises(InvalidRequest):
+        client.put_array(np.array(["text"]))
+
+
+def test_close_frees_uploads_and_array_results(live: Stack) -> None:
+    x = np.arange(12.0).reshape(3, 4)
+    with Client(live.url, free_on_close=True) as fl:
+        kept = fl.put_array(x, shared_memory=False)
+        total = fl.submit("sum", a=kept, axis=0).result(timeout=60)
+        made = fl.owned_arrays
+        assert kept.id in made and len(made) == 2
+        assert np.array_equal(total, x.sum(axis=0))
+        assert all(live.redis.exists(array_key(live, ident)) for ident in made)
+    stack.wait_until(
+        lambda: not any(live.redis.exists(array_key(live, ident)) for ident in made),
+        10,
+        what="arrays deleted on close",
+    )
+
+
+# -- same host ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_512_mib_array_registered_through_shared_memory(live: Stack) -> None:
+    n = 512 * 2**20 // 8
+    x = np.arange(n, dtype=np.float64)
+    bodies: list[tuple[str, int]] = []
+
+    def record(request: httpx.Request) -> None:
+        size = int(request.headers.get("content-length", 0))
+        bodies.append((f"{request.method} {request.url.path}", size))
+
+    with Client(live.url, free_on_close=True, timeout=60) as fl:
+        fl._http.event_hooks["request"].append(record)
+        before = api_bytes_read(live)
+        handle = fl.put_array(x, shared_memory=True)
+        read = api_bytes_read(live) - before
+        assert handle.nbytes == x.nbytes and handle.shape == x.shape
+        assert handle.segment == f"{live.shm_prefix}{handle.id}"
+        assert segment_path(handle.segment).stat().st_size == x.nbytes
+        # the array never went through the API: tiny request bodies, a few KiB read in all
+        assert [path for path, _ in bodies] == [
+            "GET /arrays/register/info",
+            "POST /arrays/register",
+            f"POST /arrays/register/{handle.id}/commit",
+        ]
+        assert max(size for _, size in bodies) < 1024
+        assert read < 1 << 20, f"the API read {read} bytes"
+        total = fl.submit("sum", a=handle).result(timeout=120)
+        assert total == n * (n - 1) / 2
+    del x
+
+
+def test_auto_mode_registers_big_arrays_and_uploads_small_ones(client: Client) -> None:
+    if client.shm_info()["shm_domain"] != local_domain():
+        pytest.skip("the stack is not in this process's shm domain")
+    paths: list[str] = []
+    client._http.event_hooks["request"].append(
+        lambda request: paths.append(f"{request.method} {request.url.path}")
+    )
+    big = np.linspace(0, 1, 2**18)  # 2 MiB
+    small = np.arange(10.0)
+    assert np.array_equal(client.get_array(client.put_array(big)), big)
+    assert "POST /arrays" not in paths and "POST /arrays/register" in paths
+    paths.clear()
+    client.put_array(small)
+    assert "POST /arrays" in paths and "POST /arrays/register" not in paths
+
+
+def test_register_refuses_forged_names_and_leaves_nothing(live: Stack, http: httpx.Client) -> None:
+    prefix = live.shm_prefix
+    domain = http.get("/arrays/register/info").json()["shm_domain"]
+
+    def reserve(segment: str, **overrides: object) -> httpx.Response:
+        body = {"segment": segment, "dtype": "float64", "shape": [1000], "domain": domain}
+        return http.post("/arrays/register", json={**body, **overrides})
+
+    def nothing_for(array_id: str) -> bool:
+        return not live.redis.exists(array_key(live, array_id)) and not live.redis.exists(
+            f"{live.key_prefix}:register:{array_id}"
+        )
+
+    forged = {
+        "no prefix": uuid.uuid4().hex,
+        "another prefix": f"forklift_{uuid.uuid4().hex}",
+        "a path": f"../{prefix}{uuid.uuid4().hex}",
+        "not 32 hex": f"{prefix}{uuid.uuid4().hex[:20]}",
+        "upper-case hex": f"{prefix}{uuid.uuid4().hex.upper()}",
+    }
+    for what, name in forged.items():
+        response = reserve(name)
+        assert response.status_code == 422, (what, response.text)
+        assert response.json()["error"]["code"] == "bad_segment_name"
+        assert nothing_for(name[-32:].lower())
+
+    other = reserve(f"{prefix}{uuid.uuid4().hex}", domain="some-other-host")
+    assert other.status_code == 409 and "not in this shm domain" in other.text
+    bad_dtype = reserve(f"{prefix}{uuid.uuid4().hex}", dtype="object")
+    assert bad_dtype.status_code == 422
+
+    # someone else's registered segment: refused, and their array is untouched
+    theirs = np.arange(1000.0)
+    with Client(live.url) as them:
+        handle = them.put_array(theirs, shared_memory=False)
+        try:
+            taken = reserve(handle.segment)
+            assert taken.status_code == 409, taken.text
+            assert taken.json()["error"]["code"] == "already_registered"
+            assert np.array_equal(them.get_array(handle), theirs)
+            commit = http.post(f"/arrays/register/{handle.id}/commit")
+            assert commit.status_code == 404
+            assert np.array_equal(them.get_array(handle), theirs)
+        finally:
+            them.delete_array(handle)
+
+    # wrong size: reserved for 8000 bytes, the segment holds 4000; the API unlinks it
+    ident = uuid.uuid4().hex
+    name = f"{prefix}{ident}"
+    assert reserve(name).status_code == 201
+    try:
+        create_segment(name, 4000).close()
+        commit = http.post(f"/arrays/register/{ident}/commit")
+        assert commit.status_code == 422, commit.text
+        assert "needs exactly 8000" in commit.json()["error"]["message"]
+        assert not segment_path(name).exists()
+        assert nothing_for(ident)
+    finally:
+        discard_segment(name)
+
+    # committed without creating the segment (another host would look like this)
+    ident = uuid.uuid4().hex
+    assert reserve(f"{prefix}{ident}").status_code == 201
+    missing = http.post(f"/arrays/register/{ident}/commit")
+    assert missing.status_code == 422 and "does not exist" in missing.text
+    assert nothing_for(ident)
+
+    # an existing segment with no record cannot be adopted (it may be anyone's)
+    ident = uuid.uuid4().hex
+    name = f"{prefix}{ident}"
+    create_segment(name, 8000).close()
+    try:
+        squat = reserve(name)
+        if segment_path(name).exists():  # (unless the janitor swept it in between)
+            assert squat.status_code == 409, squat.text
+            assert nothing_for(ident)
+        elif squat.status_code == 201:
+            http.delete(f"/arrays/register/{ident}")
+    finally:
+        discard_segment(name)
+
+    # an abandoned reservation leaves nothing either
+    ident = uuid.uuid4().hex
+    assert reserve(f"{prefix}{ident}").status_code == 201
+    assert http.delete(f"/arrays/register/{ident}").status_code == 204
+    assert nothing_for(ident)
+
+
+def test_client_refused_registration_unlinks_its_segment(
+    live: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Client(live.url, free_on_close=True) as fl:
+        created: list[str] = []
+
+        def watch(request: httpx.Request) -> None:
+            if request.url.path == "/arrays/register":
+                created.append(json.loads(request.content)["segment"])
+
+        fl._http.event_hooks["request"].append(watch)
+        with monkeypatch.context() as patch:  # as if the client ran on another host
+            patch.setenv("FORKLIFT_SHM_DOMAIN", "elsewhere")
+            with pytest.raises(InvalidRequest, match="not in this shm domain"):
+                fl.put_array(np.ones(10), shared_memory=True)
+            assert not segment_path(created[-1]).exists()
+            # auto mode quietly uploads over HTTP when the domains differ
+            count = len(created)
+            handle = fl.put_array(np.ones(2**18))
+            assert np.array_equal(fl.get_array(handle), np.ones(2**18))
+            assert len(created) == count
+        # a refused commit: the segment this client created is gone again
+        original = fl._request
+
+        def shrink_then_commit(method: str, path: str, **kwargs: object) -> httpx.Response:
+            if path.endswith("/commit"):
+                name = created[-1]
+                os.truncate(segment_path(name), 16)
+            return original(method, path, **kwargs)
+
+        fl._request = shrink_then_commit  # type: ignore[method-assign]
+        with pytest.raises(InvalidRequest, match="needs exactly"):
+            fl.put_array(np.ones(1000), shared_memory=True)
+        assert not segment_path(created[-1]).exists()
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+def test_event_stream_delivers_increasing_progress_and_the_final_state(client: Client) -> None:
+    job = client.submit("sleep", seconds=1.5)
+    events = list(job.events(timeout=60))
+    assert events[0]["event"] == "status" and events[0]["status"] in ("queued", "running")
+    fractions = [e["progress"]["fraction"] for e in events if e["event"] == "progress"]
+    assert len(fractions) >= 5
+    assert fractions == sorted(fractions) and fractions[-1] > fractions[0]
+    last = events[-1]
+    assert last["event"] == "status" and last["status"] == "succeeded"
+    assert last["result"] == 1.5
+    assert [e["status"] for e in events].count("succeeded") == 1
+
+
+def test_event_stream_over_raw_http(live: Stack, http: httpx.Client) -> None:
+    assert http.get(f"/jobs/{uuid.uuid4().hex}/events").status_code == 404
+    job_id = http.post("/jobs", json={"task": "fib", "params": {"n": 15}}).json()["id"]
+    with http.stream("GET", f"/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = list(response.iter_lines())
+    events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert events[0] == "status" and events[-1] == "status"
+    assert data[-1]["status"] == "succeeded" and data[-1]["result"] == 610
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def run_cli(live: Stack, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FORKLIFT_URL": live.url}
+    env.pop("FORKLIFT_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or stack.REPO,
+        timeout=120,
+    )
+
+
+def test_cli_put_submit_get_round_trip_is_bit_exact(live: Stack, tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((200, 50))
+    source = tmp_path / "x.npy"
+    np.save(source, x)
+
+    put = run_cli(live, "put", str(source))
+    assert put.returncode == 0, put.stderr
+    array_id = put.stdout.strip()
+    assert len(array_id) == 32
+
+    back = tmp_path / "back.npy"
+    got = run_cli(live, "get", array_id, "-o", str(back))
+    assert got.returncode == 0, got.stderr
+    assert np.load(back).tobytes() == x.tobytes()
+
+    submitted = run_cli(live, "submit", "sort", f"a={array_id}", "axis=0", "--wait", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    view = json.loads(submitted.stdout)
+    assert view["status"] == "succeeded" and view["params"]["axis"] == 0
+    result_id = view["result"]["array"]["id"]
+    out = tmp_path / "out.npy"
+    got = run_cli(live, "get", result_id, "-o", str(out))
+    assert got.returncode == 0, got.stderr
+    sorted_back = np.load(out, allow_pickle=False)
+    assert sorted_back.dtype == x.dtype
+    assert sorted_back.tobytes() == np.sort(x, axis=0).tobytes()
+
+    # a file uploaded for one job (k=@file) is freed by the server when the job ends
+    total = run_cli(live, "submit", "sum", f"a=@{source}", "--wait")
+    assert total.returncode == 0, total.stderr
+    assert np.isclose(float(total.stdout), x.sum())
+
+    for ident in (array_id, result_id):
+        assert run_cli(live, "delete", ident).returncode == 0
+
+
+def test_cli_failures_and_exit_codes(live: Stack, tmp_path: Path) -> None:
+    failed = run_cli(live, "submit", "boom", "message=kaput", "--wait")
+    assert failed.returncode == 1
+    assert "ValueError: kaput" in failed.stderr
+
+    done = run_cli(live, "submit", "fib", "n=10", "--wait")
+    assert done.returncode == 0 and done.stdout.strip() == "55"
+    job_id = run_cli(live, "submit", "fib", "n=12").stdout.strip()
+    waited = run_cli(live, "wait", job_id, "--json")
+    assert waited.returncode == 0 and json.loads(waited.stdout)["result"] == 144
+    status = run_cli(live, "status", job_id)
+    assert status.returncode == 0 and "succeeded" in status.stdout
+
+    bad_param = run_cli(live, "submit", "fib", "n=1000")
+    assert bad_param.returncode == 2 and "less than or equal to 45" in bad_param.stderr
+    assert run_cli(live, "submit", "fib", "oops").returncode == 2
+    assert run_cli(live, "frobnicate").returncode == 2
+    unknown = run_cli(live, "status", uuid.uuid4().hex)
+    assert unknown.returncode == 3 and "no job with id" in unknown.stderr
+    missing = tmp_path / "missing.npy"
+    assert run_cli(live, "get", uuid.uuid4().hex, "-o", str(missing)).returncode == 3
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+    nowhere = f"http://127.0.0.1:{stack.free_port()}"
+    down = run_cli(live, "--url", nowhere, "--retry-for", "0.5", "status", job_id)
+    assert down.returncode == 4 and "cannot reach" in down.stderr
+
+    tasks = run_cli(live, "tasks", "--json")
+    assert tasks.returncode == 0
+    assert {"fib", "sleep", "boom"} <= {t["name"] for t in json.loads(tasks.stdout)}
+
+
+def test_cli_cancel(live: Stack) -> None:
+    job_id = run_cli(live, "submit", "sleep", "seconds=30").stdout.strip()
+    cancelled = run_cli(live, "cancel", job_id)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    waited = run_cli(live, "wait", job_id)
+    assert waited.returncode == 1 and "cancelled" in waited.stderr
+
+
+def test_array_handle_reuse(client: Client) -> None:
+    x = np.arange(20.0)
+    handle = client.put_array(x, shared_memory=False)
+    assert isinstance(handle, ArrayHandle)
+    first = client.submit("sum", a=handle).result(timeout=60)
+    second = client.submit("max", a=handle).result(timeout=60)
+    assert (first, second) == (190.0, 19.0)
