@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from api.deps import AppState
 from api.errors import ApiError, not_found
 from api.remote import proxy_array
+from shared.arrays import pool
 from shared.arrays.npy import NpyFormatError, NpyHeader, build_header, parse_header
 from shared.arrays.segments import (
     Segment,
@@ -44,7 +45,7 @@ async def free_arrays(state: AppState, array_ids: list[str]) -> None:
     for array_id in array_ids:
         segment = await state.arrays.drop(array_id)
         if segment:
-            await to_thread.run_sync(unlink_segment, segment)
+            await to_thread.run_sync(pool.release, segment, state.settings)
 
 
 async def load_array(state: AppState, array_id: str, owner: str) -> ArrayRecord:
@@ -222,11 +223,13 @@ async def _fill(
 ) -> None:
     nbytes = upload.header.nbytes
     name = state.arrays.segment_name(upload.array_id)
-    sparse = nbytes > ALLOCATION_BLOCK
+    upload.segment = await to_thread.run_sync(pool.claim, name, nbytes, state.settings)
+    sparse = upload.segment is None and nbytes > ALLOCATION_BLOCK
     try:
-        upload.segment = await to_thread.run_sync(
-            lambda: create_segment(name, nbytes, allocate=not sparse)
-        )
+        if upload.segment is None:
+            upload.segment = await to_thread.run_sync(
+                lambda: create_segment(name, nbytes, allocate=not sparse)
+            )
     except ShmFullError:
         raise ApiError(507, "shm_full", "shared memory is full (/dev/shm has no room)") from None
     allocator = _PageAllocator(upload.segment) if sparse else None

@@ -26,6 +26,7 @@ from api.routes import (
     shm,
     tasks,
 )
+from shared.arrays import pool
 from shared.arrays.janitor import sweep
 from shared.arrays.store import ArrayStore
 from shared.jobstore import JobStore
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await janitor
             await hub.stop()
             await client.aclose()
+            await to_thread.run_sync(pool.drain, settings)  # give recycled memory back
 
     app = FastAPI(
         title="forklift",

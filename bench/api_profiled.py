@@ -57,7 +57,8 @@ def summary(prof: Profiler) -> dict:
     def walk(frame: object, above: frozenset[str]) -> None:
         key = _where(frame)
         name = str(frame.function)  # type: ignore[attr-defined]
-        own[key] = own.get(key, 0.0) + frame.total_self_time  # type: ignore[attr-defined]
+        if not frame.is_synthetic:  # type: ignore[attr-defined]
+            own[key] = own.get(key, 0.0) + frame.total_self_time  # type: ignore[attr-defined]
         if name not in above:
             inclusive[name] = inclusive.get(name, 0.0) + frame.time  # type: ignore[attr-defined]
         for child in frame.children:  # type: ignore[attr-defined]

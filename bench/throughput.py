@@ -34,6 +34,7 @@ from pathlib import Path
 from types import ModuleType
 
 import httpx
+import redis
 
 from bench.common import (
     CpuMeter,
@@ -62,9 +63,16 @@ class Result:
     jobs: int
     wall: float
     latencies: list[float]
-    cpu: dict[str, float]  # group -> cores
+    cpu: dict[str, float]  # group -> CPU seconds
     others: float
     errors: int = 0
+    redis_commands: dict[str, float] | None = None  # command -> calls per job
+
+    def cores(self, group: str) -> float:
+        return self.cpu.get(group, 0.0) / self.wall
+
+    def us_per_job(self, group: str) -> float:
+        return self.cpu.get(group, 0.0) / self.jobs * 1e6
 
     @property
     def rate(self) -> float:
@@ -166,16 +174,30 @@ def celery_sequential(plain: ModuleType, n: int) -> list[float]:
 # --- measuring -------------------------------------------------------------------------------
 
 
+def command_stats(client: redis.Redis) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+
+
 def metered(
-    label: str, groups: dict[str, Callable[[], list[int]]], n: int, fn: Callable[[], tuple]
+    label: str,
+    groups: dict[str, Callable[[], list[int]]],
+    n: int,
+    fn: Callable[[], tuple],
+    client: redis.Redis,
 ) -> Result:
+    """Run `fn`, metering CPU per group and the Redis commands it caused (per job)."""
+    before = command_stats(client)
     meter = CpuMeter(groups)
     meter.start()
     out = fn()
     meter.stop()
+    after = command_stats(client)
     wall, latencies, failed = out
-    cores = {g: meter.seconds[g] / meter.wall for g in meter.seconds}
-    return Result(label, n, wall, latencies, cores, meter.others_cores(), failed)
+    commands = {k: (v - before.get(k, 0)) / n for k, v in after.items() if v > before.get(k, 0)}
+    commands.pop("info", None)  # this function's own
+    return Result(
+        label, n, wall, latencies, dict(meter.seconds), meter.others_cores(), failed, commands
+    )
 
 
 def profile_run(st: Stack, n: int, conc: int, out_dir: Path) -> tuple[str, list[Path]]:
@@ -196,9 +218,20 @@ def profile_run(st: Stack, n: int, conc: int, out_dir: Path) -> tuple[str, list[
         asyncio.run(_forklift_load(url, 200, conc, burst=False))  # warm
         py_spy = shutil.which("py-spy")
         if py_spy:
-            argv = [py_spy, "record", "--pid", str(st.worker.pid), "--subprocesses",
-                    "--rate", "250", "--format", "raw", "--nonblocking",
-                    "--output", str(worker_out)]  # fmt: skip
+            argv = [
+                py_spy,
+                "record",
+                "--pid",
+                str(st.worker.pid),
+                "--subprocesses",
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--output",
+                str(worker_out),
+            ]
             spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         meter = CpuMeter({"api": lambda: [api.pid], "worker": lambda: tree(st.worker.pid)})
@@ -369,6 +402,7 @@ def main() -> None:
         groups = st.groups()
         groups["client"] = lambda: [os.getpid()]
         ours = [p for f in groups.values() for p in f()]
+        rclient = redis.Redis.from_url(st.redis_url)
 
         def quiet() -> None:
             if args.quiet:
@@ -385,11 +419,12 @@ def main() -> None:
                 groups,
                 n,
                 lambda: asyncio.run(_forklift_load(st.url, n, conc, burst=False)),
+                rclient,
             )
         )
         print(f"  {results[-1].label}: {results[-1].rate:.0f} jobs/s", flush=True)
         quiet()
-        results.append(_celery_result(groups, plain, n))
+        results.append(_celery_result(groups, plain, n, rclient))
         print(f"  {results[-1].label}: {results[-1].rate:.0f} jobs/s", flush=True)
         quiet()
         results.append(
@@ -398,6 +433,7 @@ def main() -> None:
                 groups,
                 n,
                 lambda: asyncio.run(_forklift_load(st.url, n, conc, burst=True)),
+                rclient,
             )
         )
         print(f"  {results[-1].label}: {results[-1].rate:.0f} jobs/s", flush=True)
@@ -425,17 +461,30 @@ def main() -> None:
         "celery_main",
         "celery_children",
     ]
-    rows = []
+    rows, cost_rows, cmd_rows = [], [], []
     for r in results:
+        used = [g for g in group_names if r.cpu.get(g, 0) > 0.01 * r.wall]
+        total_us = sum(r.us_per_job(g) for g in group_names)
         rows.append(
             [r.label, f"{r.rate:.0f}", fmt_s(r.wall), r.errors]
-            + [f"{r.cpu.get(g, 0):.2f}" for g in group_names]
+            + [f"{r.cores(g):.2f}" for g in group_names]
             + [f"{r.others:.2f}"]
         )
-    table = md_table(
-        ["run", "jobs/s", "wall", "failed", *group_names, "foreign"],
-        rows,
-    )
+        cost_rows.append(
+            [
+                r.label,
+                *(f"{r.us_per_job(g):.0f}" if g in used else "" for g in group_names),
+                f"{total_us:.0f}",
+            ]
+        )
+        cmds = r.redis_commands or {}
+        top = sorted(cmds.items(), key=lambda kv: -kv[1])[:12]
+        cmd_rows.append(
+            [r.label, f"{sum(cmds.values()):.1f}", ", ".join(f"{k} {v:.1f}" for k, v in top)]
+        )
+    table = md_table(["run", "jobs/s", "wall", "failed", *group_names, "foreign"], rows)
+    costs = md_table(["run", *group_names, "total"], cost_rows)
+    commands = md_table(["run", "per job", "most frequent (calls per job)"], cmd_rows, "lrl")
     ratio = best_fl / celery_rate
     targets = md_table(
         ["target", "measured", "met?"],
@@ -453,8 +502,15 @@ def main() -> None:
         machine_info(),
         f"{n} jobs per run; forklift's trivial job is the bench job `noop`, Celery's a task"
         " returning 1. Columns after *failed* are CPU cores used by each process group during"
-        " the run (client = this bench process; *foreign* = other processes on the machine).",
+        " the run (client = this bench process; *foreign* = other processes on the machine)."
+        " A group near 1.00 is a single-threaded bottleneck; with 2 cores, all groups together"
+        " near 2.00 mean the machine is full.",
         table,
+        "CPU per job, µs (CPU seconds of each group over the jobs of the run):",
+        costs,
+        "Redis commands per job (`INFO commandstats`, all clients; commands run inside Lua"
+        " scripts count too):",
+        commands,
         "## One job at a time (latency)",
         md_table(["path", "p50", "p99", "jobs"], seq_rows),
         "## Target (issue 5)",
@@ -468,12 +524,15 @@ def main() -> None:
     print(f"\nwritten to {write_results('throughput', text, quick=args.quick)}")
 
 
-def _celery_result(groups: dict[str, Callable[[], list[int]]], plain: ModuleType, n: int) -> Result:
+def _celery_result(
+    groups: dict[str, Callable[[], list[int]]], plain: ModuleType, n: int, client: redis.Redis
+) -> Result:
     def run() -> tuple[float, list[float], int]:
         wall, failed = celery_burst(plain, n)
         return wall, [], failed
 
-    return metered(f"plain Celery: {n} `apply_async()` at once, then `.get()` each", groups, n, run)
+    label = f"plain Celery: {n} `apply_async()` at once, then `.get()` each"
+    return metered(label, groups, n, run, client)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ class Settings(BaseModel):
     body_timeout: float = Field(30.0, gt=0)
     shm_limit_bytes: int = Field(default_factory=lambda: _dev_shm_bytes() // 2, ge=0)
     janitor_interval: float = Field(60.0, gt=0)
+    # Freed segments kept allocated for reuse (shared/arrays/pool.py): -1 = a quarter of
+    # shm_limit_bytes, 0 = off.
+    shm_pool_bytes: int = Field(-1, ge=-1)
 
     api_keys: tuple[SecretStr, ...] = ()
     log_format: str = Field("text", pattern=r"^(text|json)$")
@@ -111,6 +114,12 @@ class Settings(BaseModel):
         return BUILTIN_JOB_MODULES + tuple(
             m for m in self.job_modules if m not in BUILTIN_JOB_MODULES
         )
+
+    @property
+    def shm_pool_limit(self) -> int:
+        if self.shm_pool_bytes < 0:
+            return self.shm_limit_bytes // 4
+        return self.shm_pool_bytes
 
     def domain_queue(self, domain: str | None = None) -> str:
         """The queue only workers of one shm domain consume: jobs go where their data is."""

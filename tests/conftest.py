@@ -62,11 +62,18 @@ def live(redis_url: str) -> Iterator[Stack]:
         worker.stop()
         raise
     client = redis.Redis.from_url(redis_url, decode_responses=True)
+    running = Stack(env=env, url=url, redis=client, worker=worker, api=api)
     try:
-        yield Stack(env=env, url=url, redis=client, worker=worker, api=api)
+        yield running
     finally:
-        api.stop()
+        # Tests may replace the stack's processes (restart a worker): stop the current ones.
+        running.api.stop()
+        running.worker.stop()
         worker.stop()
+        stray = stack.processes_with_env("FORKLIFT_KEY_PREFIX", env["FORKLIFT_KEY_PREFIX"])
+        for pid in stray:
+            os.kill(pid, 9)
+        assert not stray, f"the test session left processes running: {sorted(stray)}"
         left = stack.segments(env["FORKLIFT_SHM_PREFIX"]) - before
         for name in left:
             (stack.Path("/dev/shm") / name).unlink(missing_ok=True)

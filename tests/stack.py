@@ -150,6 +150,9 @@ def stack_env(redis_url: str, **extra: str) -> dict[str, str]:
             "FORKLIFT_KEY_PREFIX": f"forklift-test-{tag}",
             "FORKLIFT_SHM_PREFIX": f"forklift_t{tag}_",
             "FORKLIFT_JOB_MODULES": "tests.jobs_for_tests",
+            # No recycling by default, so every test sees segments come and go exactly;
+            # tests of the pool turn it on.
+            "FORKLIFT_SHM_POOL_BYTES": "0",
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -193,6 +196,22 @@ def start_api(env: dict[str, str], port: int | None = None) -> tuple[Proc, str]:
 
     wait_until(up, 30, interval=0.1, what="api")
     return proc, url
+
+
+def processes_with_env(name: str, value: str) -> set[int]:
+    """Live pids whose environment has `name=value`: what a test stack left running."""
+    needle = f"{name}={value}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and pid_alive(int(entry.name)):
+            found.add(int(entry.name))
+    return found
 
 
 def segments(prefix: str) -> set[str]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from shared.arrays import pool
 from shared.arrays.segments import (
     Segment,
     ShmFullError,
@@ -215,7 +216,8 @@ def store_ndarray(arr: np.ndarray, rt: Runtime, *, owner: str, job: str = "") ->
         )
     name = rt.arrays.segment_name(array_id)
     try:
-        with create_segment(name, arr.nbytes) as segment:
+        segment = pool.claim(name, arr.nbytes, rt.settings) or create_segment(name, arr.nbytes)
+        with segment:
             target = ndarray_view(segment, dtype, arr.shape, order)
             np.copyto(target, arr, casting="no" if arr.dtype == dtype else "equiv")
             del target
@@ -235,4 +237,4 @@ def free_arrays(rt: Runtime, array_ids: list[str]) -> None:
     for array_id in array_ids:
         segment = rt.arrays.drop(array_id)
         if segment:
-            unlink_segment(segment)
+            pool.release(segment, rt.settings)

@@ -9,6 +9,7 @@ from celery import signals
 from celery.worker.request import Request
 
 from shared import logs
+from shared.arrays import pool
 from shared.registry import load_job_modules
 from shared.schemas import JobStatus, TaskPayload
 from shared.settings import get_settings
@@ -77,6 +78,7 @@ def _worker_ready(sender: object = None, **_: object) -> None:
 @signals.worker_shutdown.connect
 def _worker_shutdown(**_: object) -> None:
     heartbeat.stop()
+    pool.drain(get_settings())  # give recycled memory back
 
 
 @signals.celeryd_after_setup.connect

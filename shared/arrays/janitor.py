@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 
 import redis
 
+from shared.arrays import pool
 from shared.arrays.replicas import sweep_replicas
 from shared.arrays.segments import list_segments, unlink_segment
 from shared.arrays.store import ArrayStore
 from shared.settings import Settings
 
 log = logging.getLogger("forklift.janitor")
+
+POOL_IDLE_S = 60.0  # pooled segments unused this long go back to the OS
 
 _CLAIM_EXPIRED = """
 -- KEYS: array   ARGV: now
@@ -42,6 +45,7 @@ class SweepReport:
     orphan_segments: list[str] = field(default_factory=list)
     orphan_records: list[str] = field(default_factory=list)
     bytes_in_use: int = 0
+    pool_trimmed: int = 0
 
 
 def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> SweepReport | None:
@@ -58,7 +62,7 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
         if claim(keys=[store.key(array_id)], args=[repr(now)]):
             segment = store.drop(array_id)
             if segment:
-                unlink_segment(segment)
+                pool.release(segment, settings)
             report.expired.append(array_id)
         elif not client.exists(store.key(array_id)):
             client.zrem(store.expiry_key, array_id)
@@ -92,6 +96,7 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
     in_use += sweep_replicas(client, settings).bytes_in_use  # copies of other domains' arrays
     client.set(store.bytes_key(), in_use)
     report.bytes_in_use = in_use
+    report.pool_trimmed = pool.trim(settings, idle_s=max(POOL_IDLE_S, settings.janitor_interval))
     client.zremrangebyscore(settings.key("jobs"), 0, now - settings.job_ttl)
     if report.expired or report.orphan_segments or report.orphan_records:
         log.info(

@@ -367,3 +367,32 @@ def test_oversized_upload_refused_before_reading(live: Stack) -> None:
             assert time.monotonic() - start < 30
     finally:
         api.stop()
+
+
+def test_freed_segments_are_recycled_without_showing_old_bytes(live: Stack) -> None:
+    env = dict(live.env, FORKLIFT_SHM_POOL_BYTES=str(64 << 20))
+    api, url = stack.start_api(env)
+    pool_prefix = f"{live.shm_prefix}pool_"
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            first = upload(http, np.full(1 << 20, 7.0))  # 8 MiB
+            delete(http, first["id"])
+            pooled = stack.segments(pool_prefix)
+            assert len(pooled) == 1, "the freed segment was not kept"
+            assert f"{live.shm_prefix}{first['id']}" not in stack.segments(live.shm_prefix)
+
+            second_data = np.arange(1 << 20, dtype=np.float64)
+            second = upload(http, second_data)
+            assert stack.segments(pool_prefix) == set(), "the upload did not reuse the pool"
+            assert download(http, second["id"]).tobytes() == second_data.tobytes()
+
+            smaller = np.arange(600_000, dtype=np.float64)  # 4.6 MiB: fits the 8 MiB one
+            delete(http, second["id"])
+            third = upload(http, smaller)
+            assert stack.segments(pool_prefix) == set()
+            assert download(http, third["id"]).tobytes() == smaller.tobytes()
+            delete(http, third["id"])
+            assert len(stack.segments(pool_prefix)) == 1
+    finally:
+        api.stop()
+    assert stack.segments(pool_prefix) == set(), "a stopping API gives pooled memory back"
