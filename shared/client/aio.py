@@ -415,6 +415,22 @@ class AsyncClient:
         uploaded: dict[int, tuple[np.ndarray, str]],
         temps: list[str],
     ) -> AsyncJob:
+        body = await self._body(task, arguments, time_limit, uploaded, temps)
+        response = await self._request(
+            "POST", "/jobs", content=common.encode_json(body), headers=common.JSON_HEADERS
+        )
+        view = response.json()
+        return AsyncJob(self, view["id"], task, view)
+
+    async def _body(
+        self,
+        task: str,
+        arguments: Mapping[str, Any],
+        time_limit: float | None,
+        uploaded: dict[int, tuple[np.ndarray, str]],
+        temps: list[str],
+    ) -> dict[str, Any]:
+        """A job's submission body; its ndarray arguments uploaded (each object once)."""
         split = common.split_arguments(arguments)
         inputs = dict(split.handles)
         for name, arr in split.arrays.items():
@@ -425,10 +441,7 @@ class AsyncClient:
                 temps.append(handle.id)
                 known = uploaded[id(arr)] = (arr, handle.id)
             inputs[name] = known[1]
-        body = common.submission(task, split.params, inputs, time_limit)
-        response = await self._request("POST", "/jobs", content=body, headers=common.JSON_HEADERS)
-        view = response.json()
-        return AsyncJob(self, view["id"], task, view)
+        return common.submission_body(task, split.params, inputs, time_limit)
 
     async def _release(self, temps: list[str]) -> None:
         for ident in temps:
@@ -443,13 +456,21 @@ class AsyncClient:
         timeout: float | None = None,
         return_exceptions: bool = False,
     ) -> list[Any]:
-        """Submit every job, then wait for all (concurrently); results in input order."""
+        """Submit every job (`POST /jobs/batch`), then wait for all of them together
+        (`POST /jobs/wait`); results in input order."""
         jobs: list[AsyncJob] = []
         temps: list[str] = []
         uploaded: dict[int, tuple[np.ndarray, str]] = {}
         try:
-            for arguments in iterable:
-                jobs.append(await self._submit(task, arguments, None, uploaded, temps))
+            bodies = [await self._body(task, args, None, uploaded, temps) for args in iterable]
+            for chunk in common.chunks(bodies):
+                response = await self._request(
+                    "POST",
+                    "/jobs/batch",
+                    content=common.encode_json({"jobs": chunk}),
+                    headers=common.JSON_HEADERS,
+                )
+                jobs.extend(AsyncJob(self, v["id"], task, v) for v in response.json()["jobs"])
         except BaseException:
             for job in jobs:
                 with contextlib.suppress(ForkliftError, httpx.HTTPError):
@@ -457,19 +478,42 @@ class AsyncClient:
             raise
         finally:
             await self._release(temps)
-        deadline = Deadline(timeout)
+        await self._wait_all(jobs, Deadline(timeout))
         limit = asyncio.Semaphore(MAP_CONCURRENCY)
 
         async def one(job: AsyncJob) -> Any:
             async with limit:
                 try:
-                    return await job.result(timeout=deadline.remaining())
+                    common.raise_for_outcome(job.id, job.view)
+                    return await self._materialize(job, job.view.get("result"), True)
                 except JobError as exc:
                     if return_exceptions:
                         return exc
                     raise
 
         return list(await asyncio.gather(*(one(job) for job in jobs)))
+
+    async def _wait_all(self, jobs: list[AsyncJob], deadline: Deadline) -> None:
+        """Long-poll many jobs per request (`POST /jobs/wait`) until all have ended."""
+        pending = {job.id: job for job in jobs if job.view.get("status") not in common.FINAL}
+        while pending:
+            wait = deadline.poll()
+            for chunk in common.chunks(list(pending)):
+                response = await self._request(
+                    "POST",
+                    "/jobs/wait",
+                    content=common.encode_json({"ids": chunk, "wait": round(wait, 3)}),
+                    headers=common.JSON_HEADERS,
+                    timeout=self.timeout + wait,
+                    retry=True,
+                    deadline=deadline,
+                )
+                for view in response.json()["jobs"]:
+                    pending[view["id"]].view = view
+                    if view["status"] in common.FINAL:
+                        del pending[view["id"]]
+            if pending and deadline.expired():
+                raise deadline.timeout_error(f"{len(pending)} job(s)")
 
     def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, job_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,15 +65,23 @@ def split_arguments(arguments: Mapping[str, Any]) -> Arguments:
     return out
 
 
-def submission(
+def submission_body(
     task: str, params: dict[str, Any], inputs: dict[str, str], time_limit: float | None
-) -> bytes:
+) -> dict[str, Any]:
     body: dict[str, Any] = {"task": task, "params": params}
     if inputs:
         body["inputs"] = {name: {"array": array_id} for name, array_id in inputs.items()}
     if time_limit is not None:
         body["timeout"] = time_limit
-    return encode_json(body)
+    return body
+
+
+BATCH = 500  # jobs per `POST /jobs/batch` or `POST /jobs/wait` (the server takes 1000)
+
+
+def chunks(items: list[Any], size: int = BATCH) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def is_array_ref(value: Any) -> bool:

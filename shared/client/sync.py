@@ -451,6 +451,19 @@ class Client:
         uploaded: dict[int, tuple[np.ndarray, str]],
         temps: list[str],
     ) -> Job:
+        body = common.encode_json(self._body(task, arguments, time_limit, uploaded, temps))
+        view = self._request("POST", "/jobs", content=body, headers=common.JSON_HEADERS).json()
+        return Job(self, view["id"], task, view)
+
+    def _body(
+        self,
+        task: str,
+        arguments: Mapping[str, Any],
+        time_limit: float | None,
+        uploaded: dict[int, tuple[np.ndarray, str]],
+        temps: list[str],
+    ) -> dict[str, Any]:
+        """A job's submission body; its ndarray arguments uploaded (each object once)."""
         split = common.split_arguments(arguments)
         inputs = dict(split.handles)
         for name, arr in split.arrays.items():
@@ -461,9 +474,7 @@ class Client:
                 temps.append(handle.id)
                 known = uploaded[id(arr)] = (arr, handle.id)
             inputs[name] = known[1]
-        body = common.submission(task, split.params, inputs, time_limit)
-        view = self._request("POST", "/jobs", content=body, headers=common.JSON_HEADERS).json()
-        return Job(self, view["id"], task, view)
+        return common.submission_body(task, split.params, inputs, time_limit)
 
     def _release(self, temps: list[str]) -> None:
         """Ask the server to free uploads made for jobs: at once, or when those jobs end."""
@@ -488,8 +499,13 @@ class Client:
         temps: list[str] = []
         uploaded: dict[int, tuple[np.ndarray, str]] = {}
         try:
-            for arguments in iterable:
-                jobs.append(self._submit(task, arguments, None, uploaded, temps))
+            bodies = [self._body(task, args, None, uploaded, temps) for args in iterable]
+            for chunk in common.chunks(bodies):
+                content = common.encode_json({"jobs": chunk})
+                reply = self._request(
+                    "POST", "/jobs/batch", content=content, headers=common.JSON_HEADERS
+                ).json()
+                jobs.extend(Job(self, view["id"], task, view) for view in reply["jobs"])
         except BaseException:
             for job in jobs:
                 with contextlib.suppress(ForkliftError, httpx.HTTPError):
@@ -497,16 +513,39 @@ class Client:
             raise
         finally:
             self._release(temps)
-        deadline = Deadline(timeout)
+        self._wait_all(jobs, Deadline(timeout))
         results: list[Any] = []
         for job in jobs:
             try:
-                results.append(job.result(timeout=deadline.remaining()))
+                common.raise_for_outcome(job.id, job.view)
+                results.append(self._materialize(job, job.view.get("result"), True))
             except JobError as exc:
                 if not return_exceptions:
                     raise
                 results.append(exc)
         return results
+
+    def _wait_all(self, jobs: list[Job], deadline: Deadline) -> None:
+        """Long-poll many jobs per request (`POST /jobs/wait`) until all have ended."""
+        pending = {job.id: job for job in jobs if job.view.get("status") not in common.FINAL}
+        while pending:
+            wait = deadline.poll()
+            for chunk in common.chunks(list(pending)):
+                reply = self._request(
+                    "POST",
+                    "/jobs/wait",
+                    content=common.encode_json({"ids": chunk, "wait": round(wait, 3)}),
+                    headers=common.JSON_HEADERS,
+                    timeout=self.timeout + wait,
+                    retry=True,
+                    deadline=deadline,
+                ).json()
+                for view in reply["jobs"]:
+                    pending[view["id"]].view = view
+                    if view["status"] in common.FINAL:
+                        del pending[view["id"]]
+            if pending and deadline.expired():
+                raise deadline.timeout_error(f"{len(pending)} job(s)")
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job by id (nothing is fetched yet)."""
