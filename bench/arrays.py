@@ -221,6 +221,8 @@ def forklift_one(fl: Forklift, arr: np.ndarray, res: Results, size: int) -> dict
         fl.delete_array(meta["id"])
         raise
     res.case("forklift", "upload", size).runs.append(t_up - t0)
+    if len(res.case("forklift", "upload", size).runs) == 1:
+        res.case("forklift", "upload (first)", size).runs.append(t_up - t0)
     res.case("forklift", "one job", size).runs.append(t_end - t0)
     res.case("forklift", "sum job (submit → result)", size).runs.append(t_end - t_up)
     res.case("forklift", "submit → start", size).runs.append(view["started_at"] - t_submit)
@@ -303,6 +305,17 @@ def pool_jobs(pool: ProcessPoolExecutor, arr: np.ndarray, count: int) -> float:
     for f in futures:
         f.result()
     return time.perf_counter() - start
+
+
+def drain_pool(prefix: str) -> int:
+    """Unlink this bench stack's pooled segments (`<prefix>pool_*`); returns their bytes."""
+    freed = 0
+    for entry in os.scandir("/dev/shm"):
+        if entry.name.startswith(prefix + "pool_"):
+            with contextlib.suppress(FileNotFoundError):
+                freed += entry.stat().st_blocks * 512
+                os.unlink(entry.path)
+    return freed
 
 
 def handoff_floor(arr: np.ndarray, prefix: str) -> float:
@@ -409,6 +422,7 @@ def run(sizes: list[int], repeat: int, use_ray: bool, quiet: float) -> tuple[Res
             groups["client"] = lambda: [os.getpid()]
             groups["pool_children"] = lambda: list(pool._processes or {})
             prefix = st.shm_prefix
+            pool_bytes = 0
             with MemSampler(groups, (prefix,)) as sampler, Guard(st.plain.stop) as guard:
                 fl_groups = ["client", "api", "worker_main", "worker_children", "redis"]
                 celery_groups = ["client", "celery_main", "celery_children", "redis"]
@@ -442,6 +456,9 @@ def run(sizes: list[int], repeat: int, use_ray: bool, quiet: float) -> tuple[Res
                                 res.case(*key).runs.append(
                                     same_host_jobs(client, arr, 1, res, size_mib)
                                 )
+                    # an idle stack with an empty segment pool: the growth is what ten jobs
+                    # on a fresh array of this size need, not what the pool already holds
+                    pool_bytes = max(pool_bytes, drain_pool(prefix))
                     key = ("forklift", "ten jobs", size_mib)
                     with measured(sampler, res, key, fl_groups):
                         forklift_ten(fl, arr, res, size_mib)
@@ -449,6 +466,7 @@ def run(sizes: list[int], repeat: int, use_ray: bool, quiet: float) -> tuple[Res
                     with measured(sampler, res, key, pool_groups):
                         res.case(*key).runs.append(pool_jobs(pool, arr, TEN))
                     if client is not None:
+                        drain_pool(prefix)
                         key = ("same-host client", "ten jobs", size_mib)
                         with measured(sampler, res, key, fl_groups):
                             res.case(*key).runs.append(
@@ -473,6 +491,13 @@ def run(sizes: list[int], repeat: int, use_ray: bool, quiet: float) -> tuple[Res
                                 _drain(plain)
                         print(f"    celery {shape}: {res.case(*key).show()}", flush=True)
             notes.append(f"lowest MemAvailable during the Celery runs: {fmt_bytes(guard.lowest)}.")
+            notes.append(
+                "forklift runs with its default segment pool (`FORKLIFT_SHM_POOL_BYTES=-1`):"
+                " freed segments stay allocated for reuse, so repeated uploads of one size skip"
+                " page allocation; the pool held up to"
+                f" {fmt_bytes(pool_bytes)} between cases. The bench empties it before each"
+                " *ten jobs* case so that memory growth is measured from an idle stack."
+            )
             fl.close()
             if client is not None:
                 client.close()  # type: ignore[attr-defined]
@@ -515,6 +540,12 @@ def report(res: Results, sizes: list[int], notes: list[str], repeat: int, quick:
         ]
 
     fl_rows = [
+        row(
+            "upload `POST /arrays`, first run (segment pool empty)",
+            "forklift",
+            "upload (first)",
+            rate=True,
+        ),
         row("upload `POST /arrays`", "forklift", "upload", rate=True),
         row("submit → start (record)", "forklift", "submit → start"),
         row("submit → job function entered", "forklift", "submit → job function entered"),
@@ -537,7 +568,7 @@ def report(res: Results, sizes: list[int], notes: list[str], repeat: int, quick:
         ("forklift same-host client (shm put + job)", "same-host client"),
         ("plain Celery, pickled payload", "celery (pickle)"),
         (f"ProcessPoolExecutor({CORES}).submit", "process pool"),
-        ("Ray put + task (warm)", "ray"),
+        ("Ray put + task (median of repeats)", "ray"),
     ):
         for shape in ("one job", "ten jobs"):
             time_rows.append(row(f"{label}: {shape}", path, shape))
@@ -647,13 +678,18 @@ def targets(res: Results, sizes: list[int]) -> str:
             ]
         )
         up = res.get("forklift", "upload", 1024).value
-        if up:
-            rate = GIB / up / 1e9
+        first = res.get("forklift", "upload (first)", 1024).value
+        if up and first:
+            rate, cold = GIB / up / 1e9, GIB / first / 1e9
+            verdict = "met" if min(rate, cold) >= 1 else "missed"
+            if rate >= 1 > cold:
+                verdict = "met only into a recycled segment"
             rows.append(
                 [
                     "upload of 1 GiB over HTTP ≥ 1 GB/s",
-                    f"{rate:.2f} GB/s",
-                    "met" if rate >= 1 else "missed",
+                    f"{rate:.2f} GB/s (median; segment from the pool), {cold:.2f} GB/s (first"
+                    " run, fresh segment)",
+                    verdict,
                 ]
             )
         ray = res.get("ray", "one job", 1024).value
@@ -670,7 +706,7 @@ def targets(res: Results, sizes: list[int]) -> str:
         rows.append(
             [
                 "same-host client put 1 GiB + `sum` faster than Ray put + task",
-                f"client {fmt_s(client)}; Ray warm {fmt_s(ray)} (first put, cold store:"
+                f"client {fmt_s(client)}; Ray {fmt_s(ray)} (median of repeats; first put:"
                 f" {fmt_s(ray_cold)}); for scale: hand-off floor"
                 f" {fmt_s(res.get('hand-off floor', 'create + copy', 1024).value)}",
                 verdict,

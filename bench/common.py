@@ -462,14 +462,16 @@ def running_stack(
     env: dict[str, str] | None = None
     try:
         tag = uuid.uuid4().hex[:8]
-        env = stack.stack_env(
-            redis_url,
-            FORKLIFT_KEY_PREFIX=f"forklift-bench-{tag}",
-            FORKLIFT_SHM_PREFIX=f"forklift_b{tag}_",
-            FORKLIFT_JOB_MODULES="bench.jobs",
-            FORKLIFT_WORKER_CONCURRENCY=str(concurrency),
+        settings = {
+            "FORKLIFT_KEY_PREFIX": f"forklift-bench-{tag}",
+            "FORKLIFT_SHM_PREFIX": f"forklift_b{tag}_",
+            "FORKLIFT_JOB_MODULES": "bench.jobs",
+            "FORKLIFT_WORKER_CONCURRENCY": str(concurrency),
+            # the product's default (tests/stack.py turns the segment pool off)
+            "FORKLIFT_SHM_POOL_BYTES": "-1",
             **extra_env,
-        )
+        }
+        env = stack.stack_env(redis_url, **settings)
         worker = stack.start_worker(env, f"bench{tag}", concurrency)
         started.append(worker)
         api, url = stack.start_api(env)

@@ -82,6 +82,7 @@ class Run:
     others: float  # cores busy with processes outside the bench (a shared machine)
     health: list[float]
     job_runtime: float | None = None  # forklift: mean started->finished inside the worker
+    groups: dict[str, float] | None = None  # cores per process group
 
 
 def fire(
@@ -124,7 +125,10 @@ def fire(
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]!r}")
     served = sum(v for g, v in meter.seconds.items() if g != "client") / meter.wall
-    return Run(end - start, served, meter.others_cores(), poller.latencies(start, end))
+    groups = {g: v / meter.wall for g, v in meter.seconds.items()}
+    return Run(
+        end - start, served, meter.others_cores(), poller.latencies(start, end), None, groups
+    )
 
 
 @dataclass
@@ -194,16 +198,19 @@ def forklift_request(n: int) -> Callable[[httpx.Client, list[float]], None]:
     return request
 
 
-def run_all(n: int, repeat: int, quiet: float, retries: int) -> list[Variant]:
+def run_all(
+    n: int, repeat: int, inline_repeat: int, quiet: float, retries: int, t1_rounds: list[float]
+) -> list[Variant]:
     """Both servers up at once; the variants take turns, `repeat` rounds (round-robin)."""
     seed, seed_url = start_seed_app(n)
     try:
         with running_stack(concurrency=CORES) as st:
             seed_groups = {"seed": lambda: tree(seed.pid)}
             fl_groups = {
-                "api": lambda: tree(st.api.pid),
-                "worker": lambda: tree(st.worker.pid),
-                "redis": lambda: [st.redis_proc.pid],
+                "API": lambda: tree(st.api.pid),
+                "worker main": lambda: [st.worker.pid],
+                "worker children": lambda: stack.children_of(st.worker.pid),
+                "Redis": lambda: [st.redis_proc.pid],
             }
             variants = [
                 Variant(label, seed_url, f"{seed_url}/health", seed_groups, seed_request(path), [])
@@ -219,7 +226,12 @@ def run_all(n: int, repeat: int, quiet: float, retries: int) -> list[Variant]:
             )
             ours = [*tree(seed.pid), *tree(st.api.pid), *tree(st.worker.pid), st.redis_proc.pid]
             for round_ in range(repeat):
+                if quiet > 0:
+                    wait_quiet(quiet, ignore=ours)
+                t1_rounds.append(time_fib(n, 3))  # this VM's speed drifts: t1 every round
                 for v in variants:
+                    if v.label.startswith(("(a)", "(b)")) and round_ >= inline_repeat:
+                        continue  # the inline variants are slow and never close to the ideal
                     for attempt in range(1 + retries):
                         if quiet > 0:
                             wait_quiet(quiet, ignore=ours)
@@ -248,7 +260,10 @@ def run_all(n: int, repeat: int, quiet: float, retries: int) -> list[Variant]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3, help="rounds (median per variant)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (median per variant)")
+    parser.add_argument(
+        "--inline-repeat", type=int, default=1, help="rounds of the slow inline variants (a), (b)"
+    )
     parser.add_argument("--quick", action="store_true", help="t1 ~0.1 s, one round")
     parser.add_argument(
         "--quiet",
@@ -278,7 +293,13 @@ def main() -> None:
         flush=True,
     )
 
-    variants = run_all(n, repeat, args.quiet, args.retries)
+    t1_rounds: list[float] = []
+    variants = run_all(
+        n, repeat, min(repeat, args.inline_repeat), args.quiet, args.retries, t1_rounds
+    )
+    t1_calibration = t1
+    t1 = statistics.median(t1_rounds)
+    ideal = REQUESTS * t1 / CORES
 
     rows = []
     med: dict[str, dict[str, float]] = {}
@@ -317,7 +338,10 @@ def main() -> None:
     )
     runs_table = md_table(
         ["endpoint", *(f"round {i + 1}" for i in range(repeat))],
-        [[v.label, *(f"{r.total:.2f} s" for r in v.runs)] for v in variants],
+        [
+            [v.label, *(f"{r.total:.2f} s" for r in v.runs), *([""] * (repeat - len(v.runs)))]
+            for v in variants
+        ],
     )
 
     forklift = med[FORKLIFT]
@@ -346,12 +370,18 @@ def main() -> None:
         ],
         align="lll",
     )
+    fl_runs = variants[-1].runs
     text = "\n\n".join(
         [
             "# bench/cpu.py: 20 simultaneous fib(N) requests",
             machine_info(),
-            f"fib({n}) in-process: **t1 = {t1:.3f} s**; ideal = 20 · t1 / {CORES} cores ="
-            f" **{ideal:.2f} s**. Medians of {repeat} round(s), the variants taking turns;"
+            f"fib({n}) in-process: **t1 = {t1:.3f} s** (median of one measurement per round:"
+            f" {', '.join(f'{t:.3f}' for t in t1_rounds)}; {t1_calibration:.3f} s at"
+            " calibration; this VM's speed drifts by ±15 % over minutes);"
+            f" ideal = 20 · t1 / {CORES} cores ="
+            f" **{ideal:.2f} s**. Medians of {repeat} round(s) ((a) and (b):"
+            f" {min(repeat, args.inline_repeat)}),"
+            " the variants taking turns;"
             " health = a trivial endpoint (`/health`; forklift's `/healthz`, which asks Redis)"
             " polled every 50 ms during the load. *CPU cores used* counts the serving"
             " processes and their children (forklift: API + worker + Redis), not the client;"
@@ -359,6 +389,12 @@ def main() -> None:
             f" Inside forklift's workers one fib({n}) ran {fl_runtime:.3f} s on average"
             " (started → finished in the job record).",
             table,
+            "CPU cores by process group during the forklift runs (median): "
+            + ", ".join(
+                f"{g} {statistics.median((r.groups or {}).get(g, 0) for r in fl_runs):.2f}"
+                for g in ("API", "worker main", "worker children", "Redis", "client")
+            )
+            + "; the seed's pool variants leave ~1.9 cores to their two children.",
             "Each round's total:",
             runs_table,
             "## Targets (issue 5)",
