@@ -41,7 +41,7 @@ def test_fib_succeeds_over_http(http: httpx.Client) -> None:
 
 def test_loop_stays_responsive_while_every_child_is_busy(http: httpx.Client, live: Stack) -> None:
     """The seed's situation: more CPU jobs than children, and /healthz still answers at once."""
-    jobs = [submit(http, "fib", n=32)["id"] for _ in range(6)]
+    jobs = [submit(http, "fib", n=34)["id"] for _ in range(6)]
     latencies: list[float] = []
     stop = threading.Event()
 
@@ -61,9 +61,9 @@ def test_loop_stays_responsive_while_every_child_is_busy(http: httpx.Client, liv
         stop.set()
         poller.join()
     assert [r["status"] for r in results] == ["succeeded"] * 6
-    assert {r["result"] for r in results} == {2178309}
+    assert {r["result"] for r in results} == {5702887}
     assert len({r["worker"]["pid"] for r in results}) >= 2, "jobs ran in one process only"
-    assert len(latencies) > 10
+    assert len(latencies) > 5
     assert max(latencies) < 1.0, f"healthz took {max(latencies):.3f} s under load"
 
 
