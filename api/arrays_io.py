@@ -78,20 +78,26 @@ async def npy_response(state: AppState, array_id: str, owner: str, *, head: bool
     except FileNotFoundError:
         raise not_found("array", array_id) from None
 
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield header
-            view = segment.buffer
-            for start in range(0, record.nbytes, DOWNLOAD_CHUNK):
-                # bytes(): the transport may buffer what it cannot send yet, and the mapping
-                # is closed when this generator ends.
-                yield bytes(view[start : start + DOWNLOAD_CHUNK])
-            del view
-        finally:
-            with contextlib.suppress(BufferError):
-                segment.close()
+    body = stream_segment(segment, record.nbytes, header)
+    return StreamingResponse(body, headers=headers, media_type=NPY_MEDIA_TYPE)
 
-    return StreamingResponse(body(), headers=headers, media_type=NPY_MEDIA_TYPE)
+
+async def stream_segment(
+    segment: Segment, nbytes: int, header: bytes = b""
+) -> AsyncIterator[bytes]:
+    """`header`, then the segment's bytes in chunks; the segment is closed at the end."""
+    try:
+        if header:
+            yield header
+        view = segment.buffer
+        for start in range(0, nbytes, DOWNLOAD_CHUNK):
+            # bytes(): the transport may buffer what it cannot send yet, and the mapping
+            # is closed when this generator ends.
+            yield bytes(view[start : start + DOWNLOAD_CHUNK])
+        del view
+    finally:
+        with contextlib.suppress(BufferError):
+            segment.close()
 
 
 @dataclass

@@ -7,13 +7,10 @@ OpenAPI schema.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-
 from fastapi import APIRouter
 from starlette.responses import Response, StreamingResponse
 
-from api.arrays_io import DOWNLOAD_CHUNK
+from api.arrays_io import stream_segment
 from api.deps import State
 from api.errors import ApiError, not_found
 from api.remote import InternalCaller
@@ -50,15 +47,6 @@ async def internal_array(array_id: str, state: State, _: InternalCaller) -> Resp
     pipe.hincrby(stats_key(state.settings), f"served_bytes:{here}", record.nbytes)
     await pipe.execute()
 
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            view = segment.buffer
-            for start in range(0, record.nbytes, DOWNLOAD_CHUNK):
-                yield bytes(view[start : start + DOWNLOAD_CHUNK])
-            del view
-        finally:
-            with contextlib.suppress(BufferError):
-                segment.close()
-
     headers = {"Content-Length": str(record.nbytes), "X-Forklift-Array-Id": record.id}
-    return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
+    body = stream_segment(segment, record.nbytes)
+    return StreamingResponse(body, headers=headers, media_type="application/octet-stream")
