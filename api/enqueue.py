@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Collection
 
 import redis
 from anyio import to_thread
+from kombu import Producer
 
 from api.topology import live_domains
 from shared.redis_io import REDIS_ERRORS, sync_redis
@@ -51,14 +53,29 @@ def _live(settings: Settings, payloads: list[TaskPayload]) -> set[str] | None:
         return None
 
 
+def _batched(producer: Producer) -> contextlib.AbstractContextManager[object]:
+    """kombu >= 5.7 buffers a batch's LPUSHes into one pipeline (one round trip instead of
+    one per message); an error discards what was not sent, and the caller undoes the rest.
+    Older kombu publishes one by one."""
+    batch = getattr(producer, "batch", None)
+    return batch() if batch is not None else contextlib.nullcontext()
+
+
 def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
     """Route and send every message over one producer connection; returns the queues."""
     live = _live(settings, payloads)
     queues = []
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, _batched(producer):
         for payload in payloads:
             queue = route(settings, payload, live)
-            options: dict[str, object] = {"task_id": payload.job_id, "queue": queue}
+            # ignore_result: the job record is the result; without it Celery subscribes this
+            # process to a result channel per task (and unsubscribes later): two round trips
+            # and pub/sub bookkeeping for nothing.
+            options: dict[str, object] = {
+                "task_id": payload.job_id,
+                "queue": queue,
+                "ignore_result": True,
+            }
             if payload.timeout is not None:
                 options["soft_time_limit"] = payload.timeout
                 options["time_limit"] = payload.timeout + settings.job_kill_grace

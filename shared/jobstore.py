@@ -40,8 +40,12 @@ for i = 3, #KEYS do
   redis.call('PERSIST', KEYS[i])
 end
 local fields = cjson.decode(ARGV[4])
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', ARGV[1], 'attempts', 0)
+local flat = {'status', 'queued', 'created_at', ARGV[1], 'attempts', 0}
+for k, v in pairs(fields) do
+  flat[#flat + 1] = k
+  flat[#flat + 1] = v
+end
+redis.call('HSET', KEYS[1], unpack(flat))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 redis.call('ZADD', KEYS[2], now, fields['id'])
 redis.call('HINCRBY', ARGV[5] .. 'submitted', fields['task'], 1)

@@ -126,6 +126,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+def _level_no(level: int | str) -> int:
+    return level if isinstance(level, int) else int(logging.getLevelName(level.upper()))
+
+
 TEXT_FORMAT = (
     "%(asctime)s %(levelname)-7s %(fl_process)s[%(process)d] %(name)s: %(message)s%(fl_job)s"
 )
@@ -151,6 +155,12 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    if process == "worker" and _level_no(level) > logging.DEBUG:
+        # Celery's own per-task lines ("Task ... received", "... succeeded in") repeat what
+        # forklift's one line per job says, with less context, and cost the worker's main
+        # process time on every job. Failures still show (WARNING and up); DEBUG shows all.
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if settings.log_format == "json":
         for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
             uv = logging.getLogger(name)
