@@ -408,9 +408,11 @@ def test_memory_limit_fails_the_job_not_the_worker_or_host(private: Private) -> 
         grew = max(peak[pid] - base[pid] for pid in children)
         assert MEMORY_LIMIT // 2 < grew < MEMORY_LIMIT + (64 << 20), f"peak {grew >> 20} MiB"
         assert _swapped_out() == swapped_before
-        # Same worker, same children (no process died), and the next job fits.
+        # The child that ran the hog lives on in the same worker, the pool is still full,
+        # and the next job fits. (The set of children is not compared: a child killed by an
+        # earlier test in this module may be replaced by billiard at any moment.)
         assert stack.pid_alive(worker_pid)
-        # The pool stays full (a child that died would have been replaced; see the note).
+        assert record["worker"]["pid"] in stack.children_of(worker_pid)
         assert len(stack.children_of(worker_pid)) == len(children)
         assert wait_final(http, submit(http, "hog", megabytes=128))["result"] == 128
         assert http.delete(f"/arrays/{array_id}").status_code == 204
