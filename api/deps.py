@@ -28,7 +28,11 @@ class AppState:
     hub: JobEventHub
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies are `async def` although they never await: FastAPI runs a plain `def`
+# dependency in the thread pool, a thread hop per request for a dictionary lookup.
+
+
+async def get_state(request: Request) -> AppState:
     return request.app.state.forklift
 
 
@@ -42,7 +46,7 @@ def owner_id(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:24]
 
 
-def get_owner(
+async def get_owner(
     state: State,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:

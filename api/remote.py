@@ -25,7 +25,7 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0
 
 
-def _check_token(
+async def _check_token(
     state: State,
     token: Annotated[str | None, Header(alias=TOKEN_HEADER, include_in_schema=False)] = None,
 ) -> None:
