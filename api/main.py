@@ -26,7 +26,7 @@ from api.routes import (
     shm,
     tasks,
 )
-from shared.arrays import pool
+from shared.arrays import mappings, pool
 from shared.arrays.janitor import sweep
 from shared.arrays.store import ArrayStore
 from shared.jobstore import JobStore
@@ -46,6 +46,20 @@ async def _janitor(settings: Settings) -> None:
         except Exception as exc:  # Redis down: try again next round
             log.warning("janitor pass failed: %s", exc)
         await asyncio.sleep(settings.janitor_interval)
+
+
+async def _sweep_mappings(interval: float) -> None:
+    """Drop this process's kept mappings of freed segments (uploads map through the cache).
+
+    Each API does its own, whichever holds the janitor lock; a mapping of an unlinked segment
+    keeps its memory allocated, so this runs more often than the janitor (an fstat per entry).
+    """
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await to_thread.run_sync(mappings.sweep)
+        except Exception as exc:  # never let the loop die: the next round retries
+            log.warning("sweeping kept mappings failed: %s", exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -68,12 +82,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub=hub,
         )
         janitor = asyncio.create_task(_janitor(settings), name="forklift-janitor")
+        sweeper = asyncio.create_task(
+            _sweep_mappings(min(mappings.SWEEP_INTERVAL_S, settings.janitor_interval)),
+            name="forklift-mapping-sweep",
+        )
         try:
             yield
         finally:
-            janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await janitor
+            for task in (janitor, sweeper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await hub.stop()
             await client.aclose()
             await to_thread.run_sync(pool.drain, settings)  # give recycled memory back

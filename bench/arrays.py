@@ -60,6 +60,7 @@ from bench.common import (
     wait_quiet,
     write_results,
 )
+from shared.arrays import mappings
 from shared.arrays.segments import create_segment, unlink_segment
 
 TEN = 10
@@ -308,13 +309,20 @@ def pool_jobs(pool: ProcessPoolExecutor, arr: np.ndarray, count: int) -> float:
 
 
 def drain_pool(prefix: str) -> int:
-    """Unlink this bench stack's pooled segments (`<prefix>pool_*`); returns their bytes."""
+    """Unlink this bench stack's pooled segments (`<prefix>pool_*`); returns their bytes.
+
+    Then wait until the stack's processes have swept their kept mappings of them (they would
+    keep the memory allocated, shared/arrays/mappings.py) and sweep this process's own.
+    """
     freed = 0
     for entry in os.scandir("/dev/shm"):
         if entry.name.startswith(prefix + "pool_"):
             with contextlib.suppress(FileNotFoundError):
                 freed += entry.stat().st_blocks * 512
                 os.unlink(entry.path)
+    if freed:
+        mappings.sweep()
+        time.sleep(mappings.SWEEP_INTERVAL_S + 0.5)
     return freed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Annotated
@@ -20,7 +21,8 @@ def boom(message: Annotated[str, Field(max_length=200)] = "boom") -> None:
 
 @job
 def whoami() -> int:
-    """The pid of the worker process running the job."""
+    """The pid of the worker process running the job (and a log line of the job's own)."""
+    logging.getLogger("tests.jobs").info("whoami: pid %d", os.getpid())
     return os.getpid()
 
 

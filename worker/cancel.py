@@ -6,6 +6,9 @@ running, identified by id, at the moment the message arrives: SIGUSR2 to its own
 raises `JobCancelled` between bytecodes; if the job is stuck in C code (a long NumPy call)
 and does not stop within the grace period, the child kills itself and the pool refills. The
 redelivered message then finds the record `cancelled` and is dropped.
+
+The same thread sweeps the child's kept mappings (shared/arrays/mappings.py) every few
+seconds, so a child sitting idle does not keep freed segments' memory allocated.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+from shared.arrays import mappings
 from shared.redis_io import sync_redis
 from worker.runtime import runtime
 
@@ -57,8 +61,18 @@ def _interrupt(job_id: str, grace: float) -> None:
     threading.Thread(target=_kill_if_still_running, args=(job_id, grace), daemon=True).start()
 
 
-def _watch() -> None:
+def _on_cancel(job_id: str, grace: float) -> None:
     global _cancelled
+    with _lock:
+        if job_id != _current:
+            return
+        _cancelled = job_id
+        armed = _armed
+    if armed:
+        _interrupt(job_id, grace)
+
+
+def _watch() -> None:
     rt = runtime()
     channel = rt.jobs.cancel_channel
     while True:
@@ -66,15 +80,14 @@ def _watch() -> None:
             client = sync_redis(rt.settings, socket_timeout=None)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(channel)
-            for message in pubsub.listen():
-                job_id = message.get("data")
-                with _lock:
-                    if job_id != _current:
-                        continue
-                    _cancelled = job_id
-                    armed = _armed
-                if armed:
-                    _interrupt(job_id, rt.settings.job_kill_grace)
+            next_sweep = time.monotonic() + mappings.SWEEP_INTERVAL_S
+            while True:
+                message = pubsub.get_message(timeout=mappings.SWEEP_INTERVAL_S)
+                if message is not None:
+                    _on_cancel(message.get("data"), rt.settings.job_kill_grace)
+                if time.monotonic() >= next_sweep:
+                    mappings.sweep()  # an fstat per kept mapping
+                    next_sweep = time.monotonic() + mappings.SWEEP_INTERVAL_S
         except Exception as exc:  # reconnect after Redis restarts
             log.debug("cancel watcher reconnecting: %s", exc)
             time.sleep(1)

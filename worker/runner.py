@@ -19,15 +19,9 @@ from typing import Any
 import numpy as np
 from billiard.exceptions import SoftTimeLimitExceeded
 
-from shared.arrays import pool
-from shared.arrays.segments import (
-    Segment,
-    ShmFullError,
-    attach_segment,
-    create_segment,
-    ndarray_view,
-    unlink_segment,
-)
+from shared.arrays import mappings, pool
+from shared.arrays.copying import copy_into
+from shared.arrays.segments import Segment, ShmFullError, ndarray_view, unlink_segment
 from shared.arrays.store import ArrayRecord
 from shared.registry import get_job
 from shared.schemas import ArrayRef, JobStatus, TaskPayload
@@ -64,7 +58,7 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
         log.info("job %s not started: %s", payload.job_id, outcome)
         _release_inputs(rt, payload)
         return outcome
-    log.info("job %s (%s) started, attempt %d", payload.job_id, payload.task, attempts)
+    log.debug("job %s (%s) started, attempt %d", payload.job_id, payload.task, attempts)
     created: list[str] = []
     status, error, result = JobStatus.failed, None, None
     try:
@@ -151,7 +145,12 @@ def _mapped_bytes() -> int:
 
 @contextlib.contextmanager
 def attached(inputs: dict[str, ArrayRef], rt: Runtime) -> Iterator[dict[str, np.ndarray]]:
-    """Read-only zero-copy views of the inputs, closed afterwards."""
+    """Read-only zero-copy views of the inputs, closed afterwards.
+
+    Attached through this child's kept mappings: an input (or a recycled segment) it has seen
+    before costs no mmap and no page faults. Afterwards the kept mappings of segments freed
+    meanwhile are dropped, so they do not hold on to memory.
+    """
     segments: list[Segment] = []
     arrays: dict[str, np.ndarray] = {}
     try:
@@ -162,7 +161,7 @@ def attached(inputs: dict[str, ArrayRef], rt: Runtime) -> Iterator[dict[str, np.
                 except remote.PullError as exc:
                     raise JobFailure(f"input '{name}': {exc}") from None
             try:
-                segment = attach_segment(ref.segment, ref.nbytes)
+                segment = mappings.attach(ref.segment, ref.nbytes)
             except FileNotFoundError:
                 raise JobFailure(f"input '{name}': array {ref.id} is gone") from None
             segments.append(segment)
@@ -173,6 +172,7 @@ def attached(inputs: dict[str, ArrayRef], rt: Runtime) -> Iterator[dict[str, np.
         for segment in segments:
             with contextlib.suppress(BufferError):  # a job kept a view: GC closes it later
                 segment.close()
+        mappings.sweep()
 
 
 def encode_result(value: Any, rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:
@@ -202,7 +202,10 @@ def _json_float(x: float) -> float | str:
 
 
 def store_ndarray(arr: np.ndarray, rt: Runtime, *, owner: str, job: str = "") -> ArrayRecord:
-    """Copy an array into a new registered segment (one memcpy)."""
+    """Copy an array into a new registered segment (one memcpy, on several cores if large).
+
+    A pooled segment this child wrote into before is still mapped here: no page faults.
+    """
     from shared.arrays.npy import check_dtype
 
     dtype = check_dtype(arr.dtype.newbyteorder("=") if arr.dtype.byteorder == ">" else arr.dtype)
@@ -216,10 +219,10 @@ def store_ndarray(arr: np.ndarray, rt: Runtime, *, owner: str, job: str = "") ->
         )
     name = rt.arrays.segment_name(array_id)
     try:
-        segment = pool.claim(name, arr.nbytes, rt.settings) or create_segment(name, arr.nbytes)
+        segment = pool.claim(name, arr.nbytes, rt.settings) or mappings.create(name, arr.nbytes)
         with segment:
             target = ndarray_view(segment, dtype, arr.shape, order)
-            np.copyto(target, arr, casting="no" if arr.dtype == dtype else "equiv")
+            copy_into(target, arr, casting="no" if arr.dtype == dtype else "equiv")
             del target
     except BaseException as exc:
         rt.arrays.drop(array_id)

@@ -6,20 +6,37 @@ a socket. It takes two calls because the janitor unlinks every `<prefix><32 hex>
 that has no record; as for uploads and array results, the record must exist before the
 segment does:
 
-1. `POST /arrays/register` `{"segment", "dtype", "shape", "order", "domain", "ttl"?}`:
-   the name must be this stack's prefix + 32 hex digits (the hex part becomes the array id),
-   the domain must be this API's, the dtype one forklift accepts, and neither a record nor a
-   segment of that name may exist yet. The record is reserved (invisible, counted against the
-   shared-memory cap) and the caller gets `{"id", "segment", "nbytes", "expires_in"}`.
-2. The client creates the segment (exclusively, exactly `nbytes` bytes) and copies the array in.
+1. `POST /arrays/register` `{"segment", "dtype", "shape", "order", "domain", "ttl"?,
+   "recycle"?}`: the name must be this stack's prefix + 32 hex digits (the hex part becomes
+   the array id), the domain must be this API's, the dtype one forklift accepts, and neither
+   a record nor a segment of that name may exist yet. The record is reserved (invisible,
+   counted against the shared-memory cap) and the caller gets `{"id", "segment", "nbytes",
+   "expires_in", "created"}`. With `"recycle": true` and a fitting segment in the pool
+   (shared/arrays/pool.py), the API renames that segment to the reserved name, cut to
+   exactly `nbytes`, and answers `"created": true`.
+2. `created: false`: the client creates the segment (exclusively, exactly `nbytes` bytes)
+   and copies the array in. `created: true`: the segment exists; the client opens it (it
+   must not create it) and overwrites every byte. A client that cannot open it abandons the
+   reservation (`DELETE`, below) and registers again without `recycle`.
 3. `POST /arrays/register/{id}/commit`: the segment must exist here (that is what proves the
    same `/dev/shm`), be a plain file readable by the stack, and hold exactly `nbytes` bytes.
    The array becomes visible like an upload (201, `ArrayMeta`). A refused commit drops the
    reservation and unlinks the segment: nothing is left behind.
 
-`DELETE /arrays/register/{id}` abandons a reservation. Reservations expire after an hour;
-the janitor then unlinks a segment left without its record. `GET /arrays/register/info`
-tells a client the prefix and domain it needs.
+`DELETE /arrays/register/{id}` abandons a reservation: a segment the API took from the pool
+goes back into it (or is unlinked if the pool has no room), any other is unlinked.
+Reservations expire after an hour; the janitor then unlinks a segment left without its
+record, recycled or not. `GET /arrays/register/info` tells a client the prefix and domain it
+needs.
+
+Why handing a recycled segment to a client exposes nothing: until the client overwrites it,
+it holds a freed array's bytes, possibly another owner's. But segments are created 0600 by
+the stack's uid, so only a process running as that uid can open it at all, and such a
+process can already open every segment in /dev/shm, live arrays included. Recycling gives
+the client nothing it could not read anyway; the commit is its promise to have overwritten
+every byte (the same rule the API's uploads and the workers' results follow).
+Why recycle at all: a fresh segment costs ~0.45 s/GiB of page allocation; a recycled one
+the client mapped before (shared/arrays/mappings.py keeps mappings by inode) costs a memcpy.
 """
 
 from __future__ import annotations
@@ -37,8 +54,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AppState, Owner, State
 from api.errors import ApiError
+from shared.arrays import pool
 from shared.arrays.npy import MAX_NDIM, NpyFormatError, dtype_from_string
-from shared.arrays.segments import segment_path, unlink_segment, validate_segment_name
+from shared.arrays.segments import (
+    ShmFullError,
+    segment_path,
+    unlink_segment,
+    validate_segment_name,
+)
 from shared.arrays.store import UPLOAD_TIMEOUT_S, ArrayRecord
 from shared.schemas import ID_PATTERN, ArrayMeta
 
@@ -69,6 +92,11 @@ class Registration(BaseModel):
     order: Literal["C", "F"] = "C"
     domain: str = Field(min_length=1, max_length=100, description="the client's shm domain")
     ttl: float | None = Field(None, gt=0, description="seconds; at most the default")
+    recycle: bool = Field(
+        False,
+        description="take a freed segment from the pool if one fits; the caller then opens"
+        " it instead of creating it and must overwrite every byte",
+    )
 
 
 class Reservation(BaseModel):
@@ -76,6 +104,11 @@ class Reservation(BaseModel):
     segment: str
     nbytes: int
     expires_in: int = Field(description="seconds left to create, fill and commit the segment")
+    created: bool = Field(
+        False,
+        description="true: the API made the segment (a recycled one of exactly nbytes bytes"
+        " holding old data); open it, do not create it, and overwrite every byte",
+    )
 
 
 def _marker_key(state: AppState, array_id: str) -> str:
@@ -176,8 +209,29 @@ async def reserve_segment(body: Registration, state: State, owner: Owner) -> Any
     except BaseException:
         await state.redis.delete(marker)
         raise
+    created = False
+    if body.recycle:
+        try:
+            # after the "segment_exists" check: a rename would replace an existing file
+            created = await to_thread.run_sync(pool.take, body.segment, nbytes, settings)
+            if created:  # an abandoned reservation gives it back to the pool
+                await state.redis.set(
+                    marker,
+                    json.dumps({"owner": owner, "ttl": body.ttl, "recycled": True}),
+                    xx=True,
+                    keepttl=True,
+                )
+        except BaseException as exc:
+            await _abandon(state, array_id)
+            if isinstance(exc, ShmFullError):
+                raise ApiError(507, "shm_full", str(exc)) from None
+            raise
     return Reservation(
-        id=array_id, segment=body.segment, nbytes=nbytes, expires_in=UPLOAD_TIMEOUT_S
+        id=array_id,
+        segment=body.segment,
+        nbytes=nbytes,
+        expires_in=UPLOAD_TIMEOUT_S,
+        created=created,
     )
 
 
@@ -190,10 +244,18 @@ async def _claim(state: AppState, array_id: str, owner: str) -> dict[str, Any]:
     return marker
 
 
-async def _abandon(state: AppState, array_id: str) -> None:
-    """Drop the reservation and unlink its segment (the name was reserved by the caller)."""
+async def _abandon(state: AppState, array_id: str, *, recycled: bool = False) -> None:
+    """Drop the reservation and free its segment (the name was reserved by the caller).
+
+    A segment the API took from the pool (`recycled`) goes back to it; any other is unlinked
+    (the client made it: it may be another uid's, or sparse, and does not belong in the pool).
+    """
     await state.arrays.drop(array_id)
-    await to_thread.run_sync(unlink_segment, state.arrays.segment_name(array_id))
+    name = state.arrays.segment_name(array_id)
+    if recycled:
+        await to_thread.run_sync(pool.release, name, state.settings)
+    else:
+        await to_thread.run_sync(unlink_segment, name)
     await state.redis.delete(_marker_key(state, array_id))
 
 
@@ -279,11 +341,14 @@ async def commit_segment(
     responses={404: {"description": "no open registration with this id"}},
 )
 async def abandon_segment(array_id: RegistrationId, state: State, owner: Owner) -> Response:
-    """Give up a reservation: drops the record and unlinks the segment if it was created."""
-    await _claim(state, array_id, owner)
+    """Give up a reservation: drops the record; frees the segment if it was created.
+
+    A recycled segment (`created: true`) goes back into the pool; any other is unlinked.
+    """
+    marker = await _claim(state, array_id, owner)
     record = await state.arrays.get(array_id)
     if record is not None and record.state == "uploading" and record.owner == owner:
-        await _abandon(state, array_id)
+        await _abandon(state, array_id, recycled=bool(marker.get("recycled")))
     else:
         await _forget(state, array_id, record)
     return Response(status_code=204)

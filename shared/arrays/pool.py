@@ -8,8 +8,15 @@ or job result that needs at most its size. Bounded by `FORKLIFT_SHM_POOL_BYTES`;
 unlinks what sat unused for a while, and the API and workers empty it when they stop.
 
 Only writers that overwrite every byte before the array becomes visible take from the pool
-(uploads, which fail unless complete, and job results), so old contents are never shown.
-Renames are atomic: two processes claiming the same segment cannot both win.
+(uploads, which fail unless complete, job results, and same-host clients that registered
+with `recycle`, whose commit is their promise to have done so), so old contents are never
+shown. Renames are atomic: two processes claiming the same segment cannot both win.
+
+A rename keeps the inode, so a process that mapped the segment before still has a valid
+mapping of it: `claim` attaches through the mapping cache (mappings.py), and a process that
+wrote into this segment before copies into memory it has mapped already (no page faults).
+When the pool unlinks segments (full, trimmed, drained), this process's kept mappings of them
+are swept at once; other processes sweep their own.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from shared.arrays.segments import SHM_DIR, Segment, allocate_pages, attach_segment, unlink_segment
+from shared.arrays import mappings
+from shared.arrays.segments import SHM_DIR, Segment, ensure_allocated, unlink_segment
 from shared.settings import Settings
 
 POOL_MARK = "pool_"
@@ -59,26 +67,33 @@ def release(name: str, settings: Settings) -> None:
         size = os.stat(SHM_DIR / name).st_size
     except FileNotFoundError:
         return
-    if limit <= 0 or size < MIN_POOLED or size > limit:
-        unlink_segment(name)
-        return
-    entries = pooled(settings)
-    total = sum(p.size for p in entries)
-    while entries and total + size > limit:
-        oldest = entries.pop(0)
-        if unlink_segment(oldest.name):
-            total -= oldest.size
-    target = f"{pool_prefix(settings)}{uuid.uuid4().hex}"
     try:
-        os.rename(SHM_DIR / name, SHM_DIR / target)
-    except FileNotFoundError:
-        return
+        if limit <= 0 or size < MIN_POOLED or size > limit:
+            unlink_segment(name)
+            return
+        entries = pooled(settings)
+        total = sum(p.size for p in entries)
+        while entries and total + size > limit:
+            oldest = entries.pop(0)
+            if unlink_segment(oldest.name):
+                total -= oldest.size
+        target = f"{pool_prefix(settings)}{uuid.uuid4().hex}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(SHM_DIR / name, SHM_DIR / target)
+    finally:
+        mappings.sweep()  # this process's mappings of what was unlinked pin its memory
 
 
-def claim(name: str, size: int, settings: Settings) -> Segment | None:
-    """A pooled segment renamed to `name`, cut to `size`, mapped writable; None if none fits."""
+def take(name: str, size: int, settings: Settings) -> bool:
+    """Rename a fitting pooled segment to `name`, cut to exactly `size` bytes; False if none.
+
+    Nothing is mapped: for a caller that hands the segment to another process (a same-host
+    client's registration). `name` must not exist (a rename would replace it). The segment
+    still holds a previous array's bytes; whoever fills it must overwrite every one. Every
+    page is allocated (ShmFullError if /dev/shm cannot), so writing it cannot SIGBUS.
+    """
     if settings.shm_pool_limit <= 0 or size < MIN_POOLED:
-        return None
+        return False
     fitting = sorted(
         (p for p in pooled(settings) if size <= p.size <= size * MAX_SLACK),
         key=lambda p: p.size,
@@ -91,21 +106,40 @@ def claim(name: str, size: int, settings: Settings) -> Segment | None:
         try:
             if candidate.size != size:
                 os.truncate(SHM_DIR / name, size)
-            segment = attach_segment(name, size, writable=True)
-            allocate_pages(segment, 0, size)  # already allocated: this only maps the pages
+            ensure_allocated(name, size)  # a no-op unless a client left it sparse
         except BaseException:
             unlink_segment(name)
             raise
-        return segment
-    return None
+        return True
+    return False
+
+
+def claim(name: str, size: int, settings: Settings) -> Segment | None:
+    """A pooled segment renamed to `name`, cut to `size`, mapped writable; None if none fits.
+
+    Mapped through this process's mapping cache: if it mapped this segment writable before
+    (it wrote an earlier array into it), the pages are mapped already and nothing faults.
+    """
+    if not take(name, size, settings):
+        return None
+    try:
+        return mappings.attach(name, size, writable=True)
+    except BaseException:
+        unlink_segment(name)
+        raise
 
 
 def trim(settings: Settings, idle_s: float) -> int:
     """Unlink pooled segments unused for `idle_s` seconds; returns how many."""
     cutoff = time.time() - idle_s
-    return sum(1 for p in pooled(settings) if p.since < cutoff and unlink_segment(p.name))
+    count = sum(1 for p in pooled(settings) if p.since < cutoff and unlink_segment(p.name))
+    if count:
+        mappings.sweep()
+    return count
 
 
 def drain(settings: Settings) -> int:
-    """Empty the pool (a stopping API or worker gives the memory back)."""
-    return sum(1 for p in pooled(settings) if unlink_segment(p.name))
+    """Empty the pool (a stopping API or worker gives the memory back, kept mappings too)."""
+    count = sum(1 for p in pooled(settings) if unlink_segment(p.name))
+    mappings.clear()
+    return count

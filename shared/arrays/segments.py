@@ -43,13 +43,24 @@ class Segment:
 
     Closing drops the mapping. If NumPy views of `buffer` are still alive, the mapping stays
     until the last of them is gone (unmapping under them would crash the process), so
-    `close()` never fails; it reports whether it unmapped right away.
+    `close()` never fails; it reports whether it unmapped right away. A segment handed out
+    by the mapping cache (shared/arrays/mappings.py) has `owns_mapping=False`: closing it
+    releases only its own view, and the cache keeps the mapping for the next attach.
     """
 
-    def __init__(self, name: str, size: int, mapping: mmap.mmap, *, readonly: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        mapping: mmap.mmap,
+        *,
+        readonly: bool,
+        owns_mapping: bool = True,
+    ) -> None:
         self.name = name
         self.size = size
         self.readonly = readonly
+        self.owns_mapping = owns_mapping
         self._mmap: mmap.mmap | None = mapping
         # The mapping is at least 1 byte (mmap refuses 0); a 0-byte array sees an empty slice.
         self.buffer: memoryview = memoryview(mapping)[:size]
@@ -60,18 +71,22 @@ class Segment:
         return self._mmap is None
 
     def close(self) -> bool:
-        """Release the view and the mapping; True if unmapped now, False if views delay it."""
+        """Release the view and the mapping; True if unmapped now, False if views delay it.
+
+        A segment that does not own its mapping never unmaps: True once its view is released.
+        """
         if self._mmap is None:
             return True
         mapping, self._mmap = self._mmap, None
         try:
             self.buffer.release()
-            mapping.close()
-            unmapped = True
+            if self.owns_mapping:
+                mapping.close()
+            released = True
         except BufferError:
-            unmapped = False  # arrays still use it; mmap unmaps when they are garbage
+            released = False  # arrays still use it; mmap unmaps when they are garbage
         self.buffer = memoryview(b"")
-        return unmapped
+        return released
 
     def __enter__(self) -> Segment:
         return self
@@ -147,7 +162,7 @@ def create_segment(name: str, size: int, *, allocate: bool = True) -> Segment:
     finally:
         os.close(fd)
     if allocate:
-        _prefault(mapping)
+        prefault(mapping)
     return Segment(name, size, mapping, readonly=False)
 
 
@@ -169,7 +184,7 @@ def allocate_pages(segment: Segment, start: int, stop: int) -> None:
         os.close(fd)
     page = mmap.PAGESIZE
     aligned = start - start % page
-    _prefault(segment._mmap, aligned, length + start - aligned)
+    prefault(segment._mmap, aligned, length + start - aligned)
 
 
 def _allocate(fd: int, name: str, size: int, offset: int = 0) -> None:
@@ -186,7 +201,7 @@ def _allocate(fd: int, name: str, size: int, offset: int = 0) -> None:
         raise
 
 
-def _prefault(mapping: mmap.mmap, start: int = 0, length: int = 0) -> None:
+def prefault(mapping: mmap.mmap, start: int = 0, length: int = 0) -> None:
     """Map pages into this process in one call; a speed-up only, so failures are ignored."""
     global _populate_write_supported
     if not _populate_write_supported:
@@ -207,28 +222,62 @@ def _free_bytes() -> int:
     return stats.f_bavail * stats.f_frsize
 
 
-def attach_segment(name: str, size: int, *, writable: bool = False) -> Segment:
-    """Map an existing segment; read-only unless `writable`, and never tracked.
+def open_segment(name: str, size: int, *, writable: bool = False) -> tuple[int, os.stat_result]:
+    """(fd, fstat) of an existing segment that holds at least `size` bytes; the caller closes fd.
 
-    Read-only uses O_RDONLY and PROT_READ, so the memoryview and any array over it are
-    read-only for real. The segment must hold at least `size` bytes (the registry's record);
+    The checks every attach makes: a plain name, a sane size, and a file at least as long as
+    the registry's record says (a view past the end of the file would SIGBUS on access).
     FileNotFoundError propagates when it is gone.
     """
     _check_name(name)
     _check_size(size)
     fd = _posixshmem.shm_open("/" + name, os.O_RDWR if writable else os.O_RDONLY, 0)
     try:
-        actual = os.fstat(fd).st_size
+        info = os.fstat(fd)
         needed = max(size, 1)
-        if actual < needed:
+        if info.st_size < needed:
             raise ValueError(
-                f"segment {name} is smaller than its record says ({actual} bytes, need {needed})"
+                f"segment {name} is smaller than its record says ({info.st_size} bytes,"
+                f" need {needed})"
             )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def attach_segment(name: str, size: int, *, writable: bool = False) -> Segment:
+    """Map an existing segment; read-only unless `writable`, and never tracked.
+
+    Read-only uses O_RDONLY and PROT_READ, so the memoryview and any array over it are
+    read-only for real. The segment must hold at least `size` bytes (the registry's record);
+    FileNotFoundError propagates when it is gone. A fresh mapping every call: to reuse one
+    across calls, see shared/arrays/mappings.py.
+    """
+    fd, _ = open_segment(name, size, writable=writable)
+    try:
         access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-        mapping = mmap.mmap(fd, needed, access=access)
+        mapping = mmap.mmap(fd, max(size, 1), access=access)
     finally:
         os.close(fd)
     return Segment(name, size, mapping, readonly=not writable)
+
+
+def ensure_allocated(name: str, size: int) -> None:
+    """Allocate any page of the segment's first `size` bytes that has none yet.
+
+    A segment somebody else created may be sparse (a client may ftruncate instead of
+    fallocate); writing into it could then SIGBUS on a full /dev/shm. One fstat tells whether
+    every page is there already (st_blocks), so the usual fully allocated case costs nothing.
+    """
+    _check_name(name)
+    _check_size(size)
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0)
+    try:
+        if os.fstat(fd).st_blocks * 512 < max(size, 1):
+            _allocate(fd, name, max(size, 1))
+    finally:
+        os.close(fd)
 
 
 def unlink_segment(name: str) -> bool:

@@ -20,6 +20,7 @@ import anyio
 import httpx
 import numpy as np
 
+from shared.arrays import mappings
 from shared.arrays.segments import ShmFullError
 from shared.client import common
 from shared.client.common import Backoff, Deadline
@@ -35,7 +36,13 @@ from shared.client.errors import (
 )
 from shared.client.handles import ArrayHandle, array_id
 from shared.client.npy_stream import CHUNK, NPY, NpyReader, anpy_chunks, memory_order, npy_length
-from shared.client.same_host import discard_segment, fill_segment, local_domain, new_segment_name
+from shared.client.same_host import (
+    RecycledSegmentUnavailable,
+    discard_segment,
+    fill_segment,
+    local_domain,
+    new_segment_name,
+)
 from shared.client.sse import SseParser, event_item
 
 MAP_CONCURRENCY = 32
@@ -177,6 +184,7 @@ class AsyncClient:
         finally:
             self._owned.clear()
             await self._http.aclose()
+            mappings.sweep()  # kept mappings of segments freed meanwhile (submit's inputs)
 
     close = aclose
 
@@ -318,6 +326,18 @@ class AsyncClient:
     async def _register(
         self, arr: np.ndarray, ttl: float | None, info: dict[str, Any]
     ) -> ArrayHandle:
+        """Reserve, fill, commit; a recycled segment this process cannot open: once more, fresh."""
+        # let go of kept mappings of segments freed since the last put
+        await asyncio.to_thread(mappings.sweep)
+        handle = await self._register_once(arr, ttl, info, recycle=True)
+        if handle is None:
+            handle = await self._register_once(arr, ttl, info, recycle=False)
+            assert handle is not None
+        return handle
+
+    async def _register_once(
+        self, arr: np.ndarray, ttl: float | None, info: dict[str, Any], *, recycle: bool
+    ) -> ArrayHandle | None:
         name, ident = new_segment_name(info["shm_prefix"])
         body: dict[str, Any] = {
             "segment": name,
@@ -325,30 +345,45 @@ class AsyncClient:
             "shape": list(arr.shape),
             "order": memory_order(arr),
             "domain": local_domain(),
+            "recycle": recycle,
         }
         if ttl:
             body["ttl"] = ttl
-        await self._request(
-            "POST",
-            "/arrays/register",
-            content=common.encode_json(body),
-            headers=common.JSON_HEADERS,
-        )
+        reservation = (
+            await self._request(
+                "POST",
+                "/arrays/register",
+                content=common.encode_json(body),
+                headers=common.JSON_HEADERS,
+            )
+        ).json()
+        recycled = bool(reservation.get("created"))
         try:
-            await asyncio.to_thread(fill_segment, name, arr)
+            await asyncio.to_thread(fill_segment, name, arr, recycled=recycled)
             response = await self._request("POST", f"/arrays/register/{ident}/commit")
+        except RecycledSegmentUnavailable:
+            await self._abandon_registration(name, ident, recycled=True)
+            return None
         except ShmFullError as exc:
-            await self._abandon_registration(name, ident)
+            await self._abandon_registration(name, ident, recycled=recycled)
             raise ServerError(str(exc), code="shm_full", status=507) from None
         except BaseException:
-            await self._abandon_registration(name, ident)
+            await self._abandon_registration(name, ident, recycled=recycled)
             raise
         return self._track(ArrayHandle.from_meta(response.json()))
 
-    async def _abandon_registration(self, name: str, ident: str) -> None:
-        discard_segment(name)
-        with contextlib.suppress(ForkliftError, httpx.HTTPError):
+    async def _abandon_registration(self, name: str, ident: str, *, recycled: bool) -> None:
+        """DELETE the reservation; a segment made here is unlinked here too.
+
+        A recycled one is the API's to put back into its pool, unless the API cannot be
+        reached: then it is unlinked here rather than left for an hour.
+        """
+        if not recycled:
+            discard_segment(name)
+        try:
             await self._request("DELETE", f"/arrays/register/{ident}")
+        except (ForkliftError, httpx.HTTPError):
+            discard_segment(name)
 
     def _track(self, handle: ArrayHandle) -> ArrayHandle:
         self._owned[handle.id] = None
@@ -389,6 +424,8 @@ class AsyncClient:
             self._owned.pop(ident, None)
             raise
         self._owned.pop(ident, None)
+        if response.status_code == 204:  # a segment this process mapped may be unlinked now
+            await asyncio.to_thread(mappings.sweep)
         return response.status_code == 204
 
     # -- jobs -----------------------------------------------------------------------------

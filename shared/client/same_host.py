@@ -1,7 +1,11 @@
-"""The same-host path: write an array into a shared-memory segment this process creates.
+"""The same-host path: write an array into a shared-memory segment, then the API adopts it.
 
 The API adopts the segment by name (`POST /arrays/register`, then `.../commit`), so the
-array never crosses a socket: one memcpy into memory the workers attach directly.
+array never crosses a socket: one memcpy into memory the workers attach directly. The
+client asks for a recycled segment (`recycle`); when the API hands it one this process
+wrote into before, its mapping is still kept here (shared/arrays/mappings.py) and the put
+is just the copy, split across cores. Otherwise the segment is created here, and its
+mapping kept for next time.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import uuid
 
 import numpy as np
 
-from shared.arrays.segments import create_segment, ndarray_view, unlink_segment
+from shared.arrays import mappings
+from shared.arrays.copying import copy_into
+from shared.arrays.segments import ndarray_view, unlink_segment
 from shared.client.npy_stream import checked_dtype, memory_order
 from shared.settings import derive_shm_domain
 
@@ -28,21 +34,35 @@ def new_segment_name(prefix: str) -> tuple[str, str]:
     return f"{prefix}{array_id}", array_id
 
 
-def fill_segment(name: str, arr: np.ndarray) -> None:
-    """Create segment `name` (it must not exist) holding exactly `arr`'s bytes; one copy.
+class RecycledSegmentUnavailable(Exception):
+    """The API reserved a recycled segment that this process cannot open (gone, other uid)."""
 
-    On any failure the segment is unlinked again.
+
+def fill_segment(name: str, arr: np.ndarray, *, recycled: bool = False) -> None:
+    """Put exactly `arr`'s bytes into segment `name`; one copy (parallel for big arrays).
+
+    `recycled` (the API answered `created: true`): the segment exists with exactly
+    `arr.nbytes` bytes of old data; it is opened, never created, and every byte is
+    overwritten. RecycledSegmentUnavailable if it cannot be opened. Otherwise it is created
+    here (it must not exist) and unlinked again on any failure.
     """
     dtype = checked_dtype(arr)
-    segment = create_segment(name, arr.nbytes)
+    if recycled:
+        try:
+            segment = mappings.attach(name, arr.nbytes, writable=True)
+        except (PermissionError, FileNotFoundError, ValueError) as exc:
+            raise RecycledSegmentUnavailable(f"segment {name}: {exc}") from exc
+    else:
+        segment = mappings.create(name, arr.nbytes)
     try:
         target = ndarray_view(segment, dtype, arr.shape, memory_order(arr))
-        np.copyto(target, arr, casting="no")
+        copy_into(target, arr, casting="no")
         del target
     except BaseException:
         with contextlib.suppress(BufferError):
             segment.close()
-        unlink_segment(name)
+        if not recycled:
+            unlink_segment(name)
         raise
     segment.close()
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from shared.arrays import mappings
 from shared.arrays.segments import ShmFullError
 from shared.client import common
 from shared.client.common import Backoff, Deadline
@@ -41,7 +42,13 @@ from shared.client.npy_stream import (
     npy_chunks,
     npy_length,
 )
-from shared.client.same_host import discard_segment, fill_segment, local_domain, new_segment_name
+from shared.client.same_host import (
+    RecycledSegmentUnavailable,
+    discard_segment,
+    fill_segment,
+    local_domain,
+    new_segment_name,
+)
 from shared.client.sse import SseParser, event_item
 
 
@@ -206,6 +213,7 @@ class Client:
         finally:
             self._owned.clear()
             self._http.close()
+            mappings.sweep()  # kept mappings of segments freed meanwhile (submit's inputs)
 
     @property
     def owned_arrays(self) -> list[str]:
@@ -346,6 +354,17 @@ class Client:
         return info  # required and another domain: the server refuses it with its reason
 
     def _register(self, arr: np.ndarray, ttl: float | None, info: dict[str, Any]) -> ArrayHandle:
+        """Reserve, fill, commit; a recycled segment this process cannot open: once more, fresh."""
+        mappings.sweep()  # let go of kept mappings of segments freed since the last put
+        handle = self._register_once(arr, ttl, info, recycle=True)
+        if handle is None:
+            handle = self._register_once(arr, ttl, info, recycle=False)
+            assert handle is not None
+        return handle
+
+    def _register_once(
+        self, arr: np.ndarray, ttl: float | None, info: dict[str, Any], *, recycle: bool
+    ) -> ArrayHandle | None:
         name, ident = new_segment_name(info["shm_prefix"])
         body: dict[str, Any] = {
             "segment": name,
@@ -353,30 +372,43 @@ class Client:
             "shape": list(arr.shape),
             "order": memory_order(arr),
             "domain": local_domain(),
+            "recycle": recycle,
         }
         if ttl:
             body["ttl"] = ttl
-        self._request(
+        reservation = self._request(
             "POST",
             "/arrays/register",
             content=common.encode_json(body),
             headers=common.JSON_HEADERS,
-        )
+        ).json()
+        recycled = bool(reservation.get("created"))
         try:
-            fill_segment(name, arr)
+            fill_segment(name, arr, recycled=recycled)
             response = self._request("POST", f"/arrays/register/{ident}/commit")
+        except RecycledSegmentUnavailable:
+            self._abandon_registration(name, ident, recycled=True)
+            return None
         except ShmFullError as exc:
-            self._abandon_registration(name, ident)
+            self._abandon_registration(name, ident, recycled=recycled)
             raise ServerError(str(exc), code="shm_full", status=507) from None
         except BaseException:
-            self._abandon_registration(name, ident)
+            self._abandon_registration(name, ident, recycled=recycled)
             raise
         return self._track(ArrayHandle.from_meta(response.json()))
 
-    def _abandon_registration(self, name: str, ident: str) -> None:
-        discard_segment(name)
-        with contextlib.suppress(ForkliftError, httpx.HTTPError):
+    def _abandon_registration(self, name: str, ident: str, *, recycled: bool) -> None:
+        """DELETE the reservation; a segment made here is unlinked here too.
+
+        A recycled one is the API's to put back into its pool, unless the API cannot be
+        reached: then it is unlinked here rather than left for an hour.
+        """
+        if not recycled:
+            discard_segment(name)
+        try:
             self._request("DELETE", f"/arrays/register/{ident}")
+        except (ForkliftError, httpx.HTTPError):
+            discard_segment(name)
 
     def _track(self, handle: ArrayHandle) -> ArrayHandle:
         self._owned[handle.id] = None
@@ -419,6 +451,8 @@ class Client:
             self._owned.pop(ident, None)
             raise
         self._owned.pop(ident, None)
+        if response.status_code == 204:  # a segment this process mapped may be unlinked now
+            mappings.sweep()
         return response.status_code == 204
 
     # -- jobs -----------------------------------------------------------------------------

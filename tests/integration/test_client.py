@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from shared.arrays import mappings
 from shared.arrays.segments import create_segment, segment_path
 from shared.client import (
     ArrayHandle,
@@ -218,6 +219,90 @@ def test_512_mib_array_registered_through_shared_memory(live: Stack) -> None:
         total = fl.submit("sum", a=handle).result(timeout=120)
         assert total == n * (n - 1) / 2
     del x
+
+
+def test_same_host_put_recycles_a_pooled_segment(
+    live: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the pool on, a put gets a freed segment back (same inode, its mapping kept)."""
+    env = dict(live.env, FORKLIFT_SHM_POOL_BYTES=str(64 << 20))
+    api, url = stack.start_api(env)
+    pool_prefix = f"{live.shm_prefix}pool_"
+    try:
+        with Client(url, free_on_close=True) as fl, httpx.Client(base_url=url) as http:
+            if fl.shm_info()["shm_domain"] != local_domain():
+                pytest.skip("the stack is not in this process's shm domain")
+            x = np.arange(1 << 20, dtype=np.float64)  # 8 MiB: worth pooling
+            first = fl.put_array(x, shared_memory=True)
+            inode = segment_path(first.segment).stat().st_ino
+            assert fl.delete_array(first) is True
+            assert len(stack.segments(pool_prefix)) == 1, "the freed segment was not kept"
+
+            # same size, new contents: the pooled segment comes back, through the kept mapping
+            y = np.linspace(-3.0, 5.0, 1 << 20)
+            hits, mapped = mappings.cache.hits, mappings.cache.mapped
+            second = fl.put_array(y, shared_memory=True)
+            assert stack.segments(pool_prefix) == set(), "the put did not reuse the pool"
+            assert segment_path(second.segment).stat().st_ino == inode
+            assert (mappings.cache.hits, mappings.cache.mapped) == (hits + 1, mapped)
+            assert fl.get_array(second).tobytes() == y.tobytes()
+            assert fl.submit("sum", a=second).result(timeout=60) == pytest.approx(y.sum())
+
+            # smaller and in Fortran order: cut to exactly its size, every byte its own
+            fl.delete_array(second)
+            z = np.asfortranarray(np.arange(600_000, dtype=np.float64).reshape(600, 1000))
+            third = fl.put_array(z, shared_memory=True)
+            assert stack.segments(pool_prefix) == set()
+            assert segment_path(third.segment).stat().st_ino == inode
+            assert segment_path(third.segment).stat().st_size == z.nbytes
+            back = fl.get_array(third)
+            assert back.flags.f_contiguous and np.array_equal(back, z)
+            assert fl.submit("sum", a=third).result(timeout=60) == pytest.approx(z.sum())
+            fl.delete_array(third)
+
+            # an abandoned recycled reservation gives the segment back and leaves nothing
+            ident = uuid.uuid4().hex
+            name = f"{live.shm_prefix}{ident}"
+            reserved = http.post(
+                "/arrays/register",
+                json={
+                    "segment": name,
+                    "dtype": "float64",
+                    "shape": [600_000],
+                    "domain": local_domain(),
+                    "recycle": True,
+                },
+            )
+            assert reserved.status_code == 201, reserved.text
+            assert reserved.json()["created"] is True
+            assert segment_path(name).stat().st_size == 4_800_000
+            assert stack.segments(pool_prefix) == set()
+            assert http.delete(f"/arrays/register/{ident}").status_code == 204
+            assert not segment_path(name).exists()
+            assert len(stack.segments(pool_prefix)) == 1
+            assert not live.redis.exists(array_key(live, ident))
+
+            # a recycled segment the client cannot open: it registers again and creates one
+            def refuse(name: str, size: int, *, writable: bool = False) -> object:
+                raise PermissionError(13, "Permission denied", name)
+
+            paths: list[str] = []
+            fl._http.event_hooks["request"].append(
+                lambda request: paths.append(f"{request.method} {request.url.path}")
+            )
+            with monkeypatch.context() as patch:
+                patch.setattr(mappings, "attach", refuse)
+                fourth = fl.put_array(x[:600_000], shared_memory=True)
+            assert paths[0] == paths[2] == "POST /arrays/register"
+            assert paths[1].startswith("DELETE /arrays/register/")
+            assert paths[3] == f"POST /arrays/register/{fourth.id}/commit"
+            assert len(paths) == 4
+            assert len(stack.segments(pool_prefix)) == 1, "the refused one went back"
+            assert segment_path(fourth.segment).stat().st_ino != inode
+            assert np.array_equal(fl.get_array(fourth), x[:600_000])
+    finally:
+        api.stop()
+    assert stack.segments(pool_prefix) == set(), "a stopping API gives pooled memory back"
 
 
 def test_auto_mode_registers_big_arrays_and_uploads_small_ones(client: Client) -> None:
