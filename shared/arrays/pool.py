@@ -94,9 +94,11 @@ def take(name: str, size: int, settings: Settings) -> bool:
     """
     if settings.shm_pool_limit <= 0 or size < MIN_POOLED:
         return False
+    # Smallest fit first; among equal sizes the most recently freed: whoever used it last
+    # (a client in a put/delete loop, a worker child) most likely still has it mapped.
     fitting = sorted(
         (p for p in pooled(settings) if size <= p.size <= size * MAX_SLACK),
-        key=lambda p: p.size,
+        key=lambda p: (p.size, -p.since),
     )
     for candidate in fitting:
         try:

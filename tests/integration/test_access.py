@@ -7,7 +7,6 @@ written to a log, a record or a repr.
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 import uuid
@@ -21,6 +20,7 @@ import pytest
 from shared.settings import Settings
 from tests import stack
 from tests.conftest import Stack
+from tests.http_api import npy_bytes
 
 KEY_A = f"ka-{uuid.uuid4().hex}"
 KEY_B = f"kb-{uuid.uuid4().hex}"
@@ -66,18 +66,12 @@ def keyed(live: Stack) -> Iterator[Keyed]:
         api.stop()
 
 
-def npy(arr: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, arr, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def _owned_job_and_array(keyed: Keyed) -> tuple[str, str, str]:
     """Key A uploads an array and runs a job with an array result: (job, input, result)."""
     with keyed.client(KEY_A) as a:
         response = a.post(
             "/arrays",
-            content=npy(np.arange(12.0).reshape(3, 4)),
+            content=npy_bytes(np.arange(12.0).reshape(3, 4)),
             headers={"content-type": "application/x-npy"},
         )
         assert response.status_code == 201, response.text
@@ -171,7 +165,7 @@ def test_another_key_gets_404_exactly_like_an_unknown_id(keyed: Keyed, live: Sta
 def test_a_job_may_only_use_arrays_its_key_owns(keyed: Keyed, live: Stack) -> None:
     with keyed.client(KEY_A) as a, keyed.client(KEY_B) as b:
         response = a.post(
-            "/arrays", content=npy(np.ones(8)), headers={"content-type": "application/x-npy"}
+            "/arrays", content=npy_bytes(np.ones(8)), headers={"content-type": "application/x-npy"}
         )
         array_id = response.json()["id"]
         queued, jobs = live.queue_lengths(), live.redis.zcard(f"{live.key_prefix}:jobs")

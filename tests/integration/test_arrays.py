@@ -6,74 +6,22 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from shared.arrays.npy import build_header
 from tests import stack
 from tests.conftest import Stack
+from tests.http_api import download, npy_bytes, streamed_upload, submit, upload, wait
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64", "complex64", "complex128"]  # fmt: skip
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, arr, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def upload(http: httpx.Client, arr: np.ndarray, **params: object) -> dict:
-    response = http.post(
-        "/arrays",
-        content=npy_bytes(arr),
-        params=params,
-        headers={"content-type": "application/x-npy"},
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def streamed_upload(http: httpx.Client, arr: np.ndarray, chunk: int = 8 << 20) -> dict:
-    """Upload without building the whole body: header, then the array's buffer in chunks."""
-    header = build_header(arr.dtype, arr.shape, False)
-    flat = memoryview(np.ascontiguousarray(arr)).cast("B")
-
-    def body() -> Iterator[bytes]:
-        yield header
-        for start in range(0, len(flat), chunk):
-            yield bytes(flat[start : start + chunk])
-
-    response = http.post(
-        "/arrays",
-        content=body(),
-        headers={
-            "content-type": "application/x-npy",
-            "content-length": str(len(header) + arr.nbytes),
-        },
-        timeout=120,
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def download(http: httpx.Client, array_id: str) -> np.ndarray:
-    response = http.get(f"/arrays/{array_id}", timeout=120)
-    assert response.status_code == 200, response.text
-    assert int(response.headers["content-length"]) == len(response.content)
-    return np.load(io.BytesIO(response.content), allow_pickle=False)
-
-
 def run_job(http: httpx.Client, task: str, inputs: dict[str, str], **params: object) -> dict:
-    body = {"task": task, "params": params, "inputs": {k: {"array": v} for k, v in inputs.items()}}
-    response = http.post("/jobs", json=body)
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
-    done = http.get(f"/jobs/{job_id}", params={"wait": 60}, timeout=90).json()
+    done = wait(http, submit(http, task, inputs=inputs, **params), 60)
     assert done["status"] == "succeeded", done
     return done
 

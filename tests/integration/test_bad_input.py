@@ -25,6 +25,7 @@ import redis
 
 from shared.arrays.npy import build_header
 from tests import stack
+from tests.http_api import npy_bytes
 
 MAX_UPLOAD = 4 << 20
 SHM_LIMIT = 1 << 20
@@ -92,13 +93,7 @@ class Ctx:
         raise AssertionError(f"no complete answer: {reply[:300]!r}")
 
 
-def npy(arr: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, arr, allow_pickle=False)
-    return buffer.getvalue()
-
-
-GOOD = npy(np.arange(100, dtype=np.float64))
+GOOD = npy_bytes(np.arange(100, dtype=np.float64))
 
 
 def _object_npy() -> bytes:
@@ -108,7 +103,7 @@ def _object_npy() -> bytes:
 
 
 def _structured_npy() -> bytes:
-    return npy(np.zeros(3, dtype=[("x", "<f8"), ("y", "<i4")]))
+    return npy_bytes(np.zeros(3, dtype=[("x", "<f8"), ("y", "<i4")]))
 
 
 def job(ctx: Ctx, body: object) -> Reply:
@@ -371,7 +366,7 @@ CASES: dict[str, tuple[Callable[[Ctx], Reply], int, str]] = {
         413,
         "too_large",
     ),
-    "shm-over-cap": (lambda c: upload(c, npy(np.zeros(2 << 17))), 507, "shm_full"),
+    "shm-over-cap": (lambda c: upload(c, npy_bytes(np.zeros(2 << 17))), 507, "shm_full"),
     # --- POST /arrays/register (segment names from outside) ---
     "register-dev-shm-path": (
         lambda c: register(c, f"/dev/shm/{c.shm_prefix}{HEX}"),
@@ -427,7 +422,7 @@ def ctx(redis_url: str) -> Iterator[Ctx]:
             "f8_3d": np.ones((2, 2, 2)),
             "c16_1d": np.ones(4, dtype=np.complex128),
         }.items():
-            reply = upload(c, npy(arr))
+            reply = upload(c, npy_bytes(arr))
             assert reply.status == 201, reply.body
             c.arrays[name] = reply.json()["id"]
         yield c

@@ -8,7 +8,6 @@ environment, and must serve a real job. `forklift up` is run for real and stoppe
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ import yaml
 
 from shared.settings import Settings
 from tests import stack
+from tests.http_api import npy_bytes
 
 REPO = stack.REPO
 COMPOSE = REPO / "docker-compose.yml"
@@ -259,12 +259,6 @@ def _resolve(argv: list[str]) -> list[str]:
     return [found, *argv[1:]]
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def _workers_online(redis_url: str, key_prefix: str) -> int:
     client = redis.Redis.from_url(redis_url)
     try:
@@ -353,7 +347,7 @@ def test_compose_commands_serve_a_job_as_local_processes() -> None:
         with httpx.Client(base_url=url, timeout=30) as http:
             meta = http.post(
                 "/arrays",
-                content=_npy(np.arange(1000, dtype=np.float64)),
+                content=npy_bytes(np.arange(1000, dtype=np.float64)),
                 headers={"content-type": "application/x-npy"},
             ).json()
             assert meta["domain"] == env["FORKLIFT_SHM_DOMAIN"], meta
@@ -430,7 +424,7 @@ def test_forklift_up_embedded_redis_job_and_clean_sigint() -> None:
         with httpx.Client(base_url=url, timeout=30) as http:
             reply = http.post(
                 "/arrays",
-                content=_npy(np.ones((64, 64))),
+                content=npy_bytes(np.ones((64, 64))),
                 headers={"content-type": "application/x-npy"},
             )
             assert reply.status_code == 201, reply.text

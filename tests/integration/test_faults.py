@@ -26,6 +26,7 @@ import redis
 
 from shared.arrays.npy import build_header
 from tests import stack
+from tests.http_api import streamed_upload, submit, wait
 
 TIME_LIMIT = 4.0
 KILL_GRACE = 2.0
@@ -85,26 +86,6 @@ def private() -> Iterator[Private]:
             (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
-def submit(http: httpx.Client, task: str, timeout: float | None = None, **params: object) -> str:
-    body: dict[str, object] = {"task": task, "params": params}
-    if timeout is not None:
-        body["timeout"] = timeout
-    response = http.post("/jobs", json=body)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def wait_final(http: httpx.Client, job_id: str, within: float = 30) -> dict:
-    """Long-polls until the job ends; fails if it is still queued/running after `within` s."""
-    deadline = time.monotonic() + within
-    while True:
-        left = deadline - time.monotonic()
-        record = http.get(f"/jobs/{job_id}", params={"wait": max(0, min(left, 10))}).json()
-        if record["status"] in ("succeeded", "failed", "cancelled"):
-            return record
-        assert left > 0, f"job still {record['status']} after {within} s: {record}"
-
-
 def wait_running(http: httpx.Client, job_id: str, within: float = 20) -> dict:
     return stack.wait_until(
         lambda: (r := http.get(f"/jobs/{job_id}").json())["status"] == "running" and r,
@@ -132,7 +113,7 @@ def test_killed_child_job_is_delivered_again_and_succeeds(private: Private) -> N
         assert victim in stack.children_of(private.worker.pid)
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        done = wait_final(http, job_id, 20)
+        done = wait(http, job_id, 20)
         took = time.monotonic() - killed_at
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
@@ -145,14 +126,14 @@ def test_killed_child_job_is_delivered_again_and_succeeds(private: Private) -> N
 def test_job_that_kills_its_child_every_time_ends_failed_worker_lost(private: Private) -> None:
     with private.client() as http:
         job_id = submit(http, "suicide")
-        done = wait_final(http, job_id, 30)
+        done = wait(http, job_id, 30)
         assert done["status"] == "failed", done
         assert done["error"].startswith("worker lost")
         assert f"died {MAX_ATTEMPTS} time(s)" in done["error"]
         assert done["attempts"] == MAX_ATTEMPTS + 1  # the last delivery only ends it
         stack.wait_until(lambda: pool_size(private.worker) == 2, 10, what="pool refilled")
         # The pool is healthy afterwards, and the message is gone (not looping).
-        assert wait_final(http, submit(http, "fib", n=15))["result"] == 610
+        assert wait(http, submit(http, "fib", n=15))["result"] == 610
         time.sleep(1)
         assert http.get(f"/jobs/{job_id}").json()["attempts"] == MAX_ATTEMPTS + 1
     stack.wait_until(lambda: private.redis.hlen("unacked") == 0, 5, what="acks")
@@ -181,7 +162,7 @@ def test_warm_shutdown_finishes_the_running_job_and_leaves_the_queue(private: Pr
             assert statuses == ["succeeded"] + ["queued"] * 4, statuses
             assert completions(log) == ["j0"]
             private.start_worker(concurrency=2)
-            done = [wait_final(http, j, 20) for j in ids]
+            done = [wait(http, j, 20) for j in ids]
         assert [d["status"] for d in done] == ["succeeded"] * 5
         assert [d["attempts"] for d in done] == [1] * 5
         assert sorted(completions(log)) == [f"j{i}" for i in range(5)]
@@ -202,9 +183,9 @@ def test_sigkilled_worker_jobs_are_redelivered_once(private: Private) -> None:
             assert http.get(f"/jobs/{ids[0]}").json()["status"] == "running"
             assert private.redis.hlen("unacked") == 1  # held for the visibility timeout
             private.start_worker(concurrency=2)
-            quick = [wait_final(http, j, 20) for j in ids[1:]]
+            quick = [wait(http, j, 20) for j in ids[1:]]
             assert [d["status"] for d in quick] == ["succeeded"] * 4
-            lost = wait_final(http, ids[0], VISIBILITY + 20)
+            lost = wait(http, ids[0], VISIBILITY + 20)
             redelivered_after = lost["started_at"] - killed_at
         assert lost["status"] == "succeeded" and lost["attempts"] == 2, lost
         # Not before the visibility timeout (counted from the delivery, a moment before the
@@ -240,7 +221,7 @@ def test_redis_restart_gives_503_then_everything_reconnects(private: Private) ->
             headers={"content-type": "application/x-npy"},
         ).json()["id"]
         job_id = submit(http, "fib", n=10)
-        assert wait_final(http, job_id)["status"] == "succeeded"
+        assert wait(http, job_id)["status"] == "succeeded"
 
         private.redis_proc.stop()
         npy = build_header(np.dtype("f8"), (4,), False) + np.ones(4).tobytes()
@@ -276,7 +257,7 @@ def test_redis_restart_gives_503_then_everything_reconnects(private: Private) ->
             what="worker heartbeat back",
         )
         new_job = submit(http, "fib", n=12)
-        done = wait_final(http, new_job, 60)
+        done = wait(http, new_job, 60)
         worker_back = time.monotonic() - restarted_at
         assert done["status"] == "succeeded", done
         assert done["result"] == 144
@@ -292,9 +273,9 @@ def test_time_limits_fail_the_job_and_the_worker_goes_on(private: Private) -> No
         soft = submit(http, "sleep", seconds=30)
         stuck = submit(http, "ignore_soft_limit", seconds=60)
         start = time.monotonic()
-        soft_done = wait_final(http, soft, 20)
+        soft_done = wait(http, soft, 20)
         soft_took = time.monotonic() - start
-        stuck_done = wait_final(http, stuck, 20)
+        stuck_done = wait(http, stuck, 20)
         stuck_took = time.monotonic() - start
 
         assert soft_done["status"] == "failed"
@@ -310,7 +291,7 @@ def test_time_limits_fail_the_job_and_the_worker_goes_on(private: Private) -> No
         # A per-job timeout may only lower the limit.
         lowered = submit(http, "sleep", timeout=1, seconds=30)
         start = time.monotonic()
-        lowered_done = wait_final(http, lowered, 10)
+        lowered_done = wait(http, lowered, 10)
         assert lowered_done["status"] == "failed"
         assert "limit of 1 s" in lowered_done["error"]
         assert time.monotonic() - start < 3.5
@@ -324,7 +305,7 @@ def test_time_limits_fail_the_job_and_the_worker_goes_on(private: Private) -> No
         # The worker survived, its pool is full again, the next job runs, nothing redelivered.
         assert stack.pid_alive(private.worker.pid)
         stack.wait_until(lambda: pool_size(private.worker) == 2, 10, what="pool refilled")
-        assert wait_final(http, submit(http, "fib", n=20))["result"] == 6765
+        assert wait(http, submit(http, "fib", n=20))["result"] == 6765
         time.sleep(1)
         for job_id in (soft, stuck, lowered):
             record = http.get(f"/jobs/{job_id}").json()
@@ -348,35 +329,14 @@ def _swapped_out() -> int:
     return 0
 
 
-def _streamed_upload(http: httpx.Client, arr: np.ndarray, chunk: int = 8 << 20) -> str:
-    header = build_header(arr.dtype, arr.shape, False)
-    flat = memoryview(arr).cast("B")
-
-    def body() -> Iterator[bytes]:
-        yield header
-        for start in range(0, len(flat), chunk):
-            yield bytes(flat[start : start + chunk])
-
-    response = http.post(
-        "/arrays",
-        content=body(),
-        headers={
-            "content-type": "application/x-npy",
-            "content-length": str(len(header) + arr.nbytes),
-        },
-    )
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
 def test_memory_limit_fails_the_job_not_the_worker_or_host(private: Private) -> None:
     big = np.ones(48 << 20)  # 384 MiB input: more than the limit, and it must not count
     with private.client(timeout=60) as http:
-        array_id = _streamed_upload(http, big)
+        array_id = streamed_upload(http, big)["id"]
         del big
         body = {"task": "sum", "inputs": {"a": {"array": array_id}}}
         total = http.post("/jobs", json=body).json()["id"]
-        assert wait_final(http, total)["result"] == float(48 << 20)
+        assert wait(http, total)["result"] == float(48 << 20)
 
         worker_pid = private.worker.pid
         children = set(stack.children_of(worker_pid))
@@ -397,7 +357,7 @@ def test_memory_limit_fails_the_job_not_the_worker_or_host(private: Private) -> 
         try:
             # 8 GiB asked for, 32 MiB at a time, every page touched.
             hog = submit(http, "hog", megabytes=8192, step_megabytes=32, pause=0.02)
-            record = wait_final(http, hog, 20)
+            record = wait(http, hog, 20)
         finally:
             stop.set()
             sampler.join()
@@ -414,6 +374,6 @@ def test_memory_limit_fails_the_job_not_the_worker_or_host(private: Private) -> 
         assert stack.pid_alive(worker_pid)
         assert record["worker"]["pid"] in stack.children_of(worker_pid)
         assert len(stack.children_of(worker_pid)) == len(children)
-        assert wait_final(http, submit(http, "hog", megabytes=128))["result"] == 128
+        assert wait(http, submit(http, "hog", megabytes=128))["result"] == 128
         assert http.delete(f"/arrays/{array_id}").status_code == 204
         print(f"hog failed; its child's private memory grew by {grew >> 20} MiB at most")

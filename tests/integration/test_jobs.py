@@ -10,18 +10,7 @@ import pytest
 
 from tests import stack
 from tests.conftest import Stack
-
-
-def submit(http: httpx.Client, task: str, **params: object) -> dict:
-    response = http.post("/jobs", json={"task": task, "params": params})
-    assert response.status_code == 202, response.text
-    return response.json()
-
-
-def wait(http: httpx.Client, job_id: str, seconds: float = 30) -> dict:
-    response = http.get(f"/jobs/{job_id}", params={"wait": seconds}, timeout=seconds + 10)
-    assert response.status_code == 200, response.text
-    return response.json()
+from tests.http_api import submit, wait
 
 
 def test_fib_succeeds_over_http(http: httpx.Client) -> None:
@@ -41,7 +30,7 @@ def test_fib_succeeds_over_http(http: httpx.Client) -> None:
 
 def test_loop_stays_responsive_while_every_child_is_busy(http: httpx.Client, live: Stack) -> None:
     """The seed's situation: more CPU jobs than children, and /healthz still answers at once."""
-    jobs = [submit(http, "fib", n=34)["id"] for _ in range(6)]
+    jobs = [submit(http, "fib", n=34) for _ in range(6)]
     latencies: list[float] = []
     stop = threading.Event()
 
@@ -70,7 +59,7 @@ def test_loop_stays_responsive_while_every_child_is_busy(http: httpx.Client, liv
 def test_wait_returns_when_the_job_ends_not_at_the_deadline(http: httpx.Client) -> None:
     job = submit(http, "sleep", seconds=1.0)
     start = time.monotonic()
-    done = wait(http, job["id"], 10)
+    done = wait(http, job, 10)
     elapsed = time.monotonic() - start
     assert done["status"] == "succeeded"
     assert elapsed < 4.0, f"?wait=10 on a 1 s job took {elapsed:.2f} s"
@@ -79,10 +68,10 @@ def test_wait_returns_when_the_job_ends_not_at_the_deadline(http: httpx.Client) 
 def test_wait_times_out_with_the_current_state(http: httpx.Client) -> None:
     job = submit(http, "sleep", seconds=3)
     start = time.monotonic()
-    state = wait(http, job["id"], 0.5)
+    state = http.get(f"/jobs/{job}", params={"wait": 0.5}).json()  # one long-poll
     assert time.monotonic() - start < 2.5
     assert state["status"] in ("queued", "running")
-    assert wait(http, job["id"], 20)["status"] == "succeeded"
+    assert wait(http, job, 20)["status"] == "succeeded"
 
 
 @pytest.mark.parametrize(
@@ -132,47 +121,47 @@ def test_bad_submissions_get_json_errors_and_enqueue_nothing(
 
 
 def test_failing_job_reports_error_and_worker_goes_on(http: httpx.Client) -> None:
-    failed = wait(http, submit(http, "boom", message="the sky fell")["id"])
+    failed = wait(http, submit(http, "boom", message="the sky fell"))
     assert failed["status"] == "failed"
     assert failed["error"] == "ValueError: the sky fell"
     assert failed["result"] is None
     result = http.get(f"/jobs/{failed['id']}/result")
     assert result.status_code == 409
     assert "the sky fell" in result.json()["error"]["message"]
-    assert wait(http, submit(http, "fib", n=10)["id"])["result"] == 55
+    assert wait(http, submit(http, "fib", n=10))["result"] == 55
 
 
 def test_cancel_running_job_frees_its_process(http: httpx.Client, live: Stack) -> None:
     job = submit(http, "sleep", seconds=120)
     deadline = time.monotonic() + 20
-    while http.get(f"/jobs/{job['id']}").json()["status"] != "running":
+    while http.get(f"/jobs/{job}").json()["status"] != "running":
         assert time.monotonic() < deadline, "job never started"
         time.sleep(0.05)
     start = time.monotonic()
-    response = http.delete(f"/jobs/{job['id']}")
+    response = http.delete(f"/jobs/{job}")
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
-    record = http.get(f"/jobs/{job['id']}").json()
+    record = http.get(f"/jobs/{job}").json()
     assert record["status"] == "cancelled"
     # Full concurrency afterwards: two jobs at once each run in their own child.
-    pair = [submit(http, "sleep", seconds=1.0)["id"] for _ in range(2)]
+    pair = [submit(http, "sleep", seconds=1.0) for _ in range(2)]
     done = [wait(http, job_id, 30) for job_id in pair]
     assert [d["status"] for d in done] == ["succeeded", "succeeded"]
     assert abs(done[0]["started_at"] - done[1]["started_at"]) < 0.9, "ran one after the other"
     assert time.monotonic() - start < 10
-    assert http.delete(f"/jobs/{job['id']}").status_code == 409
+    assert http.delete(f"/jobs/{job}").status_code == 409
     children = stack.children_of(live.worker.pid)
     assert len(children) == 2
 
 
 def test_cancel_queued_job_never_runs(http: httpx.Client) -> None:
-    blockers = [submit(http, "sleep", seconds=1.5)["id"] for _ in range(2)]
+    blockers = [submit(http, "sleep", seconds=1.5) for _ in range(2)]
     queued = submit(http, "fib", n=20)
-    assert http.delete(f"/jobs/{queued['id']}").json()["status"] == "cancelled"
+    assert http.delete(f"/jobs/{queued}").json()["status"] == "cancelled"
     for job_id in blockers:
         assert wait(http, job_id)["status"] == "succeeded"
     time.sleep(0.5)
-    record = http.get(f"/jobs/{queued['id']}").json()
+    record = http.get(f"/jobs/{queued}").json()
     assert record["status"] == "cancelled"
     assert record["started_at"] is None and record["result"] is None
 
@@ -235,8 +224,8 @@ def test_batch_with_one_bad_job_queues_nothing(http: httpx.Client, live: Stack) 
 
 
 def test_wait_any_returns_at_the_first_end(http: httpx.Client) -> None:
-    quick = submit(http, "sleep", seconds=0.2)["id"]
-    slow = submit(http, "sleep", seconds=5)["id"]
+    quick = submit(http, "sleep", seconds=0.2)
+    slow = submit(http, "sleep", seconds=5)
     start = time.monotonic()
     jobs = http.post("/jobs/wait", json={"ids": [slow, quick], "wait": 20, "any": True}).json()
     assert time.monotonic() - start < 4

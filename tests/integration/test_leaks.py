@@ -16,7 +16,6 @@ while jobs still hold them. Then, once the arrays' TTL (15 s here) has passed an
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import pytest
 import redis
 
 from tests import stack
+from tests.http_api import npy_bytes
 
 ARRAY_TTL = 15
 JOB_TTL = 3600
@@ -75,12 +75,6 @@ def load() -> Iterator[Load]:
             (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
-def npy(arr: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, arr, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def _keys(load: Load) -> set[str]:
     return {k for k in load.redis.scan_iter("*") if ":janitor:" not in k}
 
@@ -100,7 +94,7 @@ def test_500_mixed_jobs_leave_no_segments_and_no_keys(load: Load) -> None:
 
         def upload(arr: np.ndarray) -> str:
             response = http.post(
-                "/arrays", content=npy(arr), headers={"content-type": "application/x-npy"}
+                "/arrays", content=npy_bytes(arr), headers={"content-type": "application/x-npy"}
             )
             assert response.status_code == 201, response.text
             return response.json()["id"]

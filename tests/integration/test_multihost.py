@@ -9,7 +9,6 @@ order on one module-scoped cluster and count pulls with the replica counters in 
 
 from __future__ import annotations
 
-import io
 import json
 import shlex
 import subprocess
@@ -31,6 +30,7 @@ from shared.arrays.store import ArrayStore
 from shared.schemas import ArrayRef
 from shared.settings import Settings
 from tests import stack
+from tests.http_api import load_npy, submit, upload, wait
 
 pytestmark = pytest.mark.slow
 
@@ -98,39 +98,8 @@ class Cluster:
         return self.stats().get(f"pulls:{domain.shm_domain}", 0)
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, arr, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def upload(http: httpx.Client, arr: np.ndarray) -> dict:
-    r = http.post("/arrays", content=npy_bytes(arr), headers={"content-type": "application/x-npy"})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
 def run(http: httpx.Client, task: str, params: dict | None = None, **inputs: str) -> dict:
-    body = {
-        "task": task,
-        "params": params or {},
-        "inputs": {k: {"array": v} for k, v in inputs.items()},
-    }
-    r = http.post("/jobs", json=body)
-    assert r.status_code == 202, r.text
-    return wait(http, r.json()["id"])
-
-
-def wait(http: httpx.Client, job_id: str) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
-        view = http.get(f"/jobs/{job_id}", params={"wait": 20}).json()
-        if view["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
-            return view
-
-
-def load(content: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(content), allow_pickle=False)
+    return wait(http, submit(http, task, inputs=inputs, **(params or {})), 60)
 
 
 def _start_b(env: dict[str, str], port: int, name: str) -> stack.Proc:
@@ -255,7 +224,7 @@ def test_any_api_streams_an_array_held_in_another_domain(cluster: Cluster) -> No
 
 def raw_data(response: httpx.Response) -> bytes:
     """The raw data bytes of a `.npy` response (what the internal endpoint sends)."""
-    arr = load(response.content)
+    arr = load_npy(response.content)
     return arr.tobytes(order="A")
 
 
@@ -275,7 +244,7 @@ def test_job_with_inputs_in_two_domains(cluster: Cluster) -> None:
         for http in (http_a, http_b):  # one of them streams it from the other
             got = http.get(f"/jobs/{view['id']}/result")
             assert got.status_code == 200, got.text
-            np.testing.assert_allclose(load(got.content), a @ b, rtol=1e-12)
+            np.testing.assert_allclose(load_npy(got.content), a @ b, rtol=1e-12)
     # The domain that ran it pulled exactly the input it lacked.
     assert cluster.stats()[f"pulls:{ran_in}"] == 1
 
@@ -339,7 +308,7 @@ def test_without_a_workers_b_pulls_once_and_reuses_its_copy(cluster: Cluster) ->
             assert view["result"]["anon_growth_kib"] < 512  # the replica is attached, not copied
         assert cluster.pulls(cluster.b) == pulls + 1
         assert cluster.stats()[f"hits:{cluster.b.shm_domain}"] >= hits + 2
-        x = load(http_a.get(f"/arrays/{x_id}").content)
+        x = load_npy(http_a.get(f"/arrays/{x_id}").content)
         assert first["result"]["sum"] == pytest.approx(float(x.sum()))
 
         # A fresh array wanted by two children at once is still pulled once (the lock).

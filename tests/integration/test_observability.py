@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import stack
+from tests.http_api import submit, wait
 
 ARTIFACTS = stack.REPO / "test-artifacts"
 
@@ -62,18 +63,6 @@ def obs() -> Iterator[ObsStack]:
 def http(obs: ObsStack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=obs.url, timeout=30) as client:
         yield client
-
-
-def submit(http: httpx.Client, task: str, **params: object) -> str:
-    response = http.post("/jobs", json={"task": task, "params": params})
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def wait(http: httpx.Client, job_id: str, seconds: float = 30) -> dict:
-    response = http.get(f"/jobs/{job_id}", params={"wait": seconds}, timeout=seconds + 10)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def scrape(http: httpx.Client) -> Samples:
