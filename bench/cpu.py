@@ -346,6 +346,15 @@ def main() -> None:
 
     forklift = med[FORKLIFT]
     best_pool = min(v["total"] for k, v in med.items() if k.startswith(("(c)", "(d)")))
+    # The VM's speed drifts between rounds (t1 per round above), so the verdict pairs the
+    # variants within each round: forklift ÷ the better pool variant of the same round.
+    pools = [v for v in variants if v.label.startswith(("(c)", "(d)"))]
+    paired = [
+        fl.total / min(pv.runs[i].total for pv in pools)
+        for i, fl in enumerate(variants[-1].runs)
+        if all(i < len(pv.runs) for pv in pools)
+    ]
+    paired_ratio = statistics.median(paired) if paired else forklift["total"] / best_pool
     inline = [v for k, v in med.items() if k.startswith(("(a)", "(b)"))]
     fl_runtime = statistics.mean(r.job_runtime or 0 for r in variants[-1].runs)
     targets = md_table(
@@ -353,9 +362,11 @@ def main() -> None:
         [
             [
                 "forklift total ≤ 1.05 × best process-pool variant",
-                f"{forklift['total']:.2f} s vs {best_pool:.2f} s"
+                f"{paired_ratio:.3f} × (median over rounds of forklift ÷ the better pool"
+                f" variant of the same round: {', '.join(f'{r:.3f}' for r in paired)});"
+                f" medians of totals: {forklift['total']:.2f} s vs {best_pool:.2f} s"
                 f" = {forklift['total'] / best_pool:.3f} ×",
-                "met" if forklift["total"] <= 1.05 * best_pool else "missed",
+                "met" if paired_ratio <= 1.05 else "missed",
             ],
             [
                 "forklift health p99 < 20 ms under load",

@@ -35,13 +35,13 @@ from shared.client.errors import (
     retry_after,
 )
 from shared.client.handles import ArrayHandle, array_id
-from shared.client.npy_stream import CHUNK, NPY, NpyReader, anpy_chunks, memory_order, npy_length
+from shared.client.npy_stream import CHUNK, NPY, NpyReader, anpy_chunks, npy_length
 from shared.client.same_host import (
     RecycledSegmentUnavailable,
     discard_segment,
     fill_segment,
     local_domain,
-    new_segment_name,
+    registration,
 )
 from shared.client.sse import SseParser, event_item
 
@@ -338,17 +338,7 @@ class AsyncClient:
     async def _register_once(
         self, arr: np.ndarray, ttl: float | None, info: dict[str, Any], *, recycle: bool
     ) -> ArrayHandle | None:
-        name, ident = new_segment_name(info["shm_prefix"])
-        body: dict[str, Any] = {
-            "segment": name,
-            "dtype": arr.dtype.str,
-            "shape": list(arr.shape),
-            "order": memory_order(arr),
-            "domain": local_domain(),
-            "recycle": recycle,
-        }
-        if ttl:
-            body["ttl"] = ttl
+        name, ident, body = registration(arr, ttl, info["shm_prefix"], recycle=recycle)
         reservation = (
             await self._request(
                 "POST",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,24 @@ def new_segment_name(prefix: str) -> tuple[str, str]:
     """(segment name, array id): the stack's prefix and a fresh uuid4 hex."""
     array_id = uuid.uuid4().hex
     return f"{prefix}{array_id}", array_id
+
+
+def registration(
+    arr: np.ndarray, ttl: float | None, prefix: str, *, recycle: bool
+) -> tuple[str, str, dict[str, Any]]:
+    """(segment name, array id, body of `POST /arrays/register`) for a new segment name."""
+    name, array_id = new_segment_name(prefix)
+    body: dict[str, Any] = {
+        "segment": name,
+        "dtype": arr.dtype.str,
+        "shape": list(arr.shape),
+        "order": memory_order(arr),
+        "domain": local_domain(),
+        "recycle": recycle,
+    }
+    if ttl:
+        body["ttl"] = ttl
+    return name, array_id, body
 
 
 class RecycledSegmentUnavailable(Exception):

@@ -38,7 +38,6 @@ from shared.client.npy_stream import (
     NPY,
     NpyReader,
     file_chunks,
-    memory_order,
     npy_chunks,
     npy_length,
 )
@@ -47,7 +46,7 @@ from shared.client.same_host import (
     discard_segment,
     fill_segment,
     local_domain,
-    new_segment_name,
+    registration,
 )
 from shared.client.sse import SseParser, event_item
 
@@ -365,17 +364,7 @@ class Client:
     def _register_once(
         self, arr: np.ndarray, ttl: float | None, info: dict[str, Any], *, recycle: bool
     ) -> ArrayHandle | None:
-        name, ident = new_segment_name(info["shm_prefix"])
-        body: dict[str, Any] = {
-            "segment": name,
-            "dtype": arr.dtype.str,
-            "shape": list(arr.shape),
-            "order": memory_order(arr),
-            "domain": local_domain(),
-            "recycle": recycle,
-        }
-        if ttl:
-            body["ttl"] = ttl
+        name, ident, body = registration(arr, ttl, info["shm_prefix"], recycle=recycle)
         reservation = self._request(
             "POST",
             "/arrays/register",
