@@ -1,4 +1,10 @@
-"""/healthz: is Redis answering, and how many workers are online."""
+"""/healthz: is Redis answering, and how many workers are online.
+
+A good answer is reused for `FRESH_S` (per API process): load balancers and orchestrators poll
+this endpoint all the time, also while the workers need every core, and on a busy host a
+Redis round trip per poll doubles the processes that must be scheduled before it answers.
+A failed check is never reused, so Redis going down shows within `FRESH_S`.
+"""
 
 from __future__ import annotations
 
@@ -15,18 +21,25 @@ from worker.heartbeat import STALE_AFTER_S, workers_key
 
 router = APIRouter(tags=["health"])
 
+FRESH_S = 0.5
+_last_good: dict[int, tuple[float, int]] = {}  # id(redis client) -> (monotonic time, workers)
+
 
 @router.get("/healthz", responses={503: {"description": "Redis is down"}})
 async def healthz(state: State) -> Any:
     """200 while Redis answers (even with no worker online: jobs then wait in the queue)."""
     settings = state.settings
+    cached = _last_good.get(id(state.redis))
     try:
-        # One round trip (the count proves Redis answers, no PING needed): load balancers
-        # poll this all the time, also while the workers need every core.
-        workers = await state.redis.zcount(
-            workers_key(settings), time.time() - STALE_AFTER_S, "+inf"
-        )
+        if cached is not None and time.monotonic() - cached[0] < FRESH_S:
+            workers = cached[1]
+        else:  # one round trip: the count proves Redis answers, no PING needed
+            workers = await state.redis.zcount(
+                workers_key(settings), time.time() - STALE_AFTER_S, "+inf"
+            )
+            _last_good[id(state.redis)] = (time.monotonic(), workers)
     except REDIS_ERRORS:
+        _last_good.pop(id(state.redis), None)
         error = {"code": "unavailable", "message": "Redis is unavailable; retry in a few seconds"}
         return JSONResponse(
             {"status": "unavailable", "redis": False, "workers": None, "error": error},

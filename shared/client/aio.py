@@ -109,13 +109,7 @@ class AsyncJob:
                 ) as response:
                     if response.status_code >= 400:
                         await response.aread()
-                        error = error_from_response(
-                            response.status_code, response.content, response.headers
-                        )
-                        if not isinstance(error, Unavailable):
-                            raise error
-                        hint = retry_after(response.headers, 1.0)
-                        await asyncio.sleep(backoff.next_delay(error.message, deadline, hint))
+                        await asyncio.sleep(backoff.after_error_response(response, deadline))
                         continue
                     parser = SseParser()
                     async for line in response.aiter_lines():
@@ -234,13 +228,7 @@ class AsyncClient:
                 async with self._http.stream("GET", path) as response:
                     if response.status_code >= 400:
                         await response.aread()
-                        error = error_from_response(
-                            response.status_code, response.content, response.headers
-                        )
-                        if not isinstance(error, Unavailable):
-                            raise error
-                        hint = retry_after(response.headers, 1.0)
-                        await asyncio.sleep(backoff.next_delay(error.message, deadline, hint))
+                        await asyncio.sleep(backoff.after_error_response(response, deadline))
                         continue
                     async for chunk in response.aiter_raw(CHUNK):
                         sink(chunk)

@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from shared.client.errors import JobCancelled, JobFailed, Timeout, Unavailable
+from shared.client.errors import (
+    JobCancelled,
+    JobFailed,
+    Timeout,
+    Unavailable,
+    error_from_response,
+    retry_after,
+)
 from shared.client.handles import ArrayHandle
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -171,3 +178,11 @@ class Backoff:
         if remaining is not None and delay >= remaining:
             raise deadline.timeout_error(reason)
         return delay
+
+    def after_error_response(self, response: Any, deadline: Deadline) -> float:
+        """For a streamed request answered >= 400 (body read): the error, raised, unless it is
+        a 503 worth waiting out; then the seconds to wait before trying again."""
+        error = error_from_response(response.status_code, response.content, response.headers)
+        if not isinstance(error, Unavailable):
+            raise error
+        return self.next_delay(error.message, deadline, retry_after(response.headers, 1.0))

@@ -125,13 +125,7 @@ class Job:
                 ) as response:
                     if response.status_code >= 400:
                         response.read()
-                        error = error_from_response(
-                            response.status_code, response.content, response.headers
-                        )
-                        if not isinstance(error, Unavailable):
-                            raise error
-                        hint = retry_after(response.headers, 1.0)
-                        time.sleep(backoff.next_delay(error.message, deadline, hint))
+                        time.sleep(backoff.after_error_response(response, deadline))
                         continue
                     parser = SseParser()
                     for line in response.iter_lines():
@@ -263,13 +257,7 @@ class Client:
                 with self._http.stream("GET", path) as response:
                     if response.status_code >= 400:
                         response.read()
-                        error = error_from_response(
-                            response.status_code, response.content, response.headers
-                        )
-                        if not isinstance(error, Unavailable):
-                            raise error
-                        hint = retry_after(response.headers, 1.0)
-                        time.sleep(backoff.next_delay(error.message, deadline, hint))
+                        time.sleep(backoff.after_error_response(response, deadline))
                         continue
                     for chunk in response.iter_raw(CHUNK):
                         sink(chunk)
