@@ -339,17 +339,25 @@ def test_memory_limit_fails_the_job_not_the_worker_or_host(private: Private) -> 
         assert wait(http, total)["result"] == float(48 << 20)
 
         worker_pid = private.worker.pid
+        stack.wait_until(lambda: pool_size(private.worker) == 2, 30, what="a full pool")
         children = set(stack.children_of(worker_pid))
         swapped_before = _swapped_out()
+        # Private memory of every child, every 2 ms; the list of children is read again
+        # every 50 ms, since a child killed by an earlier test may be replaced meanwhile.
         base = {pid: _rss_anon(pid) for pid in children}
         peak = dict(base)
         stop = threading.Event()
 
-        def sample() -> None:  # the children's private memory, every 2 ms
+        def sample() -> None:
+            pids, scanned = list(children), time.monotonic()
             while not stop.is_set():
-                for pid in children:
+                if time.monotonic() - scanned > 0.05:
+                    pids, scanned = stack.children_of(worker_pid), time.monotonic()
+                for pid in pids:
                     with contextlib.suppress(OSError, ValueError):
-                        peak[pid] = max(peak[pid], _rss_anon(pid))
+                        rss = _rss_anon(pid)
+                        base.setdefault(pid, rss)
+                        peak[pid] = max(peak.get(pid, 0), rss)
                 time.sleep(0.002)
 
         sampler = threading.Thread(target=sample)
@@ -365,14 +373,15 @@ def test_memory_limit_fails_the_job_not_the_worker_or_host(private: Private) -> 
         assert record["error"].startswith("memory limit")
         assert str(MEMORY_LIMIT) in record["error"]
         assert record["attempts"] == 1
-        grew = max(peak[pid] - base[pid] for pid in children)
+        hog_pid = record["worker"]["pid"]
+        grew = peak[hog_pid] - base[hog_pid]
         assert MEMORY_LIMIT // 2 < grew < MEMORY_LIMIT + (64 << 20), f"peak {grew >> 20} MiB"
         assert _swapped_out() == swapped_before
         # The child that ran the hog lives on in the same worker, the pool is still full,
         # and the next job fits. (The set of children is not compared: a child killed by an
         # earlier test in this module may be replaced by billiard at any moment.)
         assert stack.pid_alive(worker_pid)
-        assert record["worker"]["pid"] in stack.children_of(worker_pid)
+        assert hog_pid in stack.children_of(worker_pid)
         assert len(stack.children_of(worker_pid)) == len(children)
         assert wait(http, submit(http, "hog", megabytes=128))["result"] == 128
         assert http.delete(f"/arrays/{array_id}").status_code == 204
