@@ -14,8 +14,8 @@ from api.arrays_io import stream_segment
 from api.deps import State
 from api.errors import ApiError, not_found
 from api.remote import InternalCaller
+from shared.arrays import mappings
 from shared.arrays.replicas import stats_key
-from shared.arrays.segments import attach_segment
 from shared.schemas import is_id
 
 router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False)
@@ -39,7 +39,7 @@ async def internal_array(array_id: str, state: State, _: InternalCaller) -> Resp
             f"array {array_id} lives in shm domain {record.domain}, not in {here}",
         )
     try:
-        segment = attach_segment(record.segment, record.nbytes)
+        segment = mappings.attach(record.segment, record.nbytes)
     except FileNotFoundError:
         raise not_found("array", array_id) from None
     pipe = state.redis.pipeline(transaction=False)
