@@ -90,8 +90,8 @@ async def stream_segment(
             yield header
         view = segment.buffer
         for start in range(0, nbytes, DOWNLOAD_CHUNK):
-            # bytes(): the transport may buffer what it cannot send yet, and the mapping
-            # is closed when this generator ends.
+            # bytes(): the transport may buffer what it cannot send yet, and once this
+            # generator ends the mapping may be unmapped or the segment freed and recycled.
             yield bytes(view[start : start + DOWNLOAD_CHUNK])
         del view
     finally:

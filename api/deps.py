@@ -26,6 +26,8 @@ class AppState:
     jobs: JobStore
     arrays: ArrayStore
     hub: JobEventHub
+    # (monotonic time, workers online) of the last /healthz check that reached Redis
+    last_good_health: tuple[float, int] | None = None
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def`

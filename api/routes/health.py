@@ -22,14 +22,13 @@ from worker.heartbeat import STALE_AFTER_S, workers_key
 router = APIRouter(tags=["health"])
 
 FRESH_S = 0.5
-_last_good: dict[int, tuple[float, int]] = {}  # id(redis client) -> (monotonic time, workers)
 
 
 @router.get("/healthz", responses={503: {"description": "Redis is down"}})
 async def healthz(state: State) -> Any:
     """200 while Redis answers (even with no worker online: jobs then wait in the queue)."""
     settings = state.settings
-    cached = _last_good.get(id(state.redis))
+    cached = state.last_good_health
     try:
         if cached is not None and time.monotonic() - cached[0] < FRESH_S:
             workers = cached[1]
@@ -37,9 +36,9 @@ async def healthz(state: State) -> Any:
             workers = await state.redis.zcount(
                 workers_key(settings), time.time() - STALE_AFTER_S, "+inf"
             )
-            _last_good[id(state.redis)] = (time.monotonic(), workers)
+            state.last_good_health = (time.monotonic(), workers)
     except REDIS_ERRORS:
-        _last_good.pop(id(state.redis), None)
+        state.last_good_health = None
         error = {"code": "unavailable", "message": "Redis is unavailable; retry in a few seconds"}
         return JSONResponse(
             {"status": "unavailable", "redis": False, "workers": None, "error": error},
