@@ -244,12 +244,20 @@ def _sweep_segments(prefix: str) -> list[str]:
     return sorted(removed)
 
 
+DESCRIPTION = (
+    "Run the forklift API and a worker pool in the foreground "
+    "(and an embedded Redis when REDIS_URL is unset and none answers locally)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="forklift up",
-        description="Run the forklift API and a worker pool in the foreground "
-        "(and an embedded Redis when REDIS_URL is unset and none answers locally).",
-    )
+    parser = argparse.ArgumentParser(prog="forklift up", description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`forklift up`'s options, for its own parser and for the `forklift` command's."""
     parser.add_argument("--host", default="127.0.0.1", help="API bind address (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="API port (8000)")
     parser.add_argument(
@@ -274,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to let children stop after SIGTERM before killing them (20)",
     )
     parser.add_argument("--log-level", default="info", help="uvicorn and celery log level")
-    return parser
 
 
 class Launcher:
@@ -442,7 +449,11 @@ class Launcher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the stack with parsed `forklift up` options until it is stopped."""
     launcher = Launcher(args)
     code = launcher.run()
     if launcher.failed and code == 0:

@@ -1,4 +1,4 @@
-"""The `forklift` command line (everything but `forklift up`): jobs and arrays from a shell.
+"""The `forklift` command line: `forklift up` runs a stack; the rest move jobs and arrays.
 
     forklift submit fib n=30 --wait          forklift put data.npy          (prints the id)
     forklift submit sum a=@data.npy --wait   forklift get <array-id> -o out.npy
@@ -22,11 +22,13 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from shared import launcher
 from shared.client import common
 from shared.client.errors import ForkliftError, InvalidRequest, JobError, NotFound, Timeout
 from shared.client.handles import ArrayHandle
@@ -74,6 +76,13 @@ def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+def _version() -> str:
+    try:
+        return metadata.version("forklift")
+    except metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forklift",
@@ -81,8 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 job failed/cancelled, 2 usage error or request refused,"
         " 3 not found, 4 server unavailable or other error",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _common_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # `up` runs the stack rather than talking to one: the client options are accepted before it
+    # (they are global) and ignored.
+    p = sub.add_parser(
+        "up", help="run the stack here: API, workers (and Redis)", description=launcher.DESCRIPTION
+    )
+    launcher.add_arguments(p)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -408,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "up":
+        return launcher.run(args)
     url = args.url or os.environ.get("FORKLIFT_URL") or common.DEFAULT_URL
     api_key = args.api_key or os.environ.get("FORKLIFT_API_KEY") or None
     try:

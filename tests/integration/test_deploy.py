@@ -385,10 +385,12 @@ def _launcher_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _start_launcher(env: dict[str, str], redis_port: int) -> tuple[stack.Proc, str]:
+def _start_launcher(
+    env: dict[str, str], redis_port: int, global_options: tuple[str, ...] = ()
+) -> tuple[stack.Proc, str]:
     port = stack.free_port()
-    argv = [sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--redis-port",
-            str(redis_port), "--workers", "2", "--stop-timeout", "20"]  # fmt: skip
+    argv = [sys.executable, "-m", "shared.cli", *global_options, "up", "--port", str(port),
+            "--redis-port", str(redis_port), "--workers", "2", "--stop-timeout", "20"]  # fmt: skip
     proc = stack.spawn("forklift-up", argv, env)
     url = f"http://127.0.0.1:{port}"
 
@@ -462,7 +464,9 @@ def test_forklift_up_uses_a_redis_that_answers_and_leaves_shm_alone() -> None:
     foreign.write_bytes(b"x")
     proc = None
     try:
-        proc, url = _start_launcher(env, redis_port)
+        # Global options stand before any command, `up` included (it ignores the client ones).
+        options = ("--url", "http://127.0.0.1:9", "--api-key", "unused", "--json")
+        proc, url = _start_launcher(env, redis_port, options)
         assert _workers_online(redis_url, env["FORKLIFT_KEY_PREFIX"]) >= 1
         _run_fib(url)
         started = _tree(proc.pid)
