@@ -2,20 +2,28 @@
 
 Uploads are written chunk by chunk into the segment as they arrive (the whole array never
 exists as one Python `bytes`); downloads stream the `.npy` header and then the segment.
+
+A download holds a read lease on its array (shared/arrays/store.py) from before it maps the
+segment until its response ends, renewed while it runs: deleting or expiring the array meanwhile
+hides it at once, but its segment is neither recycled nor truncated until the last reader is
+done, so the download streams the right bytes to the end and can never SIGBUS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio
 import numpy as np
 from anyio import to_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from api.deps import AppState
 from api.errors import ApiError, not_found
@@ -29,8 +37,10 @@ from shared.arrays.segments import (
     create_segment,
     unlink_segment,
 )
-from shared.arrays.store import ArrayRecord
+from shared.arrays.store import READ_LEASE_S, ArrayRecord
 from shared.schemas import is_id
+
+log = logging.getLogger("forklift.api")
 
 DOWNLOAD_CHUNK = 4 << 20
 ALLOCATION_BLOCK = 64 << 20
@@ -40,11 +50,16 @@ NPY_MEDIA_TYPE = "application/x-npy"
 
 
 async def free_arrays(state: AppState, array_ids: list[str]) -> None:
-    """Drop records and unlink their segments (unlinking a big tmpfs file is not free)."""
+    """Drop records and release their segments (renaming or unlinking one is not free).
+
+    An array a download still reads is not dropped now: its last reader does it.
+    """
     for array_id in array_ids:
-        segment = await state.arrays.drop(array_id)
-        if segment:
-            await to_thread.run_sync(pool.release, segment, state.settings)
+        dropped = await state.arrays.drop(array_id)
+        if dropped:
+            await to_thread.run_sync(
+                lambda d=dropped: pool.release(d.segment, state.settings, owner=d.owner)
+            )
 
 
 async def load_array(state: AppState, array_id: str, owner: str) -> ArrayRecord:
@@ -72,13 +87,80 @@ async def npy_response(state: AppState, array_id: str, owner: str, *, head: bool
         return Response(status_code=200, headers=headers, media_type=NPY_MEDIA_TYPE)
     if record.domain != state.settings.shm_domain:  # another host's: stream it from its API
         return await proxy_array(state, record, header, headers, NPY_MEDIA_TYPE)
+    return await leased_stream(state, record, owner, header, headers, NPY_MEDIA_TYPE)
+
+
+async def leased_stream(
+    state: AppState,
+    record: ArrayRecord,
+    owner: str | None,
+    header: bytes,
+    headers: dict[str, str],
+    media_type: str,
+) -> Response:
+    """A streaming response of the array's segment that holds a read lease until it ends.
+
+    `owner`: a client's download (404 unless visible and the caller's); None: an internal
+    read (ready is enough). The lease is taken before the segment is mapped, atomically with
+    the check, so nothing can free the array in between.
+    """
+    token = uuid.uuid4().hex
+    if not await state.arrays.begin_read(record.id, token, owner=owner):
+        raise not_found("array", record.id)
     try:
         segment = mappings.attach(record.segment, record.nbytes)  # kept: no faults next time
-    except FileNotFoundError:
-        raise not_found("array", array_id) from None
-
+    except BaseException as exc:
+        await end_read(state, record.id, token)
+        if isinstance(exc, FileNotFoundError):
+            raise not_found("array", record.id) from None
+        raise
     body = stream_segment(segment, record.nbytes, header)
-    return StreamingResponse(body, headers=headers, media_type=NPY_MEDIA_TYPE)
+    return LeasedStream(state, record.id, token, body, headers=headers, media_type=media_type)
+
+
+async def end_read(state: AppState, array_id: str, token: str) -> None:
+    """Give a read lease back; the last reader of an array deleted meanwhile frees it."""
+    if await state.arrays.end_read(array_id, token):
+        await free_arrays(state, [array_id])
+
+
+class LeasedStream(StreamingResponse):
+    """Streams while renewing a read lease; gives the lease back however the stream ends
+    (done, client gone, cancelled), shielded from cancellation."""
+
+    def __init__(
+        self,
+        state: AppState,
+        array_id: str,
+        token: str,
+        body: AsyncIterator[bytes],
+        **kwargs: object,
+    ) -> None:
+        super().__init__(body, **kwargs)  # type: ignore[arg-type]
+        self._state, self._array_id, self._token = state, array_id, token
+
+    async def _renew(self) -> None:
+        while True:
+            await anyio.sleep(READ_LEASE_S / 3)
+            try:
+                await self._state.arrays.renew_read(self._array_id, self._token)
+            except Exception as exc:  # Redis away for a moment: the next round retries
+                log.warning("renewing the read lease of array %s: %s", self._array_id, exc)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._renew)
+                try:
+                    await super().__call__(scope, receive, send)
+                finally:
+                    group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await end_read(self._state, self._array_id, self._token)
+                except Exception as exc:  # the lease lapses by itself; the janitor frees
+                    log.warning("ending the read lease of array %s: %s", self._array_id, exc)
 
 
 async def stream_segment(
@@ -91,7 +173,7 @@ async def stream_segment(
         view = segment.buffer
         for start in range(0, nbytes, DOWNLOAD_CHUNK):
             # bytes(): the transport may buffer what it cannot send yet, and once this
-            # generator ends the mapping may be unmapped or the segment freed and recycled.
+            # generator ends the lease goes and the segment may be freed and recycled.
             yield bytes(view[start : start + DOWNLOAD_CHUNK])
         del view
     finally:
@@ -275,8 +357,10 @@ async def _fill(
 
 
 async def _abandon(state: AppState, upload: Upload) -> None:
+    """A failed upload: its segment may hold a previous owner's bytes (recycled) or a partial
+    array, so it is unlinked, never pooled."""
     if upload.segment is not None:
         with contextlib.suppress(BufferError):
             upload.segment.close()
-    segment = await state.arrays.drop(upload.array_id)
-    await to_thread.run_sync(unlink_segment, segment or state.arrays.segment_name(upload.array_id))
+    await state.arrays.drop(upload.array_id)
+    await to_thread.run_sync(unlink_segment, state.arrays.segment_name(upload.array_id))

@@ -238,6 +238,6 @@ def store_ndarray(arr: np.ndarray, rt: Runtime, *, owner: str, job: str = "") ->
 
 def free_arrays(rt: Runtime, array_ids: list[str]) -> None:
     for array_id in array_ids:
-        segment = rt.arrays.drop(array_id)
-        if segment:
-            pool.release(segment, rt.settings)
+        dropped = rt.arrays.drop(array_id)  # None while a download reads it: the reader frees
+        if dropped:
+            pool.release(dropped.segment, rt.settings, owner=dropped.owner)

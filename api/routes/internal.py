@@ -8,13 +8,12 @@ OpenAPI schema.
 from __future__ import annotations
 
 from fastapi import APIRouter
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from api.arrays_io import stream_segment
+from api.arrays_io import leased_stream
 from api.deps import State
 from api.errors import ApiError, not_found
 from api.remote import InternalCaller
-from shared.arrays import mappings
 from shared.arrays.replicas import stats_key
 from shared.schemas import is_id
 
@@ -26,7 +25,8 @@ async def internal_array(array_id: str, state: State, _: InternalCaller) -> Resp
     """The raw bytes of an array held in this domain (no `.npy` header), for another domain.
 
     No owner check: the caller checked the owner (an API) or holds a job that pins the array
-    (a worker). An array whose deletion waits for its jobs is still served.
+    (a worker). An array whose deletion waits for its jobs is still served. The stream holds
+    a read lease like a client's download, so the segment cannot be recycled under it.
     """
     record = await state.arrays.get(array_id) if is_id(array_id) else None
     if record is None or record.state != "ready":
@@ -38,15 +38,12 @@ async def internal_array(array_id: str, state: State, _: InternalCaller) -> Resp
             "other_domain",
             f"array {array_id} lives in shm domain {record.domain}, not in {here}",
         )
-    try:
-        segment = mappings.attach(record.segment, record.nbytes)
-    except FileNotFoundError:
-        raise not_found("array", array_id) from None
+    headers = {"Content-Length": str(record.nbytes), "X-Forklift-Array-Id": record.id}
+    response = await leased_stream(
+        state, record, None, b"", headers, media_type="application/octet-stream"
+    )
     pipe = state.redis.pipeline(transaction=False)
     pipe.hincrby(stats_key(state.settings), f"served:{here}", 1)
     pipe.hincrby(stats_key(state.settings), f"served_bytes:{here}", record.nbytes)
     await pipe.execute()
-
-    headers = {"Content-Length": str(record.nbytes), "X-Forklift-Array-Id": record.id}
-    body = stream_segment(segment, record.nbytes)
-    return StreamingResponse(body, headers=headers, media_type="application/octet-stream")
+    return response

@@ -19,9 +19,12 @@ segment does:
    must not create it) and overwrites every byte. A client that cannot open it abandons the
    reservation (`DELETE`, below) and registers again without `recycle`.
 3. `POST /arrays/register/{id}/commit`: the segment must exist here (that is what proves the
-   same `/dev/shm`), be a plain file readable by the stack, and hold exactly `nbytes` bytes.
-   The array becomes visible like an upload (201, `ArrayMeta`). A refused commit drops the
-   reservation and unlinks the segment: nothing is left behind.
+   same `/dev/shm`), and is checked on a descriptor opened without following links: a
+   regular file with one link, owned by the stack's uid, mode 0600, of exactly `nbytes`
+   bytes. Holes a client left (it ftruncated instead of writing) are allocated now, so a
+   reader can never SIGBUS on them. The array becomes visible like an upload (201,
+   `ArrayMeta`). A refused commit drops the reservation and unlinks the segment (unless it
+   is not ours: another user's file is left alone): nothing is left behind.
 
 `DELETE /arrays/register/{id}` abandons a reservation: a segment the API took from the pool
 goes back into it (or is unlinked if the pool has no room), any other is unlinked.
@@ -29,12 +32,20 @@ Reservations expire after an hour; the janitor then unlinks a segment left witho
 record, recycled or not. `GET /arrays/register/info` tells a client the prefix and domain it
 needs.
 
-Why handing a recycled segment to a client exposes nothing: until the client overwrites it,
-it holds a freed array's bytes, possibly another owner's. But segments are created 0600 by
-the stack's uid, so only a process running as that uid can open it at all, and such a
-process can already open every segment in /dev/shm, live arrays included. Recycling gives
-the client nothing it could not read anyway; the commit is its promise to have overwritten
-every byte (the same rule the API's uploads and the workers' results follow).
+Who can register, and what they could do afterwards. Only a process running as the stack's
+uid can make a segment that passes the commit: a client of another uid (or a remote one
+that merely claims the domain) is refused, because the owner of a file can truncate or
+rewrite it at any time, under a download or a job, and no check at commit could stop it.
+A process of the stack's uid can already open, read and truncate every segment in /dev/shm,
+so the same-host path gives it nothing new; key isolation protects clients that are not the
+stack's uid, which is every HTTP-only client.
+
+Why a recycled segment exposes nothing: until the client overwrites it, it holds a freed
+array's bytes, and the client can read them (it maps the segment). So `recycle` only ever
+hands out a segment that an array of the caller's own key freed (shared/arrays/pool.py tags
+pooled segments by owner): at worst the caller reads bytes it wrote itself; with none of its
+own in the pool it creates a fresh segment (`created: false`). Committing at once without
+writing shows the caller its own old bytes, nobody else's.
 Why recycle at all: a fresh segment costs ~0.45 s/GiB of page allocation; a recycled one
 the client mapped before (shared/arrays/mappings.py keeps mappings by inode) costs a memcpy.
 """
@@ -45,7 +56,6 @@ import json
 import math
 import os
 import re
-import stat
 from typing import Annotated, Any, Literal
 
 from anyio import to_thread
@@ -57,9 +67,12 @@ from api.errors import ApiError
 from shared.arrays import pool
 from shared.arrays.npy import MAX_NDIM, NpyFormatError, dtype_from_string
 from shared.arrays.segments import (
+    ForeignFile,
     ShmFullError,
+    ensure_allocated,
+    open_own,
     segment_path,
-    unlink_segment,
+    unlink_own,
     validate_segment_name,
 )
 from shared.arrays.store import UPLOAD_TIMEOUT_S, ArrayRecord
@@ -94,8 +107,8 @@ class Registration(BaseModel):
     ttl: float | None = Field(None, gt=0, description="seconds; at most the default")
     recycle: bool = Field(
         False,
-        description="take a freed segment from the pool if one fits; the caller then opens"
-        " it instead of creating it and must overwrite every byte",
+        description="take a segment an array of the caller's own key freed, if one fits;"
+        " the caller then opens it instead of creating it and must overwrite every byte",
     )
 
 
@@ -107,7 +120,8 @@ class Reservation(BaseModel):
     created: bool = Field(
         False,
         description="true: the API made the segment (a recycled one of exactly nbytes bytes"
-        " holding old data); open it, do not create it, and overwrite every byte",
+        " holding old data of the caller's key); open it, do not create it, and overwrite"
+        " every byte",
     )
 
 
@@ -213,7 +227,9 @@ async def reserve_segment(body: Registration, state: State, owner: Owner) -> Any
     if body.recycle:
         try:
             # after the "segment_exists" check: a rename would replace an existing file
-            created = await to_thread.run_sync(pool.take, body.segment, nbytes, settings)
+            created = await to_thread.run_sync(
+                lambda: pool.take(body.segment, nbytes, settings, owner=owner)
+            )
             if created:  # an abandoned reservation gives it back to the pool
                 await state.redis.set(
                     marker,
@@ -247,42 +263,53 @@ async def _claim(state: AppState, array_id: str, owner: str) -> dict[str, Any]:
 async def _abandon(state: AppState, array_id: str, *, recycled: bool = False) -> None:
     """Drop the reservation and free its segment (the name was reserved by the caller).
 
-    A segment the API took from the pool (`recycled`) goes back to it; any other is unlinked
-    (the client made it: it may be another uid's, or sparse, and does not belong in the pool).
+    A segment the API took from the pool (`recycled`) goes back to it, tagged with the
+    caller's key (it held only that key's bytes, plus what the caller wrote); any other is
+    unlinked if it is ours (a client's file of another uid is left to its owner).
     """
-    await state.arrays.drop(array_id)
+    dropped = await state.arrays.drop(array_id)
     name = state.arrays.segment_name(array_id)
-    if recycled:
-        await to_thread.run_sync(pool.release, name, state.settings)
+    if recycled and dropped:
+        await to_thread.run_sync(lambda: pool.release(name, state.settings, owner=dropped.owner))
     else:
-        await to_thread.run_sync(unlink_segment, name)
+        await to_thread.run_sync(unlink_own, name)
     await state.redis.delete(_marker_key(state, array_id))
 
 
 async def _forget(state: AppState, array_id: str, record: ArrayRecord | None) -> None:
     """A reservation whose record is gone (expired): its segment, if any, is an orphan."""
     if record is None:
-        await to_thread.run_sync(unlink_segment, state.arrays.segment_name(array_id))
+        await to_thread.run_sync(unlink_own, state.arrays.segment_name(array_id))
     await state.redis.delete(_marker_key(state, array_id))
 
 
-def _inspect_segment(name: str) -> tuple[str, int]:
-    """('ok', size) or (reason, 0) for the file behind a segment name, without following links."""
+def _inspect_segment(name: str, nbytes: int) -> str | None:
+    """None if the client's segment may become an array, else why not (for a 422).
+
+    Checked on one descriptor opened with O_NOFOLLOW: a regular file with one link, the
+    stack's uid, mode 0600, exactly the array's size (a 0-byte array has a 1-byte segment).
+    Its holes are then allocated (ShmFullError if /dev/shm cannot hold them).
+    """
     try:
-        fd = os.open(segment_path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd, info = open_own(name, writable=True)
     except FileNotFoundError:
-        return "missing", 0
-    except PermissionError:
-        return "unreadable", 0
-    except OSError:  # ELOOP: a symlink
-        return "not_a_segment", 0
+        return (
+            f"segment {name} does not exist in this API's /dev/shm: the client is not in this"
+            " shm domain, or has not created it yet"
+        )
+    except ForeignFile as exc:
+        return (
+            f"segment {exc} (create it as the stack's user, mode 0600, as"
+            " shared.client.same_host does; otherwise upload with POST /arrays)"
+        )
     try:
-        info = os.fstat(fd)
+        expected = max(nbytes, 1)
+        if info.st_size != expected:
+            return f"segment {name} has {info.st_size} bytes; the array needs exactly {expected}"
+        ensure_allocated(name, expected, fd)
+        return None
     finally:
         os.close(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-        return "not_a_segment", 0
-    return "ok", info.st_size
 
 
 @router.post(
@@ -291,7 +318,8 @@ def _inspect_segment(name: str) -> tuple[str, int]:
     response_model=ArrayMeta,
     responses={
         404: {"description": "no open registration with this id"},
-        422: {"description": "segment missing, unreadable or of the wrong size"},
+        422: {"description": "segment missing, not the stack's (uid, mode) or wrong size"},
+        507: {"description": "shared memory full (the segment's holes cannot be allocated)"},
     },
 )
 async def commit_segment(
@@ -303,23 +331,11 @@ async def commit_segment(
     if record is None or record.state != "uploading" or record.owner != owner:
         await _forget(state, array_id, record)
         raise ApiError(404, "registration_not_found", f"no open registration with id '{array_id}'")
-    outcome, size = await to_thread.run_sync(_inspect_segment, record.segment)
-    expected = max(record.nbytes, 1)  # a 0-byte array still has a 1-byte segment
-    problem = None
-    if outcome == "missing":
-        problem = (
-            f"segment {record.segment} does not exist in this API's /dev/shm: the client is"
-            " not in this shm domain, or has not created it yet"
-        )
-    elif outcome == "unreadable":
-        problem = f"segment {record.segment} is not readable by the stack (another user's?)"
-    elif outcome == "not_a_segment":
-        problem = f"{record.segment} is not a plain shared-memory segment"
-    elif size != expected:
-        problem = (
-            f"segment {record.segment} has {size} bytes; a {record.dtype} array of shape"
-            f" {tuple(record.shape)} needs exactly {expected}"
-        )
+    try:
+        problem = await to_thread.run_sync(_inspect_segment, record.segment, record.nbytes)
+    except ShmFullError as exc:
+        await _abandon(state, array_id)
+        raise ApiError(507, "shm_full", str(exc)) from None
     if problem is not None:
         await _abandon(state, array_id)
         raise ApiError(422, "bad_segment", problem)

@@ -3,10 +3,14 @@
 - arrays past their expiry and pinned by no job are freed;
 - `forklift_` segments with no record are unlinked (crashes, killed uploads, lost records);
 - records whose segment vanished are dropped;
-- the domain's byte counter is recounted from what is really there.
+- the domain's byte counter is recounted from the ledger of reservations (store.py), in one
+  script, so reservations without a segment yet count and concurrent reserves and drops
+  are never lost.
 
 Only names of the exact form `<prefix><32 hex>` are touched, so a stack with a longer prefix
-(a test session's, say) on the same host is never swept by this one.
+(a test session's, say) on the same host is never swept by this one. A file of such a name
+that is not ours (another user's, a symlink, a FIFO, one we may not unlink) is logged once and
+left alone; nothing about one file stops a pass.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import redis
 
 from shared.arrays import pool
 from shared.arrays.replicas import sweep_replicas
-from shared.arrays.segments import list_segments, unlink_segment
+from shared.arrays.segments import list_segments, unlink_own
 from shared.arrays.store import ArrayStore
 from shared.settings import Settings
 
@@ -28,9 +32,11 @@ log = logging.getLogger("forklift.janitor")
 
 POOL_IDLE_S = 60.0  # pooled segments unused this long go back to the OS
 
+# Expired and unpinned; or a drop deferred for a reader (store.drop decides again).
 _CLAIM_EXPIRED = """
 -- KEYS: array   ARGV: now
-local a = redis.call('HMGET', KEYS[1], 'state', 'pins', 'expires_at')
+local a = redis.call('HMGET', KEYS[1], 'state', 'pins', 'expires_at', 'deferred')
+if a[4] == '1' and tonumber(a[2] or '0') <= 0 then return 1 end
 if a[1] ~= 'ready' or tonumber(a[2]) > 0 or tonumber(a[3]) > tonumber(ARGV[1]) then
   return 0
 end
@@ -60,10 +66,10 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
     claim = client.register_script(_CLAIM_EXPIRED)
     for array_id in store.due_for_expiry(now):
         if claim(keys=[store.key(array_id)], args=[repr(now)]):
-            segment = store.drop(array_id)
-            if segment:
-                pool.release(segment, settings)
-            report.expired.append(array_id)
+            dropped = store.drop(array_id)
+            if dropped:
+                pool.release(dropped.segment, settings, owner=dropped.owner)
+                report.expired.append(array_id)
         elif not client.exists(store.key(array_id)):
             client.zrem(store.expiry_key, array_id)
 
@@ -77,13 +83,9 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
     pipe = client.pipeline(transaction=False)
     for array_id in ids:
         pipe.hmget(store.key(array_id), "nbytes", "domain")
-    in_use = 0
-    for array_id, (nbytes, domain) in zip(ids, pipe.execute(), strict=True):
-        if nbytes is None:
-            if unlink_segment(present[array_id]):
-                report.orphan_segments.append(present[array_id])
-        elif domain == settings.shm_domain:
-            in_use += int(nbytes)
+    for array_id, (nbytes, _domain) in zip(ids, pipe.execute(), strict=True):
+        if nbytes is None and unlink_own(present[array_id]):
+            report.orphan_segments.append(present[array_id])
 
     for array_id in client.zrange(store.expiry_key, 0, -1):
         if array_id in present:
@@ -93,9 +95,8 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
         if domain == settings.shm_domain and float(created_at or now) < now:
             store.drop(array_id)
             report.orphan_records.append(array_id)
-    in_use += sweep_replicas(client, settings).bytes_in_use  # copies of other domains' arrays
-    client.set(store.bytes_key(), in_use)
-    report.bytes_in_use = in_use
+    sweep_replicas(client, settings)  # copies of other domains' arrays
+    report.bytes_in_use = store.recount(ids)
     report.pool_trimmed = pool.trim(settings, idle_s=max(POOL_IDLE_S, settings.janitor_interval))
     client.zremrangebyscore(settings.key("jobs"), 0, now - settings.job_ttl)
     if report.expired or report.orphan_segments or report.orphan_records:

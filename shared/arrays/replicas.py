@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from shared.arrays.segments import list_segments, unlink_segment
+from shared.arrays.segments import list_segments, unlink_own
 from shared.redis_io import AnyRedis, then
 from shared.settings import Settings
 
@@ -40,7 +40,7 @@ REPLICA_SUFFIX = "_r"
 # Outcome of a claim: {'ready', segment} | {'claimed', api_url} | {'wait'} | {'gone'}
 # | {'full', bytes-in-use}
 _CLAIM = """
--- KEYS: replica, index, bytes-counter, original
+-- KEYS: replica, index, bytes-counter, original, ledger
 -- ARGV: id, segment, nbytes, limit, lock-ttl, token, now
 local original = redis.call('HMGET', KEYS[4], 'state', 'api_url')
 if original[1] ~= 'ready' then return {'gone'} end
@@ -48,11 +48,10 @@ local r = redis.call('HMGET', KEYS[1], 'state', 'segment')
 if r[1] == 'ready' then return {'ready', r[2]} end
 if r[1] then return {'wait'} end
 local n = tonumber(ARGV[3])
-local used = redis.call('INCRBY', KEYS[3], n)
-if used > tonumber(ARGV[4]) then
-  redis.call('DECRBY', KEYS[3], n)
-  return {'full', tostring(used - n)}
-end
+local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+if used + n > tonumber(ARGV[4]) then return {'full', tostring(used)} end
+redis.call('INCRBY', KEYS[3], n)
+redis.call('HSET', KEYS[5], 'r:' .. ARGV[1], n)
 redis.call('HSET', KEYS[1], 'segment', ARGV[2], 'nbytes', n, 'state', 'pulling',
   'token', ARGV[6], 'created_at', ARGV[7])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
@@ -71,7 +70,7 @@ return 1
 
 # Drop a replica record: by its puller (token), or by anyone naming its segment ('' = any).
 _FORGET = """
--- KEYS: replica, index, bytes-counter   ARGV: id, token, segment
+-- KEYS: replica, index, bytes-counter, ledger   ARGV: id, token, segment
 local r = redis.call('HMGET', KEYS[1], 'token', 'segment', 'nbytes')
 if not r[2] then
   redis.call('SREM', KEYS[2], ARGV[1])
@@ -81,21 +80,30 @@ if ARGV[2] ~= '' and r[1] ~= ARGV[2] then return 0 end
 if ARGV[3] ~= '' and r[2] ~= ARGV[3] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
-local left = redis.call('DECRBY', KEYS[3], tonumber(r[3]))
-if left < 0 then redis.call('SET', KEYS[3], 0) end
+if redis.call('HDEL', KEYS[4], 'r:' .. ARGV[1]) == 1 then
+  redis.call('DECRBY', KEYS[3], tonumber(r[3]))
+end
 return 1
 """
 
 # Per replica of a domain: keep it while its original is alive, else drop the record.
 # Returns {id, verdict, segment, nbytes, ...}; verdict 'keep' | 'freed' | 'lost' (no record).
 _SWEEP = """
--- KEYS: index, bytes-counter   ARGV: replica-key-prefix, array-key-prefix
+-- KEYS: index, bytes-counter, ledger   ARGV: replica-key-prefix, array-key-prefix
 local out = {}
+local function uncount(id)
+  local n = redis.call('HGET', KEYS[3], 'r:' .. id)
+  if n then
+    redis.call('HDEL', KEYS[3], 'r:' .. id)
+    redis.call('DECRBY', KEYS[2], tonumber(n))
+  end
+end
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local rk = ARGV[1] .. id
   local r = redis.call('HMGET', rk, 'segment', 'nbytes')
   if not r[1] then
     redis.call('SREM', KEYS[1], id)
+    uncount(id)  -- a pull's record that expired: its bytes were still counted
     table.insert(out, id); table.insert(out, 'lost'); table.insert(out, ''); table.insert(out, 0)
   else
     local o = redis.call('HGET', ARGV[2] .. id, 'state')
@@ -104,8 +112,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     else
       redis.call('DEL', rk)
       redis.call('SREM', KEYS[1], id)
-      local left = redis.call('DECRBY', KEYS[2], tonumber(r[2]))
-      if left < 0 then redis.call('SET', KEYS[2], 0) end
+      uncount(id)
       table.insert(out, id); table.insert(out, 'freed')
     end
     table.insert(out, r[1]); table.insert(out, r[2])
@@ -158,12 +165,21 @@ class ReplicaStore:
     def _bytes_key(self) -> str:
         return self.settings.key("shm_bytes", self.domain)
 
+    def _ledger_key(self) -> str:
+        return self.settings.key("shm_ledger", self.domain)  # see store.py
+
     def _array_key(self, array_id: str) -> str:
         return self.settings.key("array", array_id)
 
     def claim(self, array_id: str, nbytes: int, token: str, lock_ttl: float) -> Any:
         """The replica if ready; else the right to pull it (bytes reserved), or 'wait'."""
-        keys = [self.key(array_id), self.index_key, self._bytes_key(), self._array_key(array_id)]
+        keys = [
+            self.key(array_id),
+            self.index_key,
+            self._bytes_key(),
+            self._array_key(array_id),
+            self._ledger_key(),
+        ]
         args = [
             array_id,
             self.segment_name(array_id),
@@ -182,7 +198,7 @@ class ReplicaStore:
 
     def forget(self, array_id: str, *, token: str = "", segment: str = "") -> Any:
         """Drop the record (and uncount its bytes) if it is still the caller's."""
-        keys = [self.key(array_id), self.index_key, self._bytes_key()]
+        keys = [self.key(array_id), self.index_key, self._bytes_key(), self._ledger_key()]
         return then(self._forget(keys=keys, args=[array_id, token, segment]), bool)
 
     def count(self, event: str, n: int = 1) -> Any:
@@ -214,7 +230,7 @@ def sweep_replicas(client: redis.Redis, settings: Settings) -> ReplicaSweep:
     listed = list_segments(settings.shm_prefix)
     script = client.register_script(_SWEEP)
     reply = script(
-        keys=[store.index_key, store._bytes_key()],
+        keys=[store.index_key, store._bytes_key(), store._ledger_key()],
         args=[settings.key("replica", store.domain, ""), settings.key("array", "")],
     )
     recorded: set[str] = set()
@@ -225,10 +241,10 @@ def sweep_replicas(client: redis.Redis, settings: Settings) -> ReplicaSweep:
             report.bytes_in_use += int(nbytes)
         elif verdict == "freed":
             with contextlib.suppress(ValueError):
-                unlink_segment(segment)
+                unlink_own(segment)
             report.freed.append(array_id)
     pattern = re.compile(re.escape(settings.shm_prefix) + r"[0-9a-f]{32}" + REPLICA_SUFFIX)
     for name in listed:
-        if pattern.fullmatch(name) and name not in recorded and unlink_segment(name):
+        if pattern.fullmatch(name) and name not in recorded and unlink_own(name):
             report.orphan_segments.append(name)
     return report

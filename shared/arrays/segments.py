@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import _posixshmem
 import errno
+import logging
 import math
 import mmap
 import os
 import re
+import stat
 from pathlib import Path
 from types import TracebackType
 
@@ -23,7 +25,10 @@ import numpy as np
 
 from shared.arrays.npy import check_dtype
 
+log = logging.getLogger("forklift.segments")
+
 SHM_DIR = Path("/dev/shm")
+SEGMENT_MODE = 0o600  # what create_segment makes; anything else in /dev/shm is not ours
 # Kernel limit is NAME_MAX (255); stay well inside it.
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,250}")
 _PREFIX = re.compile(r"[A-Za-z0-9_-]{1,50}")
@@ -36,6 +41,15 @@ _populate_write_supported = True
 
 class ShmFullError(OSError):
     """/dev/shm cannot hold the segment (ENOSPC/ENOMEM); the API answers 507."""
+
+
+class ForeignFile(Exception):
+    """A file in /dev/shm with a segment's name that this stack did not make (or may not use).
+
+    /dev/shm is world-writable: another local user can plant a file, a FIFO or a symlink
+    under any name that is free. Whatever the pool or the janitor would do to such a file
+    (rename it, truncate it, fill it with an array, unlink it) is refused instead.
+    """
 
 
 class Segment:
@@ -263,21 +277,85 @@ def attach_segment(name: str, size: int, *, writable: bool = False) -> Segment:
     return Segment(name, size, mapping, readonly=not writable)
 
 
-def ensure_allocated(name: str, size: int) -> None:
+def ensure_allocated(name: str, size: int, fd: int | None = None) -> None:
     """Allocate any page of the segment's first `size` bytes that has none yet.
 
     A segment somebody else created may be sparse (a client may ftruncate instead of
-    fallocate); writing into it could then SIGBUS on a full /dev/shm. One fstat tells whether
-    every page is there already (st_blocks), so the usual fully allocated case costs nothing.
+    fallocate); writing into it, or reading a hole through a mapping, could then SIGBUS on a
+    full /dev/shm. One fstat tells whether every page is there already (st_blocks), so the
+    usual fully allocated case costs nothing. `fd`: an open, writable descriptor of it.
     """
     _check_name(name)
     _check_size(size)
-    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0)
+    own = fd is None
+    if fd is None:
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0)
     try:
         if os.fstat(fd).st_blocks * 512 < max(size, 1):
             _allocate(fd, name, max(size, 1))
     finally:
+        if own:
+            os.close(fd)
+
+
+def foreign_reason(info: os.stat_result) -> str | None:
+    """Why a file is not one of this stack's segments, or None if it may be one.
+
+    Ours means: a regular file (no FIFO, socket or symlink), owned by this process's uid,
+    mode exactly 0600 (nobody else can open it) and one link (no hard link elsewhere that
+    would keep, or expose, its pages under another name).
+    """
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_uid != os.geteuid():
+        return f"owned by uid {info.st_uid}, not by the stack's uid {os.geteuid()}"
+    if stat.S_IMODE(info.st_mode) != SEGMENT_MODE:
+        return f"mode {stat.S_IMODE(info.st_mode):04o}, not {SEGMENT_MODE:04o}"
+    if info.st_nlink != 1:
+        return f"{info.st_nlink} hard links, not 1"
+    return None
+
+
+def open_own(name: str, *, writable: bool = False) -> tuple[int, os.stat_result]:
+    """(fd, fstat) of segment `name`, opened without following a symlink and checked ours.
+
+    Every decision about a file found in /dev/shm (pool, janitor, a client's registration)
+    is made on this descriptor, never on the path again, so the file checked is the file
+    used. ForeignFile when it is a symlink, not openable, or fails `foreign_reason`;
+    FileNotFoundError when it is gone. The caller closes fd.
+    """
+    _check_name(name)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(SHM_DIR / name, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP (a symlink), EACCES (another user's), ENXIO (a socket)
+        raise ForeignFile(f"{name}: cannot be opened as a segment ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        reason = foreign_reason(info)
+        if reason is not None:
+            raise ForeignFile(f"{name}: {reason}")
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, info
+
+
+_reported: set[str] = set()
+
+
+def report_foreign(problem: ForeignFile | str) -> None:
+    """Log a skipped foreign file once per process (a janitor pass every few seconds would
+    otherwise repeat it forever); it is left exactly as it is."""
+    text = str(problem)
+    if text in _reported:
+        return
+    if len(_reported) > 10_000:
+        _reported.clear()
+    _reported.add(text)
+    log.warning("skipping a file in %s that is not this stack's segment: %s", SHM_DIR, text)
 
 
 def unlink_segment(name: str) -> bool:
@@ -291,6 +369,32 @@ def unlink_segment(name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def unlink_own(name: str) -> bool:
+    """Unlink `name` if it is a regular file of this uid (checked on its lstat); True if removed.
+
+    For the pool and the janitors, which unlink what they find by listing /dev/shm. Mode and
+    link count do not matter here (removing a name of ours neither shows nor changes any
+    byte; an orphan with a loose mode is one more reason to remove it); a symlink, a FIFO,
+    another user's file, or one that cannot be unlinked (immutable) is logged once and left
+    as it is. It never raises for such a file, so one planted file cannot stop a pass.
+    """
+    try:
+        info = os.lstat(segment_path(name))
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        reason = "not a regular file"
+    elif info.st_uid != os.geteuid():
+        reason = f"owned by uid {info.st_uid}, not by the stack's uid {os.geteuid()}"
+    else:
+        try:
+            return unlink_segment(name)
+        except OSError as exc:
+            reason = f"cannot be unlinked ({exc.strerror})"
+    report_foreign(f"{name}: {reason}")
+    return False
 
 
 def list_segments(prefix: str) -> list[str]:

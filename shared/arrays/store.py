@@ -5,13 +5,25 @@ against the domain's shared-memory cap), made `ready` with an expiry, pinned by 
 or running job that reads it, and freed on DELETE, on expiry or when the last pinning job
 ends. Processes that merely attach never own a segment. The janitor reconciles both ways:
 segments without a record are unlinked, records without a segment are dropped.
+
+The domain's byte counter (`shm_bytes:<domain>`, what the cap is checked against) is kept
+exact by a ledger (`shm_ledger:<domain>`, array id -> nbytes, `r:<id>` for replicas): every
+script that adds or removes a reservation changes both at once, a decrement happens only
+for an entry that was really removed (so nothing is uncounted twice and nothing clamps),
+and the janitor's recount sums the ledger in one script, dropping the entries whose record
+expired. Reservations that have no segment yet are counted like any other.
+
+A download holds a read lease (`readers:<id>`, token -> deadline, renewed while it runs):
+`drop` of an array with a live lease is deferred (the record is hidden and marked
+`deferred`), so its segment is neither recycled nor truncated under the reader; the last
+reader, or the janitor once the leases have lapsed (a reader's API died), drops it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -21,14 +33,16 @@ from shared.settings import Settings
 
 UPLOAD_TIMEOUT_S = 3600
 
+READ_LEASE_S = 30.0  # a reader's lease lapses this long after its API stopped renewing it
+
 _RESERVE = """
--- KEYS: array, bytes-counter   ARGV: fields-json, nbytes, limit, upload-timeout
+-- KEYS: array, bytes-counter, ledger   ARGV: fields-json, nbytes, limit, upload-timeout, id
 local n = tonumber(ARGV[2])
-local used = redis.call('INCRBY', KEYS[2], n)
-if used > tonumber(ARGV[3]) then
-  redis.call('DECRBY', KEYS[2], n)
-  return {0, used - n}
-end
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if used + n > tonumber(ARGV[3]) then return {0, used} end
+redis.call('INCRBY', KEYS[2], n)
+redis.call('HSET', KEYS[3], ARGV[5], n)
+used = used + n
 local fields = cjson.decode(ARGV[1])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('HSET', KEYS[1], 'state', 'uploading', 'pins', 0)
@@ -58,16 +72,89 @@ return 'free'
 """
 
 _DROP = """
--- KEYS: array, expiry-index   ARGV: id, bytes-counter-prefix
-local a = redis.call('HMGET', KEYS[1], 'segment', 'nbytes', 'domain')
+-- KEYS: array, expiry-index, readers
+-- ARGV: id, bytes-counter-prefix, ledger-prefix, now
+local a = redis.call('HMGET', KEYS[1], 'segment', 'nbytes', 'domain', 'owner')
 if not a[1] then return false end
-redis.call('DEL', KEYS[1])
+if redis.call('ZCOUNT', KEYS[3], '(' .. ARGV[4], '+inf') > 0 then
+  -- a download reads it: hide it now, free it when the last reader is done
+  redis.call('HSET', KEYS[1], 'state', 'deleting', 'deferred', '1')
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), ARGV[1])  -- the janitor retries
+  return {'deferred'}
+end
+redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('ZREM', KEYS[2], ARGV[1])
-local counter = ARGV[2] .. a[3]
-local left = redis.call('DECRBY', counter, tonumber(a[2]))
-if left < 0 then redis.call('SET', counter, 0) end
-return {a[1], a[3]}
+if redis.call('HDEL', ARGV[3] .. a[3], ARGV[1]) == 1 then
+  redis.call('DECRBY', ARGV[2] .. a[3], tonumber(a[2]))
+end
+return {a[1], a[3], a[4] or ''}
 """
+
+# A read lease: the array must be readable by this reader ('public': ready, not hidden,
+# the caller's; 'internal': ready).
+_BEGIN_READ = """
+-- KEYS: array, readers   ARGV: token, deadline, now, owner, mode, key-ttl
+local a = redis.call('HMGET', KEYS[1], 'state', 'owner', 'delete_requested')
+if a[1] ~= 'ready' then return 0 end
+if ARGV[5] == 'public' and ((a[2] or '') ~= ARGV[4] or a[3] == '1') then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+redis.call('ZADD', KEYS[2], tonumber(ARGV[2]), ARGV[1])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[6]))
+return 1
+"""
+
+_RENEW_READ = """
+-- KEYS: readers   ARGV: token, deadline, key-ttl
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', tonumber(ARGV[2]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+# 1 when this was the last reader of an array whose drop was deferred: the caller drops it.
+_END_READ = """
+-- KEYS: readers, array   ARGV: token, now
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[2], 'deferred') ~= '1' then return 0 end
+if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf') > 0 then return 0 end
+return 1
+"""
+
+# The counter from the ledger, atomically: entries whose record is gone (expired by TTL)
+# leave it; records of this domain with no entry (made before the ledger existed) join it.
+_RECOUNT = """
+-- KEYS: bytes-counter, ledger
+-- ARGV: array-key-prefix, replica-key-prefix, domain, present array ids...
+local total = 0
+local entries = redis.call('HGETALL', KEYS[2])
+for i = 1, #entries, 2 do
+  local id = entries[i]
+  local key
+  if string.sub(id, 1, 2) == 'r:' then key = ARGV[2] .. string.sub(id, 3)
+  else key = ARGV[1] .. id end
+  if redis.call('EXISTS', key) == 1 then total = total + tonumber(entries[i + 1])
+  else redis.call('HDEL', KEYS[2], id) end
+end
+for i = 4, #ARGV do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    local a = redis.call('HMGET', ARGV[1] .. ARGV[i], 'nbytes', 'domain')
+    if a[1] and a[2] == ARGV[3] then
+      redis.call('HSET', KEYS[2], ARGV[i], a[1])
+      total = total + tonumber(a[1])
+    end
+  end
+end
+redis.call('SET', KEYS[1], total)
+return total
+"""
+
+
+class Dropped(NamedTuple):
+    """What `drop` freed: the segment to release (into the pool) and whose bytes it holds."""
+
+    segment: str
+    owner: str
 
 
 class ArrayRecord(BaseModel):
@@ -136,12 +223,22 @@ class ArrayStore:
         self._commit = client.register_script(_COMMIT)
         self._delete = client.register_script(_DELETE)
         self._drop = client.register_script(_DROP)
+        self._begin_read = client.register_script(_BEGIN_READ)
+        self._renew_read = client.register_script(_RENEW_READ)
+        self._end_read = client.register_script(_END_READ)
+        self._recount = client.register_script(_RECOUNT)
 
     def key(self, array_id: str) -> str:
         return self.settings.key("array", array_id)
 
     def bytes_key(self, domain: str | None = None) -> str:
         return self.settings.key("shm_bytes", domain or self.settings.shm_domain)
+
+    def ledger_key(self, domain: str | None = None) -> str:
+        return self.settings.key("shm_ledger", domain or self.settings.shm_domain)
+
+    def readers_key(self, array_id: str) -> str:
+        return self.settings.key("readers", array_id)
 
     def segment_name(self, array_id: str) -> str:
         return f"{self.settings.shm_prefix}{array_id}"
@@ -172,8 +269,15 @@ class ArrayStore:
             "job": job,
             "api_url": self.settings.api_internal_url,
         }
-        args = [json.dumps(fields), nbytes, self.settings.shm_limit_bytes, UPLOAD_TIMEOUT_S]
-        reply = self._reserve(keys=[self.key(array_id), self.bytes_key()], args=args)
+        args = [
+            json.dumps(fields),
+            nbytes,
+            self.settings.shm_limit_bytes,
+            UPLOAD_TIMEOUT_S,
+            array_id,
+        ]
+        keys = [self.key(array_id), self.bytes_key(), self.ledger_key()]
+        reply = self._reserve(keys=keys, args=args)
         return then(reply, lambda r: None if int(r[0]) == 1 else int(r[1]))
 
     def commit(self, array_id: str, ttl: float | None = None) -> Any:
@@ -198,20 +302,69 @@ class ArrayStore:
         return then(self._delete(keys=[self.key(array_id)], args=[owner]), str)
 
     def drop(self, array_id: str) -> Any:
-        """Delete the record and uncount its bytes.
+        """Delete the record and uncount its bytes, unless a download still reads it.
 
-        Returns the segment name to unlink, or None when the record was already gone or the
-        segment lives in another shm domain (that domain's janitor unlinks the orphan).
+        Returns `Dropped(segment, owner)`: the caller releases the segment (pool.release).
+        None when the record was already gone, when the segment lives in another shm domain
+        (that domain's janitor unlinks the orphan), or when a reader holds a lease: then the
+        record is hidden and the last reader (or the janitor) drops it later.
         """
-        keys = [self.key(array_id), self.expiry_key]
-        args = [array_id, self.settings.key("shm_bytes", "")]
+        keys = [self.key(array_id), self.expiry_key, self.readers_key(array_id)]
+        args = [
+            array_id,
+            self.settings.key("shm_bytes", ""),
+            self.settings.key("shm_ledger", ""),
+            repr(time.time()),
+        ]
 
-        def parse(reply: list[str] | None) -> str | None:
-            if not reply or reply[1] != self.settings.shm_domain:
+        def parse(reply: list[str] | None) -> Dropped | None:
+            if not reply or len(reply) < 3 or reply[1] != self.settings.shm_domain:
                 return None
-            return reply[0]
+            return Dropped(reply[0], reply[2])
 
         return then(self._drop(keys=keys, args=args), parse)
+
+    def begin_read(self, array_id: str, token: str, *, owner: str | None) -> Any:
+        """Take a read lease on a ready array; False if it is not readable (so: 404).
+
+        `owner`: a client's download (the array must be visible and the caller's); None: an
+        internal read (ready is enough: a deletion waiting for its jobs is still served).
+        """
+        now = time.time()
+        args = [
+            token,
+            repr(now + READ_LEASE_S),
+            repr(now),
+            owner or "",
+            "internal" if owner is None else "public",
+            int(READ_LEASE_S * 2),
+        ]
+        keys = [self.key(array_id), self.readers_key(array_id)]
+        return then(self._begin_read(keys=keys, args=args), bool)
+
+    def renew_read(self, array_id: str, token: str) -> Any:
+        """Push the lease's deadline on; False if the lease was lost."""
+        args = [token, repr(time.time() + READ_LEASE_S), int(READ_LEASE_S * 2)]
+        reply = self._renew_read(keys=[self.readers_key(array_id)], args=args)
+        return then(reply, bool)
+
+    def end_read(self, array_id: str, token: str) -> Any:
+        """Give the lease back; True when the caller must now drop the array (deferred)."""
+        keys = [self.readers_key(array_id), self.key(array_id)]
+        return then(self._end_read(keys=keys, args=[token, repr(time.time())]), bool)
+
+    def recount(self, present: list[str]) -> Any:
+        """Set this domain's counter to what its ledger holds; `present`: ids of the
+        segments listed in /dev/shm (records older than the ledger join it)."""
+        settings = self.settings
+        keys = [self.bytes_key(), self.ledger_key()]
+        args = [
+            settings.key("array", ""),
+            settings.key("replica", settings.shm_domain, ""),
+            settings.shm_domain,
+            *present,
+        ]
+        return then(self._recount(keys=keys, args=args), int)
 
     def due_for_expiry(self, now: float, limit: int = 500) -> Any:
         reply = self.client.zrangebyscore(self.expiry_key, 0, now, start=0, num=limit)

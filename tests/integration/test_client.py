@@ -45,13 +45,14 @@ def array_key(live: Stack, array_id: str) -> str:
 
 @pytest.fixture(autouse=True)
 def no_leftovers(live: Stack) -> Iterator[None]:
-    """Every test frees what it made: arrays it uploaded, registered or got as results."""
-    before = stack.segments(live.shm_prefix)
+    """Every test frees what it made: arrays it uploaded, registered or got as results
+    (freed segments the pool keeps are not arrays: the stack unlinks them when it stops)."""
+    before = stack.array_segments(live.shm_prefix)
     yield
     stack.wait_until(
-        lambda: stack.segments(live.shm_prefix) <= before,
+        lambda: stack.array_segments(live.shm_prefix) <= before,
         15,
-        what=f"segments freed: {sorted(stack.segments(live.shm_prefix) - before)}",
+        what=f"segments freed: {sorted(stack.array_segments(live.shm_prefix) - before)}",
     )
 
 

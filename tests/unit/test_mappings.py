@@ -268,7 +268,7 @@ def test_take_renames_a_fitting_pooled_segment_without_mapping_it(prefix: str) -
     size = pool.MIN_POOLED * 2
     make(freed, np.full(size // 8, 3.0))
     inode = os.stat(SHM_DIR / freed).st_ino
-    pool.release(freed, settings)
+    pool.release(freed, settings, owner="")
     assert [p.size for p in pool.pooled(settings)] == [size]
 
     target = prefix + "b" * 32
@@ -284,7 +284,7 @@ def test_take_refuses_what_does_not_fit(prefix: str) -> None:
     settings = settings_for(prefix)
     freed = prefix + "a" * 32
     make(freed, np.zeros(pool.MIN_POOLED * 2 // 8))
-    pool.release(freed, settings)
+    pool.release(freed, settings, owner="")
     target = prefix + "b" * 32
     assert pool.take(target, pool.MIN_POOLED * 4, settings) is False  # bigger than it
     assert pool.take(target, pool.MIN_POOLED // 2, settings) is False  # too small to pool
@@ -317,7 +317,7 @@ def test_claim_maps_through_the_kept_mappings(prefix: str) -> None:
     mapping = segment._mmap
     ndarray_view(segment, np.dtype("u1"), (size,), "C")[:] = 7
     segment.close()
-    pool.release(first, settings)  # renamed into the pool: the kept mapping stays valid
+    pool.release(first, settings, owner="")  # renamed into the pool: the kept mapping stays valid
     assert len(mappings.cache) == 1 and not mapping.closed
 
     second = prefix + "b" * 32
@@ -325,7 +325,7 @@ def test_claim_maps_through_the_kept_mappings(prefix: str) -> None:
     assert claimed is not None and claimed._mmap is mapping  # no new mmap, no faults
     assert not claimed.readonly
     claimed.close()
-    pool.release(second, settings_for(prefix, 0))  # pool off: unlinked, and swept at once
+    pool.release(second, settings_for(prefix, 0), owner="")  # pool off: unlinked, and swept at once
     assert not (SHM_DIR / second).exists()
     assert len(mappings.cache) == 0 and mapping.closed
 
@@ -334,7 +334,7 @@ def test_drain_drops_kept_mappings(prefix: str) -> None:
     settings = settings_for(prefix)
     name = prefix + "a" * 32
     mappings.create(name, pool.MIN_POOLED).close()
-    pool.release(name, settings)
+    pool.release(name, settings, owner="")
     assert len(mappings.cache) == 1
     assert pool.drain(settings) == 1
     assert len(mappings.cache) == 0
