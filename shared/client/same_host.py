@@ -2,10 +2,14 @@
 
 The API adopts the segment by name (`POST /arrays/register`, then `.../commit`), so the
 array never crosses a socket: one memcpy into memory the workers attach directly. The
-client asks for a recycled segment (`recycle`); when the API hands it one this process
-wrote into before, its mapping is still kept here (shared/arrays/mappings.py) and the put
-is just the copy, split across cores. Otherwise the segment is created here, and its
-mapping kept for next time.
+client asks for a recycled segment (`recycle`): the API only hands out one that an array of
+the same key freed. When this process wrote into it before, its mapping is still kept here
+(shared/arrays/mappings.py) and the put is just the copy, split across cores. Otherwise the
+segment is created here, and its mapping kept for next time.
+
+The API commits only a segment of its own uid, mode 0600, a regular file with one link
+(what `create_segment` makes when this process runs as the stack's user): a process of
+another uid could truncate its file under a download or a job, so it must upload instead.
 """
 
 from __future__ import annotations
