@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ log = logging.getLogger("forklift.api")
 
 DOWNLOAD_CHUNK = 4 << 20
 ALLOCATION_BLOCK = 64 << 20
+ALLOCATE_AHEAD = 4 * ALLOCATION_BLOCK
 MAX_HEADER = 65536
 
 NPY_MEDIA_TYPE = "application/x-npy"
@@ -249,7 +251,12 @@ async def ingest(
             f" {state.settings.shm_limit_bytes} ({used} in use); delete arrays or wait",
         )
     try:
-        await _fill(state, upload, first, stream)
+        # Per key: bytes its uploads in flight reserve (429 past FORKLIFT_KEY_MAX_UPLOAD_BYTES).
+        release_quota = state.limits.take(owner, "upload_bytes", header.nbytes)
+        try:
+            await _fill(state, upload, first, stream)
+        finally:
+            release_quota()
     except BaseException:
         await _abandon(state, upload)
         raise
@@ -265,14 +272,17 @@ class _PageAllocator:
     Page allocation (the kernel zeroing memory) costs as much as receiving the bytes; doing
     it on another core while the body arrives nearly halves a large upload's time. The
     writer never touches a page before it is allocated, so a full /dev/shm is a clean
-    ShmFullError (507) and never a SIGBUS.
+    ShmFullError (507) and never a SIGBUS. It stays at most `ALLOCATE_AHEAD` bytes ahead of
+    what has arrived, so a body that trickles in does not get its whole size allocated.
     """
 
     def __init__(self, segment: Segment) -> None:
         self.segment = segment
         self.ready = 0
+        self.wanted = 0  # bytes the writer has asked for so far
         self.error: BaseException | None = None
         self.stopped = False
+        self._turn = threading.Condition()
         self._loop = asyncio.get_running_loop()
         self._progress = asyncio.Event()
         self._task = asyncio.ensure_future(to_thread.run_sync(self._run))
@@ -281,6 +291,10 @@ class _PageAllocator:
         size = self.segment.size
         try:
             for start in range(0, size, ALLOCATION_BLOCK):
+                with self._turn:
+                    self._turn.wait_for(
+                        lambda s=start: self.stopped or s < self.wanted + ALLOCATE_AHEAD
+                    )
                 if self.stopped:
                     return
                 allocate_pages(self.segment, start, start + ALLOCATION_BLOCK)
@@ -291,6 +305,10 @@ class _PageAllocator:
             self._loop.call_soon_threadsafe(self._progress.set)
 
     async def wait_for(self, end: int) -> None:
+        if end > self.wanted:
+            with self._turn:
+                self.wanted = end
+                self._turn.notify()
         while self.ready < end:
             if self.error is not None:
                 if isinstance(self.error, ShmFullError):
@@ -300,7 +318,9 @@ class _PageAllocator:
             await self._progress.wait()
 
     async def close(self) -> None:
-        self.stopped = True
+        with self._turn:
+            self.stopped = True
+            self._turn.notify()
         with contextlib.suppress(BaseException):
             await self._task
 

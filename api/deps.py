@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
@@ -18,6 +18,9 @@ from shared.jobstore import JobRecord, JobStore
 from shared.schemas import is_id
 from shared.settings import Settings
 
+if TYPE_CHECKING:  # api.limits imports owner_id from here
+    from api.limits import KeyLimits
+
 
 @dataclass
 class AppState:
@@ -26,6 +29,7 @@ class AppState:
     jobs: JobStore
     arrays: ArrayStore
     hub: JobEventHub
+    limits: KeyLimits
     # (monotonic time, workers online) of the last /healthz check that reached Redis
     last_good_health: tuple[float, int] | None = None
 

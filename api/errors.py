@@ -83,6 +83,14 @@ def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+# Operations counted per key by api.limits.KeyLimitMiddleware (429 past a limit).
+_KEY_LIMITED = {
+    ("post", "/arrays"),
+    ("get", "/jobs/{job_id}"),
+    ("get", "/jobs/{job_id}/result"),
+    ("get", "/jobs/{job_id}/events"),
+    ("post", "/jobs/wait"),
+}
 _COMMON_ERRORS = {
     "400": "malformed body (not JSON, a broken .npy, a length that does not add up)",
     "401": "missing or unknown API key (when FORKLIFT_API_KEYS is set)",
@@ -90,12 +98,17 @@ _COMMON_ERRORS = {
     "408": "the request body stopped arriving (FORKLIFT_BODY_TIMEOUT)",
     "413": "request body over its cap",
     "422": "invalid request",
+    "429": "the key holds its limit of these requests already; retry after `Retry-After` s",
     "503": "Redis or the broker is unavailable; retry after `Retry-After` seconds",
 }
 
 
-def _honest_openapi(app: FastAPI) -> None:
+def _honest_openapi(app: FastAPI, secured: bool) -> None:
     """Every error an operation can answer is in its schema, with the one error shape.
+
+    Security is what the running configuration asks: bearer keys on every keyed operation
+    when FORKLIFT_API_KEYS is set, none at all when the API runs open (a schema that demands
+    a token the API never checks is a lie clients and fuzzers act on).
 
     FastAPI documents only the success and its own 422 (`{"detail": [...]}`, which forklift
     never sends). Added per operation: 400/408/413 where there is a body, 401 and 503 where
@@ -112,10 +125,15 @@ def _honest_openapi(app: FastAPI) -> None:
         error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(error_schema.pop("$defs", {}))
         components["ErrorBody"] = error_schema
+        if not secured:
+            schema.get("components", {}).pop("securitySchemes", None)
         for path, item in schema.get("paths", {}).items():
             for method, op in item.items():
                 if method not in ("get", "put", "post", "delete", "patch", "head"):
                     continue
+                keyed = bool(op.get("security"))  # the route takes the caller's key
+                if not secured:
+                    op.pop("security", None)
                 codes = set()
                 if "requestBody" in op:
                     codes |= {"400", "408", "413", "422"}
@@ -123,8 +141,10 @@ def _honest_openapi(app: FastAPI) -> None:
                     codes.add("422")
                 if "{" in path:
                     codes.add("404")
-                if op.get("security"):
-                    codes |= {"401", "503"}
+                if keyed:
+                    codes |= {"401", "503"} if secured else {"503"}
+                if (method, path) in _KEY_LIMITED:
+                    codes.add("429")
                 responses = op.setdefault("responses", {})
                 for code in sorted(codes):
                     responses.setdefault(code, {"description": _COMMON_ERRORS[code]})
@@ -138,8 +158,8 @@ def _honest_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def install(app: FastAPI) -> None:
-    _honest_openapi(app)
+def install(app: FastAPI, secured: bool = False) -> None:
+    _honest_openapi(app, secured)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -153,9 +173,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout"}.get(
-            exc.status_code, "http_error"
-        )
+        code = {
+            404: "not_found",
+            405: "method_not_allowed",
+            408: "body_timeout",
+            413: "too_large",
+        }.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     for error_type in REDIS_ERRORS:

@@ -4,6 +4,10 @@ One subscription per API process (not one per waiting request): long-polls and e
 streams register a queue for a job id and wake when its record changes, so `?wait=` never
 polls Redis in a loop. After a reconnect every waiter is woken to re-read its record, since
 messages published while disconnected are lost.
+
+On shutdown (`close`, called from the API's SIGTERM/SIGINT handler) every waiter is woken with
+`SHUTDOWN` and `closing` turns true: long-polls answer with what they have and event streams
+end, so open connections do not hold the server's graceful shutdown.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from shared.settings import Settings
 log = logging.getLogger("forklift.api")
 
 RESYNC = {"resync": True}
+SHUTDOWN = {"shutdown": True}
 
 
 class JobEventHub:
@@ -31,6 +36,12 @@ class JobEventHub:
         self._waiters: dict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
         self._all: set[asyncio.Queue[dict[str, Any]]] = set()
         self._task: asyncio.Task[None] | None = None
+        self.closing = False
+
+    def close(self) -> None:
+        """The server is shutting down: wake every waiter, and let none wait any more."""
+        self.closing = True
+        self._dispatch(SHUTDOWN)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="forklift-job-events")

@@ -1,35 +1,67 @@
-"""Caps the size of JSON request bodies before the app reads them (413, not a full buffer).
+"""Limits at the edge, before the app spends memory or time on a request.
 
-Array uploads have their own, much larger cap and stream into shared memory; they are exempt.
+- `BodyLimitMiddleware`: every request body is capped before it is read (413, not a full
+  buffer), whoever sends it; only `POST /arrays` (streamed into shared memory, with its own
+  cap) is exempt, matched by method and exact path.
+- `BodyTimeoutMiddleware`: a body that pauses, or arrives slower than a minimum rate, ends
+  with 408, so a slow upload cannot hold its reservation for long.
+- `KeyLimits` + `KeyLimitMiddleware`: per key, what it holds open at once (uploads and the
+  bytes they reserve, event streams, long-polls); 429 with `Retry-After` past a limit.
+  Counted per API process, in memory: what a request holds ends with the request (or with
+  the process), so a counter can never leak; N API processes give a key N times the limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.deps import owner_id
+from api.errors import RETRY_AFTER_S, ApiError, error_response
+from shared.settings import Settings
 
-class BodyTooLarge(Exception):
-    pass
+
+def _too_large_message(limit: int) -> str:
+    return f"request body over {limit} bytes (FORKLIFT_MAX_JSON_BYTES)"
+
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException, so FastAPI's body reader passes it on (it turns others into 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _too_large_message(limit))
 
 
 def _error_body(limit: int) -> bytes:
-    message = f"request body over {limit} bytes (FORKLIFT_MAX_JSON_BYTES)"
+    message = _too_large_message(limit)
     return json.dumps({"error": {"code": "too_large", "message": message, "detail": None}}).encode()
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt_prefixes: tuple[str, ...]) -> None:
+    """413 for a body over `max_bytes`, told by Content-Length or counted as it arrives.
+
+    `exempt` holds exact (method, path) pairs: a prefix would exempt every route under it
+    (it once exempted `POST /arrays/register`, whose JSON FastAPI reads before the key check).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: frozenset[tuple[str, str]]) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.exempt_prefixes = exempt_prefixes
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt_prefixes):
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.exempt:
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
@@ -44,7 +76,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         started = False
@@ -77,42 +109,203 @@ class BodyLimitMiddleware:
 
 
 class BodyTimeoutMiddleware:
-    """408 when a client stops sending a body it announced, instead of a request held forever.
+    """408 when a client stops sending a body it announced, or sends it too slowly.
 
-    A Content-Length larger than what the client sends (or an upload that stalls) would keep
-    the request, its reservation and its half-filled segment alive until the client goes
-    away. Each read of the body may wait at most `idle_s`; once the body is complete, reads
-    (e.g. a streaming response listening for the disconnect) are not timed.
+    A Content-Length larger than what the client sends (or an upload that stalls, or one
+    that trickles a byte every few seconds) would keep the request, its reservation and its
+    half-filled segment alive for as long as the client likes. Each read of the body may
+    wait at most `idle_s`, and with `min_rate` the body must keep up an average of that many
+    bytes per second after a grace of `idle_s`: the next chunk is due by
+    `start + idle_s + received / min_rate`. Once the body is complete, reads (e.g. a
+    streaming response listening for the disconnect) are not timed.
     """
 
-    def __init__(self, app: ASGIApp, idle_s: float) -> None:
+    def __init__(self, app: ASGIApp, idle_s: float, min_rate: int = 0) -> None:
         self.app = app
         self.idle_s = idle_s
+        self.min_rate = min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         body_done = False
+        started: float | None = None
+        received = 0
 
         async def timed_receive() -> Message:
-            nonlocal body_done
+            nonlocal body_done, started, received
             if body_done:
                 return await receive()
+            now = time.monotonic()
+            if started is None:
+                started = now
+            wait, slow = self.idle_s, False
+            if self.min_rate > 0:
+                due = started + self.idle_s + received / self.min_rate - now
+                if due < wait:
+                    wait, slow = due, True
             try:
+                if wait <= 0:
+                    raise TimeoutError
                 # asyncio.timeout, not wait_for: wait_for wraps every read in a new task,
                 # a measurable cost per chunk of a GiB upload.
-                async with asyncio.timeout(self.idle_s):
+                async with asyncio.timeout(wait):
                     message = await receive()
             except TimeoutError:
                 body_done = True
+                if slow:
+                    raise HTTPException(
+                        408,
+                        f"the request body arrived slower than {self.min_rate} bytes/s"
+                        f" ({received} bytes in {time.monotonic() - started:.0f} s;"
+                        " FORKLIFT_BODY_MIN_RATE)",
+                    ) from None
                 raise HTTPException(
                     408,
                     f"the request body stopped arriving for {self.idle_s:g} s"
                     " (is Content-Length larger than the body?)",
                 ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
             return message
 
         await self.app(scope, timed_receive, send)
+
+
+# --- per-key limits ---------------------------------------------------------------------------
+
+# What a request holds while it runs, by (method, path): the middleware classifies requests
+# from the path alone, so no route has to remember to count itself.
+_STREAM = re.compile(r"^/jobs/[^/]+/events$")
+_JOB_WAIT = re.compile(r"^/jobs/[^/]+(/result)?$")
+
+
+@dataclass
+class KeyLimits:
+    """Per-key counters of this API process: what each key holds open right now."""
+
+    settings: Settings
+    held: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def limit(self, what: str) -> tuple[int, str]:
+        s = self.settings
+        return {
+            "uploads": (s.key_max_uploads, "FORKLIFT_KEY_MAX_UPLOADS"),
+            "upload_bytes": (s.key_upload_bytes_limit, "FORKLIFT_KEY_MAX_UPLOAD_BYTES"),
+            "streams": (s.key_max_streams, "FORKLIFT_KEY_MAX_STREAMS"),
+            "waits": (s.key_max_waits, "FORKLIFT_KEY_MAX_WAITS"),
+        }[what]
+
+    def take(self, owner: str, what: str, amount: int = 1) -> Callable[[], None]:
+        """Count `amount` against the key's limit, or raise 429 (413 if it can never fit).
+
+        Returns the release function (call it once, in a `finally`).
+        """
+        limit, setting = self.limit(what)
+        if amount > limit:
+            raise ApiError(
+                413,
+                "too_large",
+                f"{amount} {what.replace('_', ' ')} is more than one key may hold at once:"
+                f" the limit is {limit} ({setting})",
+            )
+        key = (owner, what)
+        now = self.held.get(key, 0)
+        if now + amount > limit:
+            raise ApiError(
+                429,
+                "too_many",
+                f"this key already holds {now} {what.replace('_', ' ')} of at most {limit}"
+                f" ({setting}); retry when some have ended",
+                {"limit": limit, "held": now, "setting": setting},
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.held[key] = now + amount
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self.held.get(key, 0) - amount
+            if left > 0:
+                self.held[key] = left
+            else:
+                self.held.pop(key, None)
+
+        return release
+
+    @contextlib.contextmanager
+    def holding(self, owner: str, what: str, amount: int = 1) -> Iterator[None]:
+        release = self.take(owner, what, amount)
+        try:
+            yield
+        finally:
+            release()
+
+
+def caller_key(scope: Scope, settings: Settings) -> str:
+    """The owner id the request's key maps to ('' in open mode), as `api.deps` derives it.
+
+    An unknown key gets a bucket of its own, and its request fails with 401 right after.
+    """
+    if not settings.api_keys:
+        return ""
+    for name, value in scope["headers"]:
+        if name == b"authorization":  # parsed as FastAPI's HTTPBearer parses it
+            scheme, token = get_authorization_scheme_param(value.decode("latin-1"))
+            if scheme.lower() == "bearer" and token:
+                return owner_id(token)
+    return "-"
+
+
+def _kind(scope: Scope) -> str | None:
+    method, path = scope["method"], scope["path"]
+    if method == "POST" and path == "/arrays":
+        return "uploads"
+    if method == "GET" and _STREAM.match(path):
+        return "streams"
+    if method == "POST" and path == "/jobs/wait":
+        return "waits"
+    if method == "GET" and _JOB_WAIT.match(path):
+        query = scope.get("query_string", b"").decode("latin-1")
+        for name, value in parse_qsl(query):
+            if name == "wait":
+                with contextlib.suppress(ValueError):
+                    if float(value) > 0:
+                        return "waits"
+    return None
+
+
+class KeyLimitMiddleware:
+    """Counts uploads, event streams and long-polls per key for as long as each request runs.
+
+    The count is held until the response is complete (a stream's last event included), so
+    it is exact whatever the route does; 429 with `Retry-After` before the app sees the
+    request when the key holds its limit already.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = _kind(scope) if scope["type"] == "http" else None
+        state = getattr(scope["app"].state, "forklift", None) if kind else None
+        if state is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            release = state.limits.take(caller_key(scope, self.settings), kind)
+        except ApiError as exc:
+            answer = error_response(exc.status, exc.code, exc.message, exc.detail, exc.headers)
+            await answer(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            release()

@@ -5,15 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI
 
 from api import errors
 from api.deps import AppState
+from api.enqueue import publish
 from api.events import JobEventHub
-from api.limits import BodyLimitMiddleware, BodyTimeoutMiddleware
+from api.exposure import OpenBindGuard, check_bind
+from api.limits import (
+    BodyLimitMiddleware,
+    BodyTimeoutMiddleware,
+    KeyLimitMiddleware,
+    KeyLimits,
+)
 from api.routes import (
     arrays,
     cluster,
@@ -29,6 +38,8 @@ from api.routes import (
 from shared.arrays import mappings, pool
 from shared.arrays.janitor import sweep
 from shared.arrays.store import ArrayStore
+from shared.jobs_reaper import interval as reaper_interval
+from shared.jobs_reaper import reap
 from shared.jobstore import JobStore
 from shared.logs import setup_logging
 from shared.redis_io import async_redis, sync_redis
@@ -40,12 +51,31 @@ log = logging.getLogger("forklift.api")
 
 async def _janitor(settings: Settings) -> None:
     client = sync_redis(settings)
+    reaper = asyncio.create_task(_reap_jobs(settings), name="forklift-job-reaper")
+    try:
+        while True:
+            try:
+                await to_thread.run_sync(sweep, client, settings)
+            except Exception as exc:  # Redis down: try again next round
+                log.warning("janitor pass failed: %s", exc)
+            await asyncio.sleep(settings.janitor_interval)
+    finally:
+        reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
+
+
+async def _reap_jobs(settings: Settings) -> None:
+    """Beside the janitor: end the jobs whose message or worker was lost, every few seconds
+    (shared/jobs_reaper.py), so none stays queued, running or pinned for the visibility
+    timeout or for good."""
+    client = sync_redis(settings)
     while True:
         try:
-            await to_thread.run_sync(sweep, client, settings)
+            await to_thread.run_sync(reap, client, settings, lambda p: publish(settings, p))
         except Exception as exc:  # Redis down: try again next round
-            log.warning("janitor pass failed: %s", exc)
-        await asyncio.sleep(settings.janitor_interval)
+            log.warning("job reaper pass failed: %s", exc)
+        await asyncio.sleep(reaper_interval(settings))
 
 
 async def _sweep_mappings(interval: float) -> None:
@@ -60,6 +90,40 @@ async def _sweep_mappings(interval: float) -> None:
             await to_thread.run_sync(mappings.sweep)
         except Exception as exc:  # never let the loop die: the next round retries
             log.warning("sweeping kept mappings failed: %s", exc)
+
+
+@contextlib.contextmanager
+def _on_shutdown_signal(action: Callable[[], None]) -> Iterator[None]:
+    """Run `action` on the event loop when SIGTERM/SIGINT arrives, then the server's handler.
+
+    uvicorn waits for open connections before it runs the lifespan's shutdown, so event
+    streams and long-polls must hear of the shutdown from the signal itself. Chained in
+    front of whatever handler the server installed (uvicorn's), which still does the rest.
+    """
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(action)
+        before = previous.get(signum)
+        if callable(before):
+            before(signum, frame)
+        else:  # no server handler: what the signal did before (terminate, or nothing)
+            signal.signal(signum, before if before is not None else signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread (a test client): no signals to chain
+        pass
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                if signal.getsignal(sig) is handler:
+                    signal.signal(sig, before)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -80,16 +144,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             jobs=JobStore(client, settings),
             arrays=ArrayStore(client, settings),
             hub=hub,
+            limits=KeyLimits(settings),
         )
+        bind_check = asyncio.create_task(check_bind(settings), name="forklift-bind-check")
         janitor = asyncio.create_task(_janitor(settings), name="forklift-janitor")
         sweeper = asyncio.create_task(
             _sweep_mappings(min(mappings.SWEEP_INTERVAL_S, settings.janitor_interval)),
             name="forklift-mapping-sweep",
         )
         try:
-            yield
+            with _on_shutdown_signal(hub.close):
+                yield
         finally:
-            for task in (janitor, sweeper):
+            hub.close()
+            for task in (bind_check, janitor, sweeper):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -103,11 +171,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    # Inner to outer: body cap, body deadline, per-key counts, open-API guard, metrics.
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_json_bytes, exempt_prefixes=("/arrays",)
+        BodyLimitMiddleware,
+        max_bytes=settings.max_json_bytes,
+        exempt=frozenset({("POST", "/arrays")}),  # streamed into shm, FORKLIFT_MAX_UPLOAD_BYTES
     )
-    app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_timeout)
-    errors.install(app)
+    app.add_middleware(
+        BodyTimeoutMiddleware, idle_s=settings.body_timeout, min_rate=settings.body_min_rate
+    )
+    app.add_middleware(KeyLimitMiddleware, settings=settings)
+    app.add_middleware(OpenBindGuard, settings=settings)
+    errors.install(app, secured=bool(settings.api_keys))
     for module in (jobs, events, shm, arrays, tasks, health, dashboard, cluster, internal):
         app.include_router(module.router)
     metrics.install(app)  # /metrics, and the outermost middleware: times every request

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -35,6 +36,9 @@ from pydantic import ValidationError
 from shared.settings import Settings
 
 DEFAULT_REDIS_PORT = 6379
+# uvicorn's --timeout-graceful-shutdown: connections still open after SIGTERM (a slow
+# download) are cut after this many seconds; event streams and long-polls end at once.
+GRACEFUL_SHUTDOWN_S = 5
 DEV_SHM = Path("/dev/shm")
 _PREFIX_WIDTH = 6
 _print_lock = threading.Lock()
@@ -185,6 +189,16 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, stop: threading.Eve
             return True
         time.sleep(0.1)
     return False
+
+
+def _loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine reaches the API."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _display_host(host: str) -> str:
@@ -360,9 +374,15 @@ class Launcher:
                 return 2
             env["FORKLIFT_WORKER_CONCURRENCY"] = str(args.workers)
         try:
-            Settings.from_env(env)
+            first = Settings.from_env(env)
         except ValidationError as exc:
             say("up", f"error: invalid settings in the environment:\n{exc}")
+            return 2
+        if not _loopback_host(args.host) and not first.api_keys and not first.allow_open:
+            # The API would refuse too (api/exposure.py); say so before starting anything.
+            say("up", f"error: --host {args.host} with no FORKLIFT_API_KEYS would serve an open"
+                " API to the network; set FORKLIFT_API_KEYS (or FORKLIFT_ALLOW_OPEN=true if a"
+                " network boundary keeps others out), or bind 127.0.0.1")  # fmt: skip
             return 2
 
         url = self._redis_url(env)
@@ -377,7 +397,8 @@ class Launcher:
         self.settings = settings
 
         api_argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", args.host,
-                    "--port", str(args.port), "--log-level", args.log_level]  # fmt: skip
+                    "--port", str(args.port), "--log-level", args.log_level,
+                    "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_S)]  # fmt: skip
         worker_argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
                        "--pool=prefork", f"--concurrency={settings.worker_concurrency}",
                        f"--loglevel={args.log_level.upper()}"]  # fmt: skip

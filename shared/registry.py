@@ -11,6 +11,11 @@ validated before anything is enqueued, from one source of truth: the function's 
 
 Array parameters (annotated `np.ndarray`) are inputs; a parameter annotated `ProgressReporter`
 receives a callable to report progress; every other parameter is a validated param.
+
+A job whose memory grows with its params or its inputs' shapes (an outer product, a padded
+FFT) says so with `memory=`: a function of the same metadata that returns the bytes the job
+allocates in its worker child (result and working arrays). The API refuses, before anything
+is queued, a job whose estimate passes the child's memory limit (`check_memory`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,16 @@ class InputError(ValueError):
     """Array inputs that the job cannot take (wrong dtype, ndim or shapes)."""
 
 
+class LimitError(InputError):
+    """A job that would allocate more than its worker child may (estimated from metadata)."""
+
+    def __init__(self, message: str, estimate: int, limit: int, setting: str) -> None:
+        super().__init__(message)
+        self.estimate = estimate
+        self.limit = limit
+        self.setting = setting
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     """Constraints on one array input, checked from metadata before the job is enqueued."""
@@ -76,6 +91,15 @@ class ArraySpec:
 
 
 InputCheck = Callable[[Mapping[str, HasShapeAndDtype], BaseModel], None]
+MemoryEstimate = Callable[[Mapping[str, HasShapeAndDtype], BaseModel], int]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
 
 
 @dataclass
@@ -89,6 +113,7 @@ class JobSpec:
     check: InputCheck | None
     doc: str
     idempotent: bool = False
+    memory: MemoryEstimate | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate_params(self, params: Mapping[str, Any]) -> BaseModel:
@@ -115,6 +140,26 @@ class JobSpec:
                 raise
             except ValueError as exc:
                 raise InputError(str(exc)) from exc
+
+    def check_memory(
+        self, arrays: Mapping[str, HasShapeAndDtype], params: BaseModel, limit: int, setting: str
+    ) -> None:
+        """Raises LimitError when the job's `memory` estimate passes `limit` (0: no limit).
+
+        Run after `check_inputs`, on the same metadata: the estimate may assume valid inputs.
+        """
+        if self.memory is None or limit <= 0:
+            return
+        need = int(self.memory(arrays, params))
+        if need > limit:
+            raise LimitError(
+                f"the job would allocate about {human_bytes(need)} ({need} bytes) for its"
+                f" result and working arrays; the limit is {human_bytes(limit)} ({limit} bytes,"
+                f" {setting})",
+                need,
+                limit,
+                setting,
+            )
 
     def call(
         self,
@@ -159,7 +204,11 @@ def _is_ndarray(annotation: Any) -> tuple[bool, ArraySpec | None]:
 
 
 def _build_spec(
-    func: Callable[..., Any], name: str, check: InputCheck | None, idempotent: bool
+    func: Callable[..., Any],
+    name: str,
+    check: InputCheck | None,
+    idempotent: bool,
+    memory: MemoryEstimate | None = None,
 ) -> JobSpec:
     hints = typing.get_type_hints(func, include_extras=True)
     fields: dict[str, Any] = {}
@@ -196,6 +245,7 @@ def _build_spec(
         check=check,
         doc=inspect.cleandoc(func.__doc__ or ""),
         idempotent=idempotent,
+        memory=memory,
     )
 
 
@@ -205,6 +255,7 @@ def job(
     name: str | None = None,
     check: InputCheck | None = None,
     idempotent: bool = False,
+    memory: MemoryEstimate | None = None,
 ) -> Any:
     """Register a plain function as a job (usable bare or with arguments)."""
 
@@ -218,7 +269,7 @@ def job(
             )
             if not same_origin:
                 raise ValueError(f"job name '{job_name}' is already taken by {existing.func}")
-        _JOBS[job_name] = _build_spec(f, job_name, check, idempotent)
+        _JOBS[job_name] = _build_spec(f, job_name, check, idempotent, memory)
         return f
 
     return register(func) if func is not None else register

@@ -31,6 +31,40 @@ def _dev_shm_bytes() -> int:
     return stat.f_blocks * stat.f_frsize
 
 
+def _machine_memory_bytes() -> int:
+    """RAM this process may use: MemTotal, or the cgroup's memory.max when lower (containers)."""
+    total = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError):  # pragma: no cover - non-Linux
+        total = 0
+    try:
+        cap = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if cap.isdigit() and (total == 0 or int(cap) < total):
+            total = int(cap)
+    except OSError:
+        pass
+    return total
+
+
+def _default_child_memory(data: dict[str, object]) -> int:
+    """An even share, per worker child, of the RAM left beside the shared-memory cap.
+
+    Arrays in /dev/shm are RAM too: what the machine has minus the cap, split between the
+    `worker_concurrency` children (at least 256 MiB each), so a job that allocates without
+    bound fails with "memory limit" instead of sending the host into the OOM killer.
+    """
+    ram = _machine_memory_bytes()
+    if ram <= 0:  # pragma: no cover - unknown machine: no limit
+        return 0
+    shm = int(data.get("shm_limit_bytes") or 0)  # type: ignore[call-overload]
+    children = int(data.get("worker_concurrency") or 1)  # type: ignore[call-overload]
+    return max(256 << 20, (ram - shm) // max(1, children))
+
+
 def derive_shm_domain() -> str:
     """Processes that share a boot and an IPC namespace see the same `/dev/shm`."""
     try:
@@ -62,6 +96,12 @@ class Settings(BaseModel):
     # Seconds past the hard time limit after which the message of a job whose worker vanished
     # (SIGKILL, OOM, power loss) is delivered again: the Redis transport's visibility timeout.
     redelivery_margin: float = Field(600.0, gt=0)
+    # Seconds after which a job whose worker stopped beating, or no longer holds it, is
+    # declared lost by the reaper (shared/jobs_reaper.py) and delivered again (or failed once
+    # its attempts are spent), whatever the visibility timeout; also how long a queued job's
+    # message may be missing from the broker before the job is failed (purged). The reaper
+    # runs every third of it.
+    worker_lost_after: float = Field(15.0, ge=3)
     job_ttl: int = Field(86400, gt=0)
     array_ttl: int = Field(3600, gt=0)
     max_wait: float = Field(60.0, ge=0)
@@ -86,11 +126,29 @@ class Settings(BaseModel):
     api_internal_url: str = Field("", pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
     internal_token: SecretStr | None = None
 
-    # Address space a job may add to its worker child (RLIMIT_AS, set per job on top of what
-    # the child maps already, attached input segments included); 0 = no limit.
-    child_memory_limit_bytes: int = Field(0, ge=0)
     worker_concurrency: int = Field(default_factory=_cpu_count, ge=1)
     max_tasks_per_child: int = Field(0, ge=0)
+    # Address space a job may add to its worker child (RLIMIT_AS, set per job on top of what
+    # the child maps already, attached input segments included); 0 = no limit. Default: the
+    # machine's RAM less shm_limit_bytes, split between worker_concurrency children. The API
+    # refuses (422) a job whose estimated memory passes it, before anything is queued.
+    child_memory_limit_bytes: int = Field(default_factory=_default_child_memory, ge=0)
+
+    # Networked deployments: an API bound to a non-loopback address with no api_keys refuses
+    # to start unless this says the open API is meant (e.g. behind a loopback-only publish).
+    allow_open: bool = False
+    # A request body must keep arriving at this many bytes per second on average, after a
+    # grace of body_timeout seconds, or it ends with 408 (a slow upload holds its
+    # reservation for a bounded time); 0 = no rate, only body_timeout.
+    body_min_rate: int = Field(1 << 20, ge=0)
+    # Per key (per API process; the open API is one key): uploads in flight, bytes those
+    # uploads reserve (-1 = half of shm_limit_bytes with keys, all of it open), open event
+    # streams and long-polls.
+    # Past one of them the request gets 429 with Retry-After.
+    key_max_uploads: int = Field(8, ge=1)
+    key_max_upload_bytes: int = Field(-1, ge=-1)
+    key_max_streams: int = Field(32, ge=1)
+    key_max_waits: int = Field(64, ge=1)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -114,6 +172,20 @@ class Settings(BaseModel):
         return BUILTIN_JOB_MODULES + tuple(
             m for m in self.job_modules if m not in BUILTIN_JOB_MODULES
         )
+
+    @property
+    def key_upload_bytes_limit(self) -> int:
+        """-1: half the shm cap with keys set; the whole cap open (one bucket for everyone)."""
+        if self.key_max_upload_bytes < 0:
+            return self.shm_limit_bytes // 2 if self.api_keys else self.shm_limit_bytes
+        return self.key_max_upload_bytes
+
+    @property
+    def job_memory_budget(self) -> tuple[int, str]:
+        """Bytes a job may allocate in its child, and the setting that says so (submit checks)."""
+        if self.child_memory_limit_bytes > 0:
+            return self.child_memory_limit_bytes, "FORKLIFT_CHILD_MEMORY_LIMIT_BYTES"
+        return _machine_memory_bytes(), "the machine's RAM"
 
     @property
     def shm_pool_limit(self) -> int:

@@ -2,10 +2,12 @@
 
 Plain HTML, CSS and JavaScript from `api/static/`, served by the API itself: no build step,
 no CDN. The page polls `/dashboard/state` once a second. The page itself is public; its state
-shows job ids, tasks, states and timings, never params or results. With `FORKLIFT_API_KEYS`
-set, the state needs a key (the page asks for one) and lists only that key's jobs, so another
-key's job ids are never told; the aggregate figures (queues, workers, memory) are shown to any
-valid key.
+shows tasks, states and timings, never params or results. With `FORKLIFT_API_KEYS` set, the
+state needs a key (the page asks for one) and lists only that key's jobs with their ids, so
+another key's job ids are never told; the aggregate figures (queues, workers, memory) are
+shown to any valid key. Open (no keys) anyone may read the state, so it shows counts, never a
+job id: recent jobs by state (`recent_counts`, `jobs` empty, `jobs_hidden` true) and running
+jobs by task under their workers.
 """
 
 from __future__ import annotations
@@ -139,14 +141,16 @@ async def dashboard_state(state: State, owner: Owner) -> Any:
             status_code=503,
             headers={"Retry-After": "2", **_NO_STORE},
         )
+    show_ids = bool(settings.api_keys)
     by_node: dict[str, list[dict[str, Any]]] = {}
     for job_id, entry in running.items():
         job = {
-            "id": job_id,
             "task": entry.get("task"),
             "started_at": entry.get("started_at"),
             "pid": entry.get("pid"),
         }
+        if show_ids:
+            job["id"] = job_id
         by_node.setdefault(str(entry.get("node") or ""), []).append(job)
     workers = []
     for w in sorted(snap.workers, key=lambda w: w.name):
@@ -172,7 +176,9 @@ async def dashboard_state(state: State, owner: Owner) -> Any:
         "workers": workers,
         "running_elsewhere": unplaced,
         "busy": busy,
-        "jobs": jobs,
+        "jobs": jobs if show_ids else [],
+        "jobs_hidden": not show_ids,
+        "recent_counts": _count_states(jobs),
         "shm": [
             {
                 "domain": domain,
@@ -190,6 +196,13 @@ async def dashboard_state(state: State, owner: Owner) -> Any:
         "throughput": {"slot_s": THROUGHPUT_SLOT_S, "counts": throughput},
     }
     return JSONResponse(body, headers=_NO_STORE)
+
+
+def _count_states(jobs: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for job in jobs:
+        out[job["status"]] = out.get(job["status"], 0) + 1
+    return out
 
 
 def _by_state(finished: dict[tuple[str, str], int]) -> dict[str, int]:

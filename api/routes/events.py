@@ -62,7 +62,7 @@ async def _stream(state: AppState, job_id: str, first: JobRecord) -> AsyncIterat
             elif record.progress != last[1]:
                 yield _event("progress", _progress_data(record))
             last = (record.status, record.progress)
-            if record.status.is_final:
+            if record.status.is_final or state.hub.closing:
                 return
             try:
                 await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
@@ -70,6 +70,8 @@ async def _stream(state: AppState, job_id: str, first: JobRecord) -> AsyncIterat
                 yield ": keep-alive\n\n"
             while not queue.empty():  # a burst of progress reports: one re-read is enough
                 queue.get_nowait()
+            if state.hub.closing:
+                return
             try:
                 record = await state.jobs.get(job_id)
             except REDIS_ERRORS:  # keep the last state; the hub resyncs when Redis is back

@@ -19,7 +19,7 @@ from api.enqueue import enqueue_many
 from api.errors import ApiError, not_found
 from shared.arrays.store import ArrayRecord
 from shared.jobstore import JobRecord
-from shared.registry import InputError, get_job
+from shared.registry import InputError, LimitError, get_job
 from shared.schemas import (
     JobBatch,
     JobBatchView,
@@ -93,6 +93,10 @@ async def _prepare(state: AppState, body: JobSubmission, owner: str) -> _Prepare
     try:
         infos = {n: _ArrayInfo(tuple(r.shape), np.dtype(r.dtype)) for n, r in refs.items()}
         spec.check_inputs(infos, params)
+        spec.check_memory(infos, params, *state.settings.job_memory_budget)
+    except LimitError as exc:
+        detail = {"estimate_bytes": exc.estimate, "limit_bytes": exc.limit, "setting": exc.setting}
+        raise ApiError(422, "job_too_large", f"{body.task}: {exc}", detail) from None
     except InputError as exc:
         raise ApiError(422, "invalid_inputs", f"{body.task}: {exc}") from None
     return _Prepared(body=body, params=params.model_dump(mode="json"), inputs=refs)
@@ -181,6 +185,8 @@ async def wait_for_jobs(body: JobWait, state: State, owner: Owner) -> Any:
         records = await _load_many(state, body.ids, owner)
         pending = {r.id for r in records if not r.status.is_final}
         while pending and not (body.any and len(pending) < len(set(body.ids))):
+            if state.hub.closing:  # shutting down: answer with what there is
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -216,7 +222,7 @@ async def _wait_for_end(state: AppState, job_id: str, owner: str, wait: float) -
     deadline = time.monotonic() + wait
     with state.hub.subscribe(job_id) as events:
         record = await load_job(state, job_id, owner)
-        while not record.status.is_final:
+        while not record.status.is_final and not state.hub.closing:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

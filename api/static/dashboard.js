@@ -113,7 +113,7 @@
   function renderWorkers(state) {
     const rows = state.workers.map((w) => {
       const jobs = w.jobs.map((j) =>
-        el("span", { className: "job-chip mono", title: j.id }, j.task + " " + j.id.slice(0, 8) +
+        el("span", { className: "job-chip mono", title: j.id || "" }, j.task + shortId(j.id, 8) +
           " · " + fmtSeconds(state.now - j.started_at))
       );
       return el(
@@ -129,7 +129,7 @@
     for (const j of state.running_elsewhere) {
       rows.push(el("tr", {}, el("td", { className: "muted" }, "(unknown worker)"), el("td"),
         el("td"), el("td"), el("td", {}, el("span", { className: "job-chip mono" },
-          j.task + " " + j.id.slice(0, 8)))));
+          j.task + shortId(j.id, 8)))));
     }
     if (!rows.length) {
       rows.push(el("tr", {}, el("td", { colSpan: 5, className: "muted" }, "no worker online")));
@@ -137,7 +137,20 @@
     $("workers").replaceChildren(...rows);
   }
 
+  // Open API (no keys): the state has counts, not ids (anyone can read it).
+  function shortId(id, n) {
+    return id ? " " + id.slice(0, n) : "";
+  }
+
   function renderJobs(state) {
+    if (state.jobs_hidden) {
+      const counts = Object.entries(state.recent_counts || {})
+        .map(([status, n]) => n + " " + status).join(" · ");
+      $("jobs").replaceChildren(el("tr", { id: "jobs-hidden" }, el("td", { colSpan: 7 },
+        (counts || "no jobs yet") + " — job ids are listed only when the API has keys" +
+        " (FORKLIFT_API_KEYS)")));
+      return;
+    }
     const rows = state.jobs.map((j) => {
       let duration = fmtSeconds(j.duration);
       if (j.status === "running" && j.progress !== null) {

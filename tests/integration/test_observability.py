@@ -276,22 +276,74 @@ return {
 """
 
 
-def test_dashboard_shows_a_job_go_from_queued_to_succeeded(
-    obs: ObsStack, http: httpx.Client
-) -> None:
+DASHBOARD_KEY = "dashboard-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_url(obs: ObsStack) -> Iterator[str]:
+    """A second API on the same stack, with a key: its dashboard lists the key's job ids."""
+    api, url = stack.start_api({**obs.env, "FORKLIFT_API_KEYS": DASHBOARD_KEY})
+    try:
+        yield url
+    finally:
+        api.stop()
+
+
+def test_open_dashboard_state_has_counts_not_ids(obs: ObsStack, http: httpx.Client) -> None:
+    job_id = submit(http, "sleep", seconds=1.5)
+    stack.wait_until(
+        lambda: http.get(f"/jobs/{job_id}").json()["status"] == "running", 10, what="running"
+    )
+    state = http.get("/dashboard/state").json()
+    assert state["jobs"] == [] and state["jobs_hidden"] is True
+    assert state["recent_counts"].get("running", 0) >= 1
+    running = [j for w in state["workers"] for j in w["jobs"]] + state["running_elsewhere"]
+    assert running and all("id" not in j for j in running)
+    assert job_id not in json.dumps(state)
+    assert wait(http, job_id)["status"] == "succeeded"
+
+
+def test_dashboard_shows_a_job_go_from_queued_to_succeeded(obs: ObsStack, keyed_url: str) -> None:
     driver, profile = _chrome_driver()
     try:
         driver.set_page_load_timeout(20)
+        # Open, the page shows counts and no job id.
         driver.get(obs.url + "/")
         assert driver.current_url == obs.url + "/dashboard"
         stack.wait_until(
             lambda: driver.execute_script("return document.body.dataset.updatedAt || null"),
             10,
-            what="the dashboard's first update",
+            what="the open dashboard's first update",
+        )
+        hidden = driver.execute_script(
+            "const r = document.getElementById('jobs-hidden'); return r && r.textContent"
+        )
+        assert hidden and "FORKLIFT_API_KEYS" in hidden, hidden
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "dashboard-open.png"))
+
+        # With keys, the page asks for one and then lists the key's jobs.
+        driver.get(keyed_url + "/dashboard")
+        stack.wait_until(
+            lambda: driver.execute_script("return !document.getElementById('keyform').hidden"),
+            10,
+            what="the key form",
+        )
+        driver.execute_script(
+            "document.getElementById('apikey').value = arguments[0];"
+            "document.getElementById('keyform').requestSubmit();",
+            DASHBOARD_KEY,
+        )
+        stack.wait_until(
+            lambda: driver.execute_script("return document.body.dataset.updatedAt || null"),
+            10,
+            what="the keyed dashboard's first update",
         )
         driver.execute_script("window.__forkliftNoReload = 42;")
 
-        job_id = submit(http, "sleep", seconds=2)
+        headers = {"Authorization": f"Bearer {DASHBOARD_KEY}"}
+        with httpx.Client(base_url=keyed_url, headers=headers, timeout=30) as http:
+            job_id = submit(http, "sleep", seconds=2)
         seen: list[str] = []
         on_worker = False
         row: dict = {}
@@ -323,7 +375,7 @@ def test_dashboard_shows_a_job_go_from_queued_to_succeeded(
         resources = driver.execute_script(
             "return performance.getEntriesByType('resource').map(e => e.name)"
         )
-        assert resources and all(name.startswith(obs.url) for name in resources), resources
+        assert resources and all(name.startswith(keyed_url) for name in resources), resources
         # The sparkline got the finished job.
         counts = driver.execute_script("return document.getElementById('sparkline').dataset.counts")
         assert sum(int(c) for c in counts.split(",")) >= 1
@@ -332,6 +384,8 @@ def test_dashboard_shows_a_job_go_from_queued_to_succeeded(
         time.sleep(0.3)
         assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
         errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        # The keyed page's first poll, before the key was typed, is a 401 by design.
+        errors = [e for e in errors if "status of 401" not in e.get("message", "")]
         assert not errors, f"console errors: {errors}"
     finally:
         driver.quit()

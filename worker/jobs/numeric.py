@@ -4,10 +4,17 @@ Inputs arrive as read-only views of shared memory; results that are arrays are w
 the runner into new segments. Checks that metadata can answer run in the API before enqueue
 (and again in the worker on the real arrays), so they look only at `.shape` and `.dtype`.
 No job writes into an input: everything that would modify an array works on a copy.
+
+Every job whose memory is not bounded by its inputs' size alone has a `memory=` estimate
+(`_mem_*`, metadata only): the bytes it allocates in its child for its result, the copies
+NumPy makes and LAPACK or pocketfft workspaces, rounded up. The API refuses (422) a job whose
+estimate passes the child's memory limit, so `(n,1) @ (1,n)`, `svd(full_matrices)` of
+`(m,1)`, a padded FFT or 10,000 percentiles along a short axis never reach a worker.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -139,6 +146,128 @@ def _convolve_check(arrays: Arrays, params: BaseModel) -> None:
             raise InputError(f"input '{name}' is empty; a convolution needs at least one value")
 
 
+# --- memory estimates (metadata only; run after the checks above) ---------------------------
+
+# Scalars, small temporaries, the interpreter's own allocations during a call.
+_SLACK = 1 << 20
+
+
+def _count(arr: HasShapeAndDtype) -> int:
+    return math.prod(_shape(arr))
+
+
+def _item(dtype: Any, floor: int = 8) -> int:
+    """Bytes per element of a result computed from `dtype` (ints and bools widen to 8)."""
+    return max(floor, np.dtype(dtype).itemsize)
+
+
+def _reduced(arr: HasShapeAndDtype, axis: int | None) -> int:
+    """Elements left after reducing `arr` along `axis` (1 for the whole array)."""
+    shape = _shape(arr)
+    if axis is None or not shape:
+        return 1
+    return math.prod(n for i, n in enumerate(shape) if i != axis % len(shape))
+
+
+def _mem_reduction(arrays: Arrays, params: BaseModel) -> int:
+    a = arrays["a"]
+    return 16 * _reduced(a, params.axis) + _SLACK
+
+
+def _mem_std(arrays: Arrays, params: BaseModel) -> int:
+    a = arrays["a"]  # np.std: the deviations from the mean, squared in place (.real: complex)
+    complex_ = np.dtype(a.dtype).kind == "c"
+    per = 16 + 8 if complex_ else 8
+    return per * _count(a) + 16 * _reduced(a, params.axis) + _SLACK
+
+
+def _mem_percentile(arrays: Arrays, params: BaseModel) -> int:
+    a = arrays["a"]
+    nq = len(params.q) if isinstance(params.q, list) else 1
+    # A partitioned copy of the input, then lower/upper picks and the interpolated result.
+    copy = np.dtype(a.dtype).itemsize * _count(a)
+    return copy + 4 * 8 * nq * _reduced(a, params.axis) + _SLACK
+
+
+def _mem_histogram(arrays: Arrays, params: BaseModel) -> int:
+    return 4 * 8 * (params.bins + 1) + 8 * 8 * 65536 + _SLACK  # NumPy bins 65536 at a time
+
+
+def _mem_matmul(arrays: Arrays, params: BaseModel) -> int:
+    a, b = arrays["a"], arrays["b"]
+    sa, sb = _shape(a), _shape(b)
+    rows = sa[0] if len(sa) == 2 else 1
+    cols = sb[-1] if len(sb) == 2 else 1
+    kind = np.result_type(a.dtype, b.dtype)
+    converted = sum(_count(x) for x in (a, b) if np.dtype(x.dtype) != kind)
+    return _item(kind, 1) * (rows * cols + converted) + _SLACK
+
+
+def _linalg_item(dtype: Any) -> int:
+    kind = np.dtype(dtype)
+    if kind.kind == "c":
+        return kind.itemsize
+    return 4 if kind in (np.float16, np.float32) else 8
+
+
+def _mem_svd(arrays: Arrays, params: BaseModel) -> int:
+    a = arrays["a"]
+    m, n = _shape(a)
+    k = min(m, n)
+    u, vt = (m * m, n * n) if params.full_matrices else (m * k, k * n)
+    # NumPy's copies of u and vt, LAPACK's copy of a and gesdd's workspace (~5k^2 + max(m,n)).
+    work = m * n + 5 * k * k + 7 * k + max(m, n)
+    return _linalg_item(a.dtype) * (2 * (u + vt + k) + work) + _SLACK
+
+
+def _mem_solve(arrays: Arrays, params: BaseModel) -> int:
+    a, b = arrays["a"], arrays["b"]
+    kind = np.result_type(_linalg_ready_dtype(a.dtype), _linalg_ready_dtype(b.dtype))
+    return _linalg_item(kind) * (2 * _count(a) + 3 * _count(b)) + _SLACK
+
+
+def _linalg_ready_dtype(dtype: Any) -> np.dtype:
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
+
+
+def _mem_fft(arrays: Arrays, params: BaseModel) -> int:
+    a = arrays["a"]
+    shape = _shape(a)
+    axis = params.axis % len(shape)
+    length = shape[axis]
+    n = params.n if params.n is not None else length
+    rows = math.prod(x for i, x in enumerate(shape) if i != axis)
+    out = n // 2 + 1 if params.real else n
+    # The input cropped or zero-padded to n (as complex), the spectrum, and its magnitude.
+    return 16 * rows * max(n, length) + (16 + 8) * rows * out + _SLACK
+
+
+def _mem_convolve(arrays: Arrays, params: BaseModel) -> int:
+    a, v = arrays["a"], arrays["v"]
+    n, m = _count(a), _count(v)
+    item = _item(np.result_type(a.dtype, v.dtype), 1)
+    return item * (2 * (n + m - 1) + n + m) + _SLACK
+
+
+def _mem_sort(arrays: Arrays, params: BaseModel) -> int:
+    a = arrays["a"]  # the sorted copy (flattened for axis null) and a stable sort's buffer
+    return 2 * np.dtype(a.dtype).itemsize * _count(a) + _SLACK
+
+
+def _mem_normalize(arrays: Arrays, params: BaseModel) -> int:
+    a = arrays["a"]
+    kind = np.dtype(a.dtype)
+    auto = "float64" if kind == np.float64 else "float32"
+    out = np.dtype(params.dtype if params.dtype != "auto" else auto)
+    work = out if np.can_cast(kind, out, "safe") else np.dtype(np.float64)
+    # The working copy, then the result if its dtype differs; z-scores: the nan-aware mean
+    # and std copy the values and a NaN mask each, plus float64 deviations.
+    per = work.itemsize + (out.itemsize if out != work else 0)
+    if params.method == "zscore":
+        per += (2 * (work.itemsize + 1) if kind.kind == "f" else 0) + 8
+    return per * _count(a) + _SLACK
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 
@@ -171,20 +300,20 @@ HistRange = Annotated[
 # --- reductions and statistics ---------------------------------------------------------------
 
 
-@job(name="sum", check=_axis_check())
+@job(name="sum", check=_axis_check(), memory=_mem_reduction)
 def sum_(a: Numeric, axis: Axis = None) -> Any:
     """Sum of the elements, over all of them or along `axis`."""
     return np.sum(a, axis=axis)
 
 
-@job(check=_axis_check())
+@job(check=_axis_check(), memory=_mem_reduction)
 def mean(a: Numeric, axis: Axis = None) -> Any:
     """Arithmetic mean, over all elements or along `axis` (nan for an empty array)."""
     with _quiet():
         return np.mean(a, axis=axis)
 
 
-@job(check=_axis_check())
+@job(check=_axis_check(), memory=_mem_std)
 def std(
     a: Numeric,
     axis: Axis = None,
@@ -195,19 +324,19 @@ def std(
         return np.std(a, axis=axis, ddof=ddof)
 
 
-@job(name="min", check=_checks(_axis_check(), _nonempty_reduction("min")))
+@job(name="min", check=_checks(_axis_check(), _nonempty_reduction("min")), memory=_mem_reduction)
 def min_(a: Numeric, axis: Axis = None) -> Any:
     """Smallest element, over all elements or along `axis` (NaN if any is NaN)."""
     return np.min(a, axis=axis)
 
 
-@job(name="max", check=_checks(_axis_check(), _nonempty_reduction("max")))
+@job(name="max", check=_checks(_axis_check(), _nonempty_reduction("max")), memory=_mem_reduction)
 def max_(a: Numeric, axis: Axis = None) -> Any:
     """Largest element, over all elements or along `axis` (NaN if any is NaN)."""
     return np.max(a, axis=axis)
 
 
-@job(check=_checks(_axis_check(), _nonempty_reduction("percentile")))
+@job(check=_checks(_axis_check(), _nonempty_reduction("percentile")), memory=_mem_percentile)
 def percentile(
     a: Real,
     q: Annotated[
@@ -222,7 +351,7 @@ def percentile(
         return np.percentile(a, q, axis=axis, method=method)
 
 
-@job
+@job(memory=_mem_histogram)
 def histogram(
     a: Real,
     bins: Annotated[int, Field(ge=1, le=100_000, description="number of equal-width bins")] = 10,
@@ -237,13 +366,13 @@ def histogram(
 # --- linear algebra --------------------------------------------------------------------------
 
 
-@job(check=_matmul_check)
+@job(check=_matmul_check, memory=_mem_matmul)
 def matmul(a: VectorOrMatrix, b: VectorOrMatrix) -> Any:
     """Matrix product a @ b of 1-D or 2-D arrays; a.shape[-1] must equal b's first dimension."""
     return np.matmul(a, b)
 
 
-@job
+@job(memory=_mem_svd)
 def svd(
     a: Matrix,
     full_matrices: bool = False,
@@ -253,7 +382,7 @@ def svd(
     return {"u": u, "s": s, "vt": vt}
 
 
-@job(check=_solve_check)
+@job(check=_solve_check, memory=_mem_solve)
 def solve(a: Matrix, b: VectorOrMatrix) -> np.ndarray:
     """Solve a @ x = b for x; `a` square, b of shape (n,) or (n, k)."""
     try:
@@ -265,7 +394,7 @@ def solve(a: Matrix, b: VectorOrMatrix) -> np.ndarray:
 # --- signals ---------------------------------------------------------------------------------
 
 
-@job(check=_fft_check)
+@job(check=_fft_check, memory=_mem_fft)
 def fft(
     a: Numeric,
     axis: Annotated[int, Field(description="axis to transform along")] = -1,
@@ -301,7 +430,7 @@ def _full_convolution(a: np.ndarray, v: np.ndarray, progress: ProgressReporter) 
     return out
 
 
-@job(check=_convolve_check)
+@job(check=_convolve_check, memory=_mem_convolve)
 def convolve(
     a: Vector,
     v: Vector,
@@ -322,7 +451,7 @@ def convolve(
 # --- sorting and images ----------------------------------------------------------------------
 
 
-@job(check=_axis_check())
+@job(check=_axis_check(), memory=_mem_sort)
 def sort(
     a: Numeric,
     axis: Annotated[int | None, Field(description="axis to sort along; null: flatten")] = -1,
@@ -332,7 +461,7 @@ def sort(
     return np.sort(a, axis=axis, kind=kind)
 
 
-@job(check=_axis_check("channel_axis"))
+@job(check=_axis_check("channel_axis"), memory=_mem_normalize)
 def normalize(
     a: Annotated[np.ndarray, ArraySpec(kinds="biuf", description="e.g. an image")],
     method: Literal["minmax", "zscore"] = "minmax",
