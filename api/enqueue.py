@@ -85,6 +85,11 @@ def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
     return queues
 
 
+def publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
+    """Blocking publish, for threads (the job reaper sends a lost job's message again)."""
+    return _publish(settings, payloads)
+
+
 async def enqueue_many(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
     """Publish in one trip to a worker thread; the loop never waits on kombu."""
     return await to_thread.run_sync(_publish, settings, payloads)

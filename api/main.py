@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.deps import AppState
+from api.enqueue import publish
 from api.events import JobEventHub
 from api.exposure import OpenBindGuard, check_bind
 from api.limits import (
@@ -37,6 +38,8 @@ from api.routes import (
 from shared.arrays import mappings, pool
 from shared.arrays.janitor import sweep
 from shared.arrays.store import ArrayStore
+from shared.jobs_reaper import interval as reaper_interval
+from shared.jobs_reaper import reap
 from shared.jobstore import JobStore
 from shared.logs import setup_logging
 from shared.redis_io import async_redis, sync_redis
@@ -48,12 +51,31 @@ log = logging.getLogger("forklift.api")
 
 async def _janitor(settings: Settings) -> None:
     client = sync_redis(settings)
+    reaper = asyncio.create_task(_reap_jobs(settings), name="forklift-job-reaper")
+    try:
+        while True:
+            try:
+                await to_thread.run_sync(sweep, client, settings)
+            except Exception as exc:  # Redis down: try again next round
+                log.warning("janitor pass failed: %s", exc)
+            await asyncio.sleep(settings.janitor_interval)
+    finally:
+        reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
+
+
+async def _reap_jobs(settings: Settings) -> None:
+    """Beside the janitor: end the jobs whose message or worker was lost, every few seconds
+    (shared/jobs_reaper.py), so none stays queued, running or pinned for the visibility
+    timeout or for good."""
+    client = sync_redis(settings)
     while True:
         try:
-            await to_thread.run_sync(sweep, client, settings)
+            await to_thread.run_sync(reap, client, settings, lambda p: publish(settings, p))
         except Exception as exc:  # Redis down: try again next round
-            log.warning("janitor pass failed: %s", exc)
-        await asyncio.sleep(settings.janitor_interval)
+            log.warning("job reaper pass failed: %s", exc)
+        await asyncio.sleep(reaper_interval(settings))
 
 
 async def _sweep_mappings(interval: float) -> None:

@@ -1,7 +1,8 @@
 """Runs one job in a worker child: start, attach inputs, call, store the result, finish.
 
 Celery-free on purpose (only its time-limit exception is named), so the job lifecycle reads
-top to bottom in one place. Every path ends the record and releases the inputs exactly once.
+top to bottom in one place. Every path ends the record and releases the inputs exactly once;
+the attempt that ends the record releases them in the same script (shared/jobstore.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import os
 import resource
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -23,6 +24,7 @@ from shared.arrays import mappings, pool
 from shared.arrays.copying import copy_into
 from shared.arrays.segments import Segment, ShmFullError, ndarray_view, unlink_segment
 from shared.arrays.store import ArrayRecord
+from shared.redis_io import REDIS_ERRORS
 from shared.registry import get_job
 from shared.schemas import ArrayRef, JobStatus, TaskPayload
 from worker import cancel, remote
@@ -30,35 +32,87 @@ from worker.runtime import Runtime, runtime
 
 log = logging.getLogger("forklift.worker")
 
+T = TypeVar("T")
+
 
 class JobFailure(Exception):
     """A failure whose message is meant for the client as is."""
 
 
+class RedisUnavailable(Exception):
+    """Redis stayed unreachable while the job's record had to change: do not ack."""
+
+
+# How long a start or finish waits for Redis (a restart, a failover) before giving up and
+# handing the message back instead of acking it.
+REDIS_RETRY_S = 60.0
+
+
+def redis_retrying(call: Callable[[], T], what: str, budget: float = REDIS_RETRY_S) -> T:
+    """`call()`, retried with backoff on transient Redis errors for up to `budget` seconds.
+
+    The scripts it wraps are idempotent for their caller (an attempt token, the `released`
+    flag), so one that ran before its reply was lost may run again.
+    """
+    deadline = time.monotonic() + budget
+    delay = 0.05
+    while True:
+        try:
+            return call()
+        except REDIS_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise RedisUnavailable(
+                    f"{what}: Redis unreachable for {budget:g} s: {exc}"
+                ) from exc
+            log.warning("%s: Redis error (%s); retrying in %.2f s", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 def run(payload: TaskPayload, node: str = "") -> str:
     """Run the job; returns its final status (or why it was skipped).
 
-    `node` is the Celery worker's name (for the dashboard's workers and their jobs).
+    `node` is the Celery worker's name (for the dashboard's workers and their jobs, and for
+    the reaper's check that this worker still holds the job). Returns only once the record
+    is no longer running on this attempt's behalf; raises RedisUnavailable otherwise.
     """
     with cancel.watching(payload.job_id):
         return _run(runtime(), payload, node)
 
 
-def _release_inputs(rt: Runtime, payload: TaskPayload) -> None:
-    if payload.inputs:  # a job without inputs pinned nothing: spare the round trip
-        free_arrays(rt, rt.jobs.release_inputs(payload.job_id))
+def _free(rt: Runtime, array_ids: list[str]) -> None:
+    """Free what a release made due; a failure leaves them to the janitor (they expire)."""
+    try:
+        free_arrays(rt, array_ids)
+    except REDIS_ERRORS as exc:
+        log.warning("freeing %d arrays failed (the janitor will): %s", len(array_ids), exc)
 
 
 def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
     pid = os.getpid()
     domain = rt.settings.shm_domain
-    outcome, attempts = rt.jobs.start(payload.job_id, rt.hostname, pid, domain, node)
+    job_id = payload.job_id
+    token = uuid.uuid4().hex  # this attempt: only its holder may finish the record
+    outcome, attempts, due = redis_retrying(
+        lambda: rt.jobs.start(job_id, rt.hostname, pid, domain, node, token), f"job {job_id} start"
+    )
+    _free(rt, due)
     began = time.monotonic()
+    if outcome == "missing" and payload.inputs:
+        # The record is gone (deleted by hand): release what the message says it pinned,
+        # once per job id.
+        ids = [ref.id for ref in payload.inputs.values()]
+        _free(
+            rt,
+            redis_retrying(
+                lambda: rt.jobs.release_inputs(job_id, mode="missing", input_ids=ids),
+                f"job {job_id} release",
+            ),
+        )
     if outcome != "started":
-        log.info("job %s not started: %s", payload.job_id, outcome)
-        _release_inputs(rt, payload)
+        log.info("job %s not started: %s", job_id, outcome)
         return outcome
-    log.debug("job %s (%s) started, attempt %d", payload.job_id, payload.task, attempts)
+    log.debug("job %s (%s) started, attempt %d", job_id, payload.task, attempts)
     created: list[str] = []
     status, error, result = JobStatus.failed, None, None
     try:
@@ -78,24 +132,36 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
         error = str(exc)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-        log.info("job %s failed: %s", payload.job_id, error)
+        log.info("job %s failed: %s", job_id, error)
     final = status
-    if status is not JobStatus.cancelled:
-        won = rt.jobs.finish(payload.job_id, status, error=error, result=result, pid=pid)
-        if won != "ok":
+    ended = status.value  # what this attempt logs: a status, or 'moved' (another one holds it)
+    if status is JobStatus.cancelled:
+        # The record turned final when the client cancelled; this attempt has stopped
+        # reading its inputs, so it releases them (unless a newer attempt holds the job).
+        due = redis_retrying(
+            lambda: rt.jobs.release_inputs(job_id, mode="owner", token=token),
+            f"job {job_id} release",
+        )
+    else:
+        won, due = redis_retrying(
+            lambda: rt.jobs.finish(job_id, status, error=error, result=result, token=token),
+            f"job {job_id} finish",
+        )
+        if won != "ok":  # cancelled meanwhile, or another attempt holds it (it releases)
             final = JobStatus(won) if won in JobStatus.__members__ else JobStatus.cancelled
+            ended = won
     if final is not JobStatus.succeeded:
-        free_arrays(rt, created)
-    _release_inputs(rt, payload)
+        _free(rt, created)
+    _free(rt, due)
     duration = time.monotonic() - began
     log.info(
         "job %s ended %s in %.3f s",
-        payload.job_id,
-        final.value,
+        job_id,
+        ended,
         duration,
         extra={"state": final.value, "duration": round(duration, 6)},
     )
-    return final.value
+    return ended
 
 
 def _execute(rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:

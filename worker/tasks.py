@@ -6,6 +6,7 @@ import logging
 import os
 
 from celery import signals
+from celery.exceptions import Reject
 from celery.worker.request import Request
 
 from shared import logs
@@ -22,6 +23,11 @@ log = logging.getLogger("forklift.worker")
 load_job_modules(get_settings().all_job_modules)
 
 
+# The worker's main process must not stall its consumer for long on Redis: what it cannot
+# write in this time the reaper (shared/jobs_reaper.py) ends later.
+MAIN_PROCESS_RETRY_S = 5.0
+
+
 class JobRequest(Request):
     """Ends the job record when the pool, not the job, ends the task (hard time limit)."""
 
@@ -32,14 +38,52 @@ class JobRequest(Request):
         job_id = self.id
         rt = runtime()
         error = f"time limit exceeded: the job was killed after {timeout:g} s (hard limit)"
-        if rt.jobs.finish(job_id, JobStatus.failed, error=error) == "ok":
-            runner.free_arrays(rt, rt.jobs.release_inputs(job_id))
+        pid = self.worker_pid  # only if the killed child still holds the record
+        try:
+            _, due = runner.redis_retrying(
+                lambda: rt.jobs.finish(job_id, JobStatus.failed, error=error, pid=pid),
+                f"job {job_id} time limit",
+                MAIN_PROCESS_RETRY_S,
+            )
+            runner.free_arrays(rt, due)
+        except Exception as exc:  # the reaper ends it: its worker no longer holds it
+            log.warning("job %s: could not record the time limit: %s", job_id, exc)
 
 
 @app.task(name=TASK_NAME, Request=JobRequest, bind=True)
 def run_job(self: object, payload: dict) -> str:
     node = getattr(getattr(self, "request", None), "hostname", None) or ""
-    return runner.run(TaskPayload.model_validate(payload), node=node)
+    try:
+        return runner.run(TaskPayload.model_validate(payload), node=node)
+    except runner.RedisUnavailable as exc:
+        # Never ack a job whose record could not be started or ended: hand the message back
+        # (if Redis lets us; otherwise it stays unacked and the reaper or the visibility
+        # timeout brings it back).
+        log.warning("%s; the message goes back to the queue", exc)
+        raise Reject(str(exc), requeue=True) from None
+
+
+@signals.task_revoked.connect
+def _job_revoked(request: object = None, terminated: bool = False, **_: object) -> None:
+    """`celery control revoke <job id>`: the worker drops the message (or, with terminate,
+    kills the child); end the record and release the inputs, which no attempt will do."""
+    job_id = getattr(request, "id", None)
+    if not job_id:
+        return
+    rt = runtime()
+    how = "killed while running" if terminated else "dropped before it ran"
+    error = f"revoked: the job's Celery message was revoked ({how})"
+    try:
+        outcome, due = runner.redis_retrying(
+            lambda: rt.jobs.end_lost(job_id, JobStatus.cancelled, error),
+            f"job {job_id} revoked",
+            MAIN_PROCESS_RETRY_S,
+        )
+        runner.free_arrays(rt, due)
+    except Exception as exc:  # the reaper ends it: its message is gone
+        log.warning("job %s: could not record the revoke: %s", job_id, exc)
+        return
+    log.info("job %s revoked (%s): %s", job_id, how, outcome)
 
 
 @signals.setup_logging.connect
