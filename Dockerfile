@@ -13,25 +13,28 @@ ARG BUILDER_IMAGE=python:3.11
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # Builder: the full Python image has the compilers, should a dependency need building for
-# this platform. It installs the project and its dependencies, at the versions of the lock
-# (requirements.lock, the versions the tests pass with), under /install.
+# this platform. It installs the dependencies, at the versions of the lock (requirements.lock,
+# the versions the tests pass with), under /deps, and the project under /forklift.
 FROM ${BUILDER_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# Dependencies first, from pyproject.toml and the lock alone, so that this layer stays cached
-# while only the code changes (the packages are not there yet: the wheel built here is empty
-# and is replaced below).
+# Dependencies first, from pyproject.toml and the lock alone, so that these layers stay cached
+# while only the code changes (the packages are not copied yet: the project's own wheel built
+# here is empty, and is dropped).
 COPY pyproject.toml requirements.lock ./
 RUN touch README.md \
-    && pip wheel --wheel-dir /wheels -c requirements.lock .
+    && pip wheel --wheel-dir /wheels -c requirements.lock . \
+    && rm /wheels/forklift-*.whl \
+    && pip install --prefix=/deps --ignore-installed --no-deps --no-warn-script-location \
+        /wheels/*.whl
 COPY README.md ./
 COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
-RUN pip wheel --no-deps --wheel-dir /wheels . \
-    && pip install --prefix=/install --ignore-installed --no-index --find-links=/wheels \
-        --no-warn-script-location forklift
+RUN pip wheel --no-deps --wheel-dir /dist . \
+    && pip install --prefix=/forklift --ignore-installed --no-deps --no-warn-script-location \
+        /dist/forklift-*.whl
 
 # Final: slim Python, no compilers, no pip run: only what the builder installed.
 FROM ${PYTHON_IMAGE}
@@ -43,7 +46,8 @@ RUN groupadd --system --gid 10001 forklift \
         --shell /usr/sbin/nologin forklift \
     && mkdir -p /app \
     && chown forklift:forklift /app
-COPY --from=builder /install /usr/local
+COPY --from=builder /deps /usr/local
+COPY --from=builder /forklift /usr/local
 # Job modules of your own (FORKLIFT_JOB_MODULES) can be mounted under /app: it is on PYTHONPATH.
 WORKDIR /app
 USER forklift:forklift
