@@ -83,9 +83,15 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
     pipe = client.pipeline(transaction=False)
     for array_id in ids:
         pipe.hmget(store.key(array_id), "nbytes", "domain")
-    for array_id, (nbytes, _domain) in zip(ids, pipe.execute(), strict=True):
-        if nbytes is None and unlink_own(present[array_id]):
-            report.orphan_segments.append(present[array_id])
+        pipe.hexists(store.ledger_key(), array_id)
+    replies = pipe.execute()
+    unledgered = []  # records made before the ledger existed: the recount adds them
+    for array_id, (nbytes, _domain), ledgered in zip(ids, replies[::2], replies[1::2], strict=True):
+        if nbytes is None:
+            if unlink_own(present[array_id]):
+                report.orphan_segments.append(present[array_id])
+        elif not ledgered:
+            unledgered.append(array_id)
 
     for array_id in client.zrange(store.expiry_key, 0, -1):
         if array_id in present:
@@ -96,7 +102,7 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
             store.drop(array_id)
             report.orphan_records.append(array_id)
     sweep_replicas(client, settings)  # copies of other domains' arrays
-    report.bytes_in_use = store.recount(ids)
+    report.bytes_in_use = store.recount(unledgered)
     report.pool_trimmed = pool.trim(settings, idle_s=max(POOL_IDLE_S, settings.janitor_interval))
     client.zremrangebyscore(settings.key("jobs"), 0, now - settings.job_ttl)
     if report.expired or report.orphan_segments or report.orphan_records:

@@ -125,7 +125,7 @@ return 1
 # leave it; records of this domain with no entry (made before the ledger existed) join it.
 _RECOUNT = """
 -- KEYS: bytes-counter, ledger
--- ARGV: array-key-prefix, replica-key-prefix, domain, present array ids...
+-- ARGV: array-key-prefix, replica-key-prefix, domain, unledgered array ids...
 local total = 0
 local entries = redis.call('HGETALL', KEYS[2])
 for i = 1, #entries, 2 do
@@ -353,16 +353,20 @@ class ArrayStore:
         keys = [self.readers_key(array_id), self.key(array_id)]
         return then(self._end_read(keys=keys, args=[token, repr(time.time())]), bool)
 
-    def recount(self, present: list[str]) -> Any:
-        """Set this domain's counter to what its ledger holds; `present`: ids of the
-        segments listed in /dev/shm (records older than the ledger join it)."""
+    def recount(self, unledgered: list[str]) -> Any:
+        """Set this domain's counter to what its ledger holds, in one script.
+
+        `unledgered`: ids of segments listed in /dev/shm whose record has no ledger entry
+        (made before the ledger existed); they join it. Costs one EXISTS per ledger entry
+        (10,000 entries: ~60 ms of Redis time on the loaded 2-core test machine).
+        """
         settings = self.settings
         keys = [self.bytes_key(), self.ledger_key()]
         args = [
             settings.key("array", ""),
             settings.key("replica", settings.shm_domain, ""),
             settings.shm_domain,
-            *present,
+            *unledgered,
         ]
         return then(self._recount(keys=keys, args=args), int)
 

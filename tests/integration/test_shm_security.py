@@ -661,3 +661,20 @@ def test_the_counter_stays_exact_under_concurrent_reserves_recounts_and_drops(
     assert secure.counter() == _truth(secure) == 0
     secure.sweep()
     assert secure.counter() == 0
+
+
+def test_a_recount_adopts_arrays_from_before_the_ledger(secure: Secure) -> None:
+    """Records made by a version without the ledger are counted by the next recount."""
+    assert secure.counter() == 0
+    ledger = secure.settings.key("shm_ledger", secure.settings.shm_domain)
+    with secure.client(KEY_A) as a:
+        meta = _upload(a, np.ones(4 * MiB // 8))
+        # What an older stack left: the record and its segment, no ledger entry, not counted.
+        assert secure.redis.hdel(ledger, meta["id"]) == 1
+        secure.redis.decrby(secure.settings.key("shm_bytes", secure.settings.shm_domain), 4 * MiB)
+        assert secure.counter() == 0
+        secure.sweep()
+        assert secure.counter() == 4 * MiB
+        assert int(secure.redis.hget(ledger, meta["id"])) == 4 * MiB
+        _delete(a, meta["id"])
+    assert secure.counter() == 0
