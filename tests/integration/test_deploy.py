@@ -227,7 +227,11 @@ def test_compose_settings_are_the_settings_and_their_defaults() -> None:
     assert fields - set(env) == set(), "settings the compose file does not pass through"
     from_compose = Settings.from_env(env).model_dump()
     defaults = Settings.from_env({}).model_dump()
-    for key in ("redis_url", "shm_domain"):
+    # The API listens on 0.0.0.0 in its container, published on 127.0.0.1 only: compose says
+    # that the open API is meant (and the published address is loopback by default).
+    assert from_compose["allow_open"] is True
+    assert published_ports(compose_doc()["services"]["api"])[0][0] == "127.0.0.1"
+    for key in ("redis_url", "shm_domain", "allow_open"):
         from_compose.pop(key)
         defaults.pop(key)
     assert from_compose == defaults, "a compose default differs from the settings default"
