@@ -128,7 +128,12 @@ async def end_read(state: AppState, array_id: str, token: str) -> None:
 
 class LeasedStream(StreamingResponse):
     """Streams while renewing a read lease; gives the lease back however the stream ends
-    (done, client gone, cancelled), shielded from cancellation."""
+    (done, client gone, cancelled), shielded from cancellation.
+
+    A lease found lost (Redis unreachable for longer than the lease, so it lapsed and the
+    array may be freed) ends the stream at once: the client gets a body shorter than its
+    Content-Length, a clean failure, rather than bytes of a segment that may be reused.
+    """
 
     def __init__(
         self,
@@ -141,18 +146,23 @@ class LeasedStream(StreamingResponse):
         super().__init__(body, **kwargs)  # type: ignore[arg-type]
         self._state, self._array_id, self._token = state, array_id, token
 
-    async def _renew(self) -> None:
+    async def _renew(self, group: anyio.abc.TaskGroup) -> None:
         while True:
             await anyio.sleep(READ_LEASE_S / 3)
             try:
-                await self._state.arrays.renew_read(self._array_id, self._token)
+                held = await self._state.arrays.renew_read(self._array_id, self._token)
             except Exception as exc:  # Redis away for a moment: the next round retries
                 log.warning("renewing the read lease of array %s: %s", self._array_id, exc)
+                continue
+            if not held:
+                log.warning("read lease of array %s lost: download ended", self._array_id)
+                group.cancel_scope.cancel()
+                return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(self._renew)
+                group.start_soon(self._renew, group)
                 try:
                     await super().__call__(scope, receive, send)
                 finally:

@@ -678,3 +678,30 @@ def test_a_recount_adopts_arrays_from_before_the_ledger(secure: Secure) -> None:
         assert int(secure.redis.hget(ledger, meta["id"])) == 4 * MiB
         _delete(a, meta["id"])
     assert secure.counter() == 0
+
+
+def test_a_download_whose_lease_was_lost_ends_short(secure: Secure) -> None:
+    """A lease that lapsed (Redis away longer than it) ends the stream before the array's
+    end: a clean failure (short body), never bytes of a segment that may be reused."""
+    original = np.arange(8 * MiB, dtype=np.float64)
+    with secure.client(KEY_A) as a:
+        array_id = streamed_upload(a, original)["id"]
+        readers = secure.settings.key("readers", array_id)
+        with a.stream("GET", f"/arrays/{array_id}", timeout=120) as response:
+            stream = response.iter_raw(1 << 16)
+            got = len(next(stream))
+            assert secure.redis.zcard(readers) == 1
+            secure.redis.delete(readers)  # what a lapsed lease looks like
+            # The API notices at its next renewal (a third of the lease) and ends the stream.
+            stack.wait_until(
+                lambda: f"read lease of array {array_id} lost" in secure.api.log(),
+                30,
+                interval=0.2,
+                what="the API to notice the lost lease",
+            )
+            with pytest.raises(httpx.RemoteProtocolError):
+                for chunk in stream:
+                    got += len(chunk)
+        assert got < len(npy_bytes(original))
+        _alive(secure)
+        _delete(a, array_id)
