@@ -35,6 +35,7 @@ from api.routes import (
     shm,
     tasks,
 )
+from api.topology import announce_domain
 from shared.arrays import mappings, pool
 from shared.arrays.janitor import sweep
 from shared.arrays.store import ArrayStore
@@ -42,7 +43,7 @@ from shared.jobs_reaper import interval as reaper_interval
 from shared.jobs_reaper import reap
 from shared.jobstore import JobStore
 from shared.logs import setup_logging
-from shared.redis_io import async_redis, sync_redis
+from shared.redis_io import REDIS_ERRORS, async_redis, sync_redis
 from shared.registry import load_job_modules
 from shared.settings import Settings, get_settings
 
@@ -146,6 +147,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub=hub,
             limits=KeyLimits(settings),
         )
+        with contextlib.suppress(*REDIS_ERRORS):  # Redis down: /cluster finds it via workers
+            await announce_domain(client, settings)
         bind_check = asyncio.create_task(check_bind(settings), name="forklift-bind-check")
         janitor = asyncio.create_task(_janitor(settings), name="forklift-janitor")
         sweeper = asyncio.create_task(

@@ -1,7 +1,8 @@
 """Who is where: live workers by shm domain, and what each domain holds in shared memory.
 
 Read from the worker heartbeats (`worker/heartbeat.py`: the `workers` sorted set, score = last
-beat, and one `worker:<name>` JSON record each), the array registry and the replica records.
+beat, and one `worker:<name>` JSON record each), the set of domains the APIs announce, and the
+array registry's kept figures (byte counter and ledger per domain, replica set per domain).
 Routing (`api/enqueue.py`) asks which domains have a live worker; `GET /cluster` shows it all.
 """
 
@@ -25,42 +26,6 @@ for i = 1, #found, 2 do
   if info then
     table.insert(out, found[i]); table.insert(out, found[i + 1]); table.insert(out, info)
   end
-end
-return out
-"""
-
-# Committed arrays (expiry index) and replicas, per domain: {domain, arrays, array bytes,
-# replicas, replica bytes, ...}. ARGV[4..] are the domains whose replica sets to read.
-_HOLDINGS = """
--- KEYS: expiry-index   ARGV: array-key-prefix, replica-key-prefix, replica-set-prefix, domains...
-local per = {}
-local function slot(d)
-  if not per[d] then per[d] = {0, 0, 0, 0} end
-  return per[d]
-end
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local a = redis.call('HMGET', ARGV[1] .. id, 'domain', 'nbytes')
-  if a[1] then
-    local s = slot(a[1])
-    s[1] = s[1] + 1
-    s[2] = s[2] + tonumber(a[2])
-  end
-end
-for i = 4, #ARGV do
-  local d = ARGV[i]
-  for _, id in ipairs(redis.call('SMEMBERS', ARGV[3] .. d)) do
-    local n = redis.call('HGET', ARGV[2] .. d .. ':' .. id, 'nbytes')
-    if n then
-      local s = slot(d)
-      s[3] = s[3] + 1
-      s[4] = s[4] + tonumber(n)
-    end
-  end
-end
-local out = {}
-for d, s in pairs(per) do
-  table.insert(out, d)
-  for k = 1, 4 do table.insert(out, s[k]) end
 end
 return out
 """
@@ -116,41 +81,53 @@ def live_domains(client: AnyRedis, settings: Settings) -> Any:
 class DomainView:
     domain: str
     workers: list[WorkerView] = field(default_factory=list)
-    arrays: int = 0
-    array_bytes: int = 0
-    replicas: int = 0
-    replica_bytes: int = 0
+    segments: int = 0  # ledger entries: arrays, replicas and uploads in flight
+    replicas: int = 0  # copies of other domains' arrays, pulled for jobs
     shm_bytes: int = 0  # the cap's counter: includes uploads in flight
+
+    @property
+    def arrays(self) -> int:
+        return max(0, self.segments - self.replicas)
+
+
+def domains_key(settings: Settings) -> str:
+    """Every shm domain an API has served (a small set: one member per host)."""
+    return settings.key("domains")
+
+
+async def announce_domain(client: Any, settings: Settings) -> None:
+    """Called by each API at startup, so /cluster finds its domain without a keyspace scan."""
+    await client.sadd(domains_key(settings), settings.shm_domain)
 
 
 async def read_cluster(client: Any, settings: Settings) -> list[DomainView]:
-    """Every domain with a live worker or something in shared memory (async client)."""
+    """Every domain with a live worker or something in shared memory (async client).
+
+    Kept figures only: per domain the byte counter, the ledger's length and the replica
+    set's size, a fixed number of commands whatever the number of arrays.
+    """
     workers: list[WorkerView] = await live_workers(client, settings)
-    known = {w.domain for w in workers} | {settings.shm_domain}
-    replica_sets = [key async for key in client.scan_iter(settings.key("replicas", "*"))]
-    prefix = settings.key("replicas", "")
-    known |= {k[len(prefix) :] for k in replica_sets if k != settings.key("replicas", "stats")}
-    script = client.register_script(_HOLDINGS)
-    reply = await script(
-        keys=[settings.key("arrays", "expiry")],
-        args=[
-            settings.key("array", ""),
-            settings.key("replica", ""),
-            prefix,
-            *sorted(known),
-        ],
-    )
-    views = {d: DomainView(domain=d) for d in known}
-    for i in range(0, len(reply), 5):
-        domain = str(reply[i])
-        view = views.setdefault(domain, DomainView(domain=domain))
-        view.arrays, view.array_bytes, view.replicas, view.replica_bytes = (
-            int(x) for x in reply[i + 1 : i + 5]
+    announced = await client.smembers(domains_key(settings))
+    known = sorted({w.domain for w in workers} | set(announced) | {settings.shm_domain})
+    pipe = client.pipeline(transaction=False)
+    for domain in known:
+        pipe.get(settings.key("shm_bytes", domain))
+        pipe.hlen(settings.key("shm_ledger", domain))
+        pipe.scard(settings.key("replicas", domain))
+    replies = await pipe.execute()
+    views = {}
+    for i, domain in enumerate(known):
+        held, segments, replicas = replies[3 * i : 3 * i + 3]
+        views[domain] = DomainView(
+            domain=domain,
+            segments=int(segments or 0),
+            replicas=int(replicas or 0),
+            shm_bytes=max(0, int(held or 0)),
         )
     for w in workers:
         views[w.domain].workers.append(w)
-    ordered = sorted(views)
-    counters = await client.mget([settings.key("shm_bytes", d) for d in ordered])
-    for domain, value in zip(ordered, counters, strict=True):
-        views[domain].shm_bytes = max(0, int(value or 0))
-    return [views[d] for d in ordered]
+    return [
+        v
+        for d, v in sorted(views.items())
+        if v.workers or v.segments or v.shm_bytes or d == settings.shm_domain
+    ]

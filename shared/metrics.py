@@ -15,7 +15,11 @@ Layout, under `<prefix>:metrics:`:
     array_bytes          hash  "upload" / "download" -> bytes of .npy bodies over HTTP
 
 Worker presence (`<prefix>:workers`, `<prefix>:worker:<name>`) comes from
-`worker/heartbeat.py`, shared-memory use from the array registry (`shared/arrays/store.py`).
+`worker/heartbeat.py`, shared-memory use from the array registry's kept figures
+(`shared/arrays/store.py`): the byte counter `shm_bytes:<domain>` and the size of the ledger
+`shm_ledger:<domain>` (one entry per segment counted against the cap). A scrape costs a fixed
+number of commands per domain and worker, never one per array (no one may make `/metrics`,
+which needs no key, do work proportional to what others stored).
 """
 
 from __future__ import annotations
@@ -92,20 +96,6 @@ end
 return out
 """
 
-# Committed arrays (the expiry index) counted by shm domain: {domain, count, ...}.
-_SEGMENTS = """
--- KEYS: expiry-index   ARGV: array-key-prefix
-local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
-local per = {}
-for _, id in ipairs(ids) do
-  local d = redis.call('HGET', ARGV[1] .. id, 'domain')
-  if d then per[d] = (per[d] or 0) + 1 end
-end
-local out = {}
-for d, n in pairs(per) do table.insert(out, d); table.insert(out, n) end
-return out
-"""
-
 
 @dataclass
 class WorkerState:
@@ -179,7 +169,6 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
     m = metrics_prefix(settings)
     now = time.time()
     running_script = client.register_script(_RUNNING)
-    segments_script = client.register_script(_SEGMENTS)
 
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(m + "submitted")
@@ -189,9 +178,6 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
     pipe.zrange(settings.key("workers"), 0, -1, withscores=True)
     submitted, finished, durations, array_bytes, workers = await pipe.execute()
     running_flat = await running_script(keys=[m + "running"], args=[settings.key("job", "")])
-    segments_flat = await segments_script(
-        keys=[settings.key("arrays", "expiry")], args=[settings.key("array", "")]
-    )
 
     snap = Snapshot(now=now)
     snap.submitted = {k: int(v) for k, v in submitted.items()}
@@ -203,9 +189,6 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
             snap.running[running_flat[i]] = json.loads(running_flat[i + 1])
         except ValueError:
             snap.running[running_flat[i]] = {}
-    snap.shm_segments = {
-        segments_flat[i]: int(segments_flat[i + 1]) for i in range(0, len(segments_flat), 2)
-    }
 
     names = [name for name, _ in workers]
     infos = await client.mget([settings.key("worker", n) for n in names]) if names else []
@@ -235,14 +218,18 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
     pipe = client.pipeline(transaction=False)
     for domain in domains:
         pipe.get(settings.key("shm_bytes", domain))
+        pipe.hlen(settings.key("shm_ledger", domain))
     queues = [settings.queue, *(settings.domain_queue(d) for d in domains)]
     for queue in queues:
         for key in queue_keys(queue):
             pipe.llen(key)
     replies = await pipe.execute()
-    for domain, value in zip(domains, replies[: len(domains)], strict=True):
-        snap.shm_bytes[domain] = max(0, int(value or 0))
-    depths = replies[len(domains) :]
+    for i, domain in enumerate(domains):
+        held, segments = replies[2 * i], replies[2 * i + 1]
+        snap.shm_bytes[domain] = max(0, int(held or 0))
+        if segments:
+            snap.shm_segments[domain] = int(segments)
+    depths = replies[2 * len(domains) :]
     steps = len(_KOMBU_PRIORITY_STEPS)
     for i, queue in enumerate(queues):
         snap.queues[queue] = sum(int(n) for n in depths[i * steps : (i + 1) * steps])

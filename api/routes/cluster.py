@@ -1,4 +1,8 @@
-"""/cluster: the shm domains (hosts), their live workers, and what each holds in shared memory."""
+"""/cluster: the shm domains (hosts), their live workers, and what each holds in shared memory.
+
+Needs a key when keys are set (it names hosts, workers and their pids); costs a fixed number
+of Redis commands per domain, read from kept counters (`api/topology.py`).
+"""
 
 from __future__ import annotations
 
@@ -26,12 +30,12 @@ class ClusterDomain(BaseModel):
     api_url: str = Field("", description="the domain's internal API URL, as its workers report")
     workers: list[ClusterWorker]
     concurrency: int = Field(description="worker processes in the domain")
-    segments: int = Field(description="arrays plus replicas held in the domain")
-    bytes: int = Field(description="bytes of those segments")
-    arrays: int
-    array_bytes: int
+    segments: int = Field(
+        description="segments counted against the domain's cap: arrays, replicas, uploads"
+    )
+    bytes: int = Field(description="bytes of those segments (the cap's counter)")
+    arrays: int = Field(description="the domain's own arrays (uploads in flight included)")
     replicas: int = Field(description="copies of other domains' arrays, pulled for jobs")
-    replica_bytes: int
     shm_bytes: int = Field(description="bytes counted against the domain's cap (uploads too)")
 
 
@@ -64,12 +68,10 @@ async def cluster(state: State, _: Owner) -> Any:
                     for w in sorted(v.workers, key=lambda w: w.name)
                 ],
                 concurrency=sum(w.concurrency for w in v.workers),
-                segments=v.arrays + v.replicas,
-                bytes=v.array_bytes + v.replica_bytes,
+                segments=v.segments,
+                bytes=v.shm_bytes,
                 arrays=v.arrays,
-                array_bytes=v.array_bytes,
                 replicas=v.replicas,
-                replica_bytes=v.replica_bytes,
                 shm_bytes=v.shm_bytes,
             )
         )

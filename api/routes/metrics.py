@@ -1,4 +1,4 @@
-"""/metrics: Prometheus text format, read from Redis on every scrape.
+"""/metrics: Prometheus text format, read from Redis's kept counters on every scrape.
 
 Job, worker, queue and shared-memory figures live in Redis (`shared/metrics.py`), so every
 API process renders the same numbers and a scrape of any replica is complete. Only the HTTP
@@ -105,7 +105,9 @@ def snapshot_families(snap: Snapshot, shm_limit: dict[str, int]) -> Iterator[Met
     yield shm_bytes
 
     segments = GaugeMetricFamily(
-        "forklift_shm_segments", "Committed array segments in shared memory.", labels=["domain"]
+        "forklift_shm_segments",
+        "Segments counted against the cap: arrays, replicas and uploads in flight.",
+        labels=["domain"],
     )
     for domain in sorted(set(snap.shm_bytes) | set(snap.shm_segments)):
         segments.add_metric([domain], snap.shm_segments.get(domain, 0))

@@ -536,3 +536,43 @@ def test_launcher_refuses_an_open_network_bind_before_starting_anything(redis_ur
     assert done.returncode == 2, done.stdout + done.stderr
     assert "FORKLIFT_API_KEYS" in done.stdout + done.stderr
     assert "worker pool" not in done.stdout + done.stderr
+
+
+# --- (13) /metrics and /cluster read kept counters: a scrape costs the same for 5 or 400 arrays
+
+
+def _commands(client: redis.Redis) -> int:
+    """Commands Redis has run so far (those run inside Lua scripts included)."""
+    return sum(int(v["calls"]) for v in client.info("commandstats").values())
+
+
+def _cost(client: redis.Redis, http: httpx.Client, path: str) -> int:
+    """Fewest commands one GET of `path` took over three tries (background work only adds)."""
+    costs = []
+    for _ in range(3):
+        before = _commands(client)
+        assert http.get(path).status_code == 200
+        costs.append(_commands(client) - before - 1)  # less the INFO itself
+    return min(costs)
+
+
+def test_metrics_and_cluster_cost_does_not_grow_with_arrays() -> None:
+    redis_proc, url = stack.start_redis()  # private: only this API talks to it
+    try:
+        with running_api(url, FORKLIFT_JANITOR_INTERVAL="3600") as api, api.client() as http:
+            ids = [upload(http, np.arange(4.0))["id"] for _ in range(5)]
+            small = {p: _cost(api.redis, http, p) for p in ("/metrics", "/cluster")}
+            ids += [upload(http, np.arange(4.0))["id"] for _ in range(400)]
+            body = http.get("/cluster").json()
+            here = next(d for d in body["domains"] if d["domain"] == body["domain"])
+            assert here["arrays"] == len(ids) and here["segments"] == len(ids)
+            assert here["bytes"] == 32 * len(ids)
+            big = {p: _cost(api.redis, http, p) for p in ("/metrics", "/cluster")}
+            for array_id in ids:
+                assert http.delete(f"/arrays/{array_id}").status_code == 204
+    finally:
+        redis_proc.stop()
+    print(f"Redis commands per scrape, 5 arrays: {small}; 405 arrays: {big}")
+    for path in small:
+        # A per-array read would add 400 or more; allow a few for background passes.
+        assert big[path] <= small[path] + 10, (path, small, big)
