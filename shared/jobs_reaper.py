@@ -260,29 +260,42 @@ class _Pass:
 
     def find_in_queues(self, job_ids: set[str], queues: list[str]) -> tuple[set[str], bool]:
         """Which of `job_ids` have a message in the queue lists; False if the scan stopped
-        at MAX_SCANNED before it could tell."""
+        at MAX_SCANNED before it could tell.
+
+        Every list is read from its right (consuming) end, where old messages are, one chunk
+        of each in turn, until all are found: a long backlog in one queue does not cost a
+        full read to find a message near the end of another.
+        """
         found: set[str] = set()
         scanned = 0
         step = SCAN_CHUNK - SCAN_OVERLAP
-        for queue in queues:
-            for key in queue_keys(queue):
-                length = int(self.client.llen(key))
-                done = 0  # messages read from the right (consuming) end, where old ones are
-                while done < length and found != job_ids:
-                    if scanned >= MAX_SCANNED:
-                        return found, False
-                    # Counted from the right, a window only moves when workers pop messages
-                    # meanwhile (towards what was read): the overlap covers that.
-                    for raw in self.client.lrange(key, -(done + SCAN_CHUNK), -(done + 1)):
-                        scanned += 1
-                        try:
-                            job_id = str(json.loads(raw)["headers"]["id"])
-                        except (ValueError, KeyError, TypeError):
-                            continue
-                        if job_id in job_ids:
-                            found.add(job_id)
-                    done += step
+        keys = [key for queue in queues for key in queue_keys(queue)]
+        lengths = dict(zip(keys, self._llens(keys), strict=True))
+        done = {key: 0 for key in keys if lengths[key]}  # messages read from the right end
+        while done and found != job_ids:
+            for key in list(done):
+                if scanned >= MAX_SCANNED:
+                    return found, False
+                # Counted from the right, a window only moves when workers pop messages
+                # meanwhile (towards what was read): the overlap covers that.
+                for raw in self.client.lrange(key, -(done[key] + SCAN_CHUNK), -(done[key] + 1)):
+                    scanned += 1
+                    try:
+                        job_id = str(json.loads(raw)["headers"]["id"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if job_id in job_ids:
+                        found.add(job_id)
+                done[key] += step
+                if done[key] >= lengths[key]:
+                    del done[key]
         return found, True
+
+    def _llens(self, keys: list[str]) -> list[int]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.llen(key)
+        return [int(n) for n in pipe.execute()]
 
     # --- suspicion ---------------------------------------------------------------------------
 
@@ -323,9 +336,9 @@ class _Pass:
         """The list kombu's `_do_restore_message` pushes to: the bound queue (priority 0)."""
         binding = self.client.smembers(f"_kombu.binding.{message.exchange}")
         for entry in binding:
-            routing_key, _, queue = str(entry).split("\x06\x16")
-            if routing_key == message.routing_key:
-                return queue
+            parts = str(entry).split("\x06\x16")
+            if len(parts) == 3 and parts[0] == message.routing_key and parts[2]:
+                return parts[2]
         return message.routing_key
 
     def restore(self, message: _Message) -> bool:

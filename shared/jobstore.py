@@ -184,7 +184,7 @@ return st
 
 _RELEASE = """
 -- KEYS: job, live, tombstone   ARGV: array-key-prefix, now, grace, ttl, mode, token,
---   input ids (mode 'missing')...
+--   job id, input ids (mode 'missing')...
 -- mode 'any': release now (the record is not running: cancelled while queued, or discarded);
 -- 'owner': only the attempt holding `token`, once the record is final (after a cancel);
 -- 'ended': only if the record is final (the reaper, once no attempt holds it);
@@ -192,9 +192,10 @@ _RELEASE = """
 local now, grace = tonumber(ARGV[2]), tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[5] ~= 'missing' then return {} end
+  redis.call('ZREM', KEYS[2], ARGV[7])
   if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[4])) then return {} end
   local ids = {}
-  for i = 7, #ARGV do table.insert(ids, ARGV[i]) end
+  for i = 8, #ARGV do table.insert(ids, ARGV[i]) end
   return fl_unpin(table.concat(ids, ' '), ARGV[1], now, grace)
 end
 if ARGV[5] == 'missing' then return {} end
@@ -452,7 +453,7 @@ class JobStore:
         record is gone (`input_ids` from the message).
         """
         keys = [self.key(job_id), self.live_key, self.settings.key("released", job_id)]
-        args = [*self._release_args(), mode, token, *(input_ids or [])]
+        args = [*self._release_args(), mode, token, job_id, *(input_ids or [])]
         return then(self._release(keys=keys, args=args), lambda r: [str(x) for x in r])
 
     def requeue(self, job_id: str, token: str) -> Any:

@@ -62,8 +62,9 @@ class Lifecycle:
     def client(self, timeout: float = 30) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
 
-    def start_worker(self, concurrency: int = 2) -> stack.Proc:
-        worker = stack.start_worker(self.env, f"lc{uuid.uuid4().hex[:6]}", concurrency)
+    def start_worker(self, concurrency: int = 2, name: str = "") -> stack.Proc:
+        name = name or f"lc{uuid.uuid4().hex[:6]}"
+        worker = stack.start_worker(self.env, name, concurrency)
         self.workers.append(worker)
         return worker
 
@@ -352,6 +353,44 @@ def test_killed_worker_job_is_delivered_again_within_seconds() -> None:
         assert "requeued_at" in lc.record(job_id)  # the reaper put it back, not the broker
         assert_nothing_left(lc, [a])
         print(f"job of a SIGKILLed worker succeeded again {took:.1f} s after the kill")
+
+
+def test_worker_restarted_under_the_same_name_does_not_hold_the_old_job() -> None:
+    """A worker back at once under its old name (systemd, compose `restart:`) beats again,
+    so it looks alive: its held-list, which lacks the job, says the job is lost."""
+    with lifecycle_stack(workers=0) as lc, lc.client() as http:
+        lc.start_worker(concurrency=1, name="same")
+        a = upload(http, np.ones(10))["id"]
+        job_id = submit(http, "inspect_input", inputs={"a": a}, hold=2.0)
+        first = wait_status(lc, job_id, "running")
+        lc.workers[0].stop(signal.SIGKILL)
+        lc.start_worker(concurrency=1, name="same")
+        done = wait(http, job_id, RECOVERY_S)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert done["worker"]["pid"] != int(first["pid"])
+        assert lc.record(job_id)["node"] == first["node"]  # the same worker name both times
+        assert "requeued_at" in lc.record(job_id)
+        assert_nothing_left(lc, [a])
+
+
+def test_lost_job_whose_message_the_broker_lost_is_published_again() -> None:
+    with lifecycle_stack(concurrency=1) as lc, lc.client() as http:
+        a = upload(http, np.ones(10))["id"]
+        job_id = submit(http, "inspect_input", inputs={"a": a}, hold=2.0)
+        wait_status(lc, job_id, "running")
+        lc.workers[0].stop(signal.SIGKILL)
+        # The broker no longer has the message either (a Redis restored from an older
+        # snapshot, or a duplicate delivery's ack that removed the shared delivery tag).
+        (tag,) = lc.redis.hkeys("unacked")
+        lc.redis.hdel("unacked", tag)
+        lc.redis.zrem("unacked_index", tag)
+        lc.start_worker(concurrency=1)
+        done = wait(http, job_id, RECOVERY_S)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert done["result"]["sum"] == 10.0
+        api_log = lc.api.log() if lc.api else ""
+        assert "republished 1" in api_log, api_log[-2000:]
+        assert_nothing_left(lc, [a])
 
 
 def test_job_whose_worker_keeps_dying_fails_once_attempts_are_spent() -> None:
