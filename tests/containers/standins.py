@@ -146,11 +146,11 @@ def image_key(mirror: str) -> str:
     return _digest(*parts)
 
 
-def _run(argv: list[str], log_file, **kwargs) -> None:
+def _run(argv: list[str], log_file, check: bool = True, **kwargs) -> None:
     log_file.write(f"\n$ {' '.join(argv)}\n".encode())
     log_file.flush()
     result = subprocess.run(argv, stdout=log_file, stderr=subprocess.STDOUT, **kwargs)
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed ({result.returncode}): see {log_file.name}")
 
 
@@ -171,6 +171,19 @@ def image_exists(docker: str, tag: str) -> bool:
         ).returncode
         == 0
     )
+
+
+def _untag_others(docker: str, keep: set[str], log_file) -> None:
+    """Stand-ins of an earlier recipe (or CA bundle) are not used again: drop their tags, so
+    the disk does not fill with them (an image still in use by another keeps its layers)."""
+    listed = subprocess.run(
+        [docker, "images", "--format", "{{.Repository}}:{{.Tag}}", "forklift-standin/*"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    for tag in sorted(set(listed) - keep):
+        _run([docker, "image", "rm", tag], log_file, timeout=120, check=False)
 
 
 @contextlib.contextmanager
@@ -231,7 +244,10 @@ def build_tree(mirror: str, log_file, log: Log) -> Path:
                 path.unlink()
         _unmount_under(work)
         (work / ".complete").write_text(f"{time.monotonic() - started:.0f} s\n")
-        shutil.rmtree(tree, ignore_errors=True)
+        # Trees of other recipes (another mirror, an older recipe) are not used again.
+        for old in CACHE.glob(f"{SUITE}-*"):
+            _unmount_under(old)
+            shutil.rmtree(old, ignore_errors=True)
         work.rename(tree)
     except BaseException:
         _unmount_under(work)
@@ -313,6 +329,8 @@ def ensure(docker: str, log_path: Path, log: Log = print) -> StandIns:
             log(f"docker build {images.redis} (tests/containers/redis)")
             build_redis(docker, images.python, images.redis, log_file)
             images.built.append(images.redis)
+        if images.built:
+            _untag_others(docker, {images.python, images.redis}, log_file)
     images.seconds = time.monotonic() - started
     return images
 
