@@ -184,9 +184,9 @@ def _mem_std(arrays: Arrays, params: BaseModel) -> int:
 def _mem_percentile(arrays: Arrays, params: BaseModel) -> int:
     a = arrays["a"]
     nq = len(params.q) if isinstance(params.q, list) else 1
-    # A partitioned copy of the input, then lower/upper picks and the interpolated result.
+    # A partitioned copy of the input; indices, lower/upper picks, weights and the result.
     copy = np.dtype(a.dtype).itemsize * _count(a)
-    return copy + 4 * 8 * nq * _reduced(a, params.axis) + _SLACK
+    return copy + 6 * 8 * nq * _reduced(a, params.axis) + _SLACK
 
 
 def _mem_histogram(arrays: Arrays, params: BaseModel) -> int:
