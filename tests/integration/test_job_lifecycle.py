@@ -14,9 +14,11 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ import httpx
 import numpy as np
 import redis
 
+from shared.jobstore import JobStore
 from shared.metrics import queue_keys
 from shared.settings import Settings
 from tests import stack
@@ -330,6 +333,112 @@ def test_redis_outage_during_a_job_is_retried_not_acked() -> None:
         assert f"job {job_id} finish: Redis error" in log
         assert f"job {job_id} ended succeeded" in log
         assert_nothing_left(lc, [a])
+
+
+class ReplyCutter:
+    """A TCP proxy from a worker to Redis that lets chosen scripts run, then loses their reply.
+
+    For each sha in `targets`, the first EVALSHA of it that Redis really runs (not answered
+    NOSCRIPT) reaches Redis, and its connection is cut before the reply comes back: the
+    worker sees a connection error for a change that was made, what a Redis failover or a
+    network cut does.
+    """
+
+    def __init__(self, redis_url: str, targets: set[str]) -> None:
+        host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+        self.upstream = (host, int(port))
+        self.targets = {t.encode() for t in targets}
+        self.cut: list[bytes] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.sockets: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept)]
+        self.threads[0].start()
+
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            pending: list[bytes] = []  # the target sent on this connection, awaiting reply
+            for args in ((client, server, pending, True), (server, client, pending, False)):
+                thread = threading.Thread(target=self._pump, args=args)
+                self.threads.append(thread)
+                thread.start()
+
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, pending: list[bytes], upstream: bool
+    ) -> None:
+        source.settimeout(0.2)
+        try:
+            while not self.stop.is_set():
+                try:
+                    chunk = source.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                if upstream:
+                    with self.lock:
+                        hit = [t for t in self.targets if t in chunk]
+                    if hit:
+                        pending[:] = hit[:1]
+                elif pending:
+                    target = pending.pop()
+                    if not chunk.startswith(b"-NOSCRIPT"):
+                        with self.lock:
+                            if target in self.targets:
+                                self.targets.discard(target)
+                                self.cut.append(target)
+                                break  # the reply is lost with the connection
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+        for sock in (*self.sockets, self.listener):
+            sock.close()
+
+
+def test_lost_replies_at_start_and_finish_are_retried_without_a_second_attempt() -> None:
+    with lifecycle_stack(workers=0) as lc:
+        scripts = JobStore(redis.Redis(), lc.settings)  # only for the scripts' sha1s
+        cutter = ReplyCutter(lc.env["REDIS_URL"], {scripts._start.sha, scripts._finish.sha})
+        try:
+            lc.workers.append(stack.start_worker(dict(lc.env, REDIS_URL=cutter.url()), "cut", 1))
+            with lc.client() as http:
+                a = upload(http, np.ones(10))["id"]
+                done = wait(http, submit(http, "inspect_input", inputs={"a": a}), RECOVERY_S)
+            assert sorted(cutter.cut) == sorted(
+                s.encode() for s in (scripts._start.sha, scripts._finish.sha)
+            )
+            assert done["status"] == "succeeded", done
+            assert done["attempts"] == 1  # the start that ran before its reply was lost
+            assert done["result"]["sum"] == 10.0
+            log = lc.workers[-1].log()
+            for step in ("start", "finish"):
+                assert f"job {done['id']} {step}: Redis error" in log, log[-3000:]
+            assert f"job {done['id']} ended succeeded" in log
+            assert_nothing_left(lc, [a])
+        finally:
+            for worker in lc.workers:
+                worker.stop()
+            cutter.close()
 
 
 # --- 16: a worker that dies whole, within seconds, whatever the visibility timeout ------------
