@@ -52,6 +52,7 @@ the client mapped before (shared/arrays/mappings.py keeps mappings by inode) cos
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -71,6 +72,7 @@ from shared.arrays.segments import (
     ShmFullError,
     ensure_allocated,
     open_own,
+    report_foreign,
     segment_path,
     unlink_own,
     validate_segment_name,
@@ -265,15 +267,31 @@ async def _abandon(state: AppState, array_id: str, *, recycled: bool = False) ->
 
     A segment the API took from the pool (`recycled`) goes back to it, tagged with the
     caller's key (it held only that key's bytes, plus what the caller wrote); any other is
-    unlinked if it is ours (a client's file of another uid is left to its owner).
+    the client's file, removed if it is of the stack's uid (a file of another uid is left to
+    its owner).
     """
     dropped = await state.arrays.drop(array_id)
     name = state.arrays.segment_name(array_id)
     if recycled and dropped:
         await to_thread.run_sync(lambda: pool.release(name, state.settings, owner=dropped.owner))
     else:
-        await to_thread.run_sync(unlink_own, name)
+        await to_thread.run_sync(_discard_client_file, name)
     await state.redis.delete(_marker_key(state, array_id))
+
+
+def _discard_client_file(name: str) -> None:
+    """Remove what a client of the stack's uid left under the name it reserved, whatever it
+    is (a file of a wrong mode, a hard link, a symlink: unlinking a name never touches what
+    it points to); another uid's file is logged and left."""
+    try:
+        info = os.lstat(segment_path(name))
+    except FileNotFoundError:
+        return
+    if info.st_uid != os.geteuid():
+        report_foreign(f"{name}: owned by uid {info.st_uid}, left to its owner")
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(segment_path(name))
 
 
 async def _forget(state: AppState, array_id: str, record: ArrayRecord | None) -> None:

@@ -451,7 +451,7 @@ def test_client_segments_must_be_the_stacks_own_at_commit(secure: Secure) -> Non
     baseline = _state(secure)
     with secure.client(KEY_A) as a:
 
-        def refused(make, reason: str) -> None:
+        def refused(make, reason: str, *, left_to_its_owner: bool = False) -> None:
             reservation = _register(a, secure, size, recycle=False)
             path = SHM / f"{secure.prefix}{reservation['id']}"
             extra = make(path)
@@ -462,6 +462,9 @@ def test_client_segments_must_be_the_stacks_own_at_commit(secure: Secure) -> Non
                 assert error["code"] == "bad_segment" and reason in error["message"], error
                 assert a.get(f"/arrays/{reservation['id']}/meta").status_code == 404
                 assert secure.counter() == baseline[0], "the reservation is still counted"
+                # The stack's uid made it: removed (the name only); another uid's stays.
+                assert os.path.lexists(path) == left_to_its_owner
+                assert all(p.exists() for p in extra), "what a link pointed to was touched"
             finally:
                 for p in (path, *extra):
                     with contextlib.suppress(FileNotFoundError):
@@ -488,7 +491,7 @@ def test_client_segments_must_be_the_stacks_own_at_commit(secure: Secure) -> Non
             path.symlink_to(real)
             return [real]
 
-        refused(file_of(0o600, uid=NOBODY), f"owned by uid {NOBODY}")
+        refused(file_of(0o600, uid=NOBODY), f"owned by uid {NOBODY}", left_to_its_owner=True)
         refused(file_of(0o644), "mode 0644")
         refused(file_of(0o660), "mode 0660")
         refused(hard_linked, "2 hard links")
