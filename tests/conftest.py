@@ -14,6 +14,8 @@ import httpx
 import pytest
 import redis
 
+from shared.metrics import queue_keys
+from shared.settings import Settings
 from tests import stack
 
 
@@ -34,9 +36,23 @@ class Stack:
         return self.env["FORKLIFT_KEY_PREFIX"]
 
     def queue_lengths(self) -> int:
-        """Messages waiting in every forklift queue of this stack's broker."""
-        keys = self.redis.scan_iter("forklift*")
-        return sum(self.redis.llen(k) for k in keys if self.redis.type(k) == "list")
+        """Messages waiting in this stack's queues: its own and its shm domain's (only those:
+        other stacks on the same Redis have queues of their own)."""
+        settings = Settings.from_env(self.env)
+        queues = (settings.queue, settings.domain_queue())
+        return sum(self.redis.llen(key) for queue in queues for key in queue_keys(queue))
+
+    def inputs_released(self, job_id: str) -> None:
+        """Wait until the worker has unpinned an ended job's input arrays.
+
+        The record turns final one Redis round trip before the worker unpins the inputs
+        (worker/runner.py: `finish`, then `_release_inputs`), so a DELETE of an input at once
+        may still answer 202: test_arrays.py::test_inputs_are_unpinned_once_the_job_has_ended.
+        """
+        key = f"{self.key_prefix}:job:{job_id}"
+        stack.wait_until(
+            lambda: self.redis.hget(key, "released") == "1", 10, what=f"job {job_id} unpinned"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ status fails with the API's own error body.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 
-from shared.arrays.npy import build_header
+from shared.arrays.npy import NpyHeader, build_header, parse_header
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -68,6 +69,39 @@ def download(http: httpx.Client, array_id: str) -> np.ndarray:
     assert response.status_code == 200, response.text
     assert int(response.headers["content-length"]) == len(response.content)
     return load_npy(response.content)
+
+
+def digest(arr: np.ndarray) -> str:
+    """blake2b of an array's bytes in its memory order: large round trips are compared by this."""
+    flat = arr.reshape(-1, order="A")  # a view when arr is C or F contiguous
+    return hashlib.blake2b(memoryview(flat).cast("B")).hexdigest()
+
+
+def download_digest(http: httpx.Client, array_id: str) -> tuple[NpyHeader, str]:
+    """Download an array as a stream and hash its data bytes, never holding them all.
+
+    Returns the parsed .npy header and the blake2b of what follows it, to compare with
+    `digest()` of the array sent: bit for bit, without a second copy of a large array.
+    """
+    hasher = hashlib.blake2b()
+    head = b""
+    header: NpyHeader | None = None
+    received = 0
+    with http.stream("GET", f"/arrays/{array_id}", timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for chunk in response.iter_bytes(8 << 20):
+            received += len(chunk)
+            if header is None:
+                head += chunk
+                header = parse_header(head)
+                if header is not None:
+                    hasher.update(head[header.header_len :])
+            else:
+                hasher.update(chunk)
+        assert int(response.headers["content-length"]) == received
+    assert header is not None, "the body ended inside the .npy header"
+    assert received == header.header_len + header.nbytes
+    return header, hasher.hexdigest()
 
 
 def submit(

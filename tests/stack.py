@@ -138,7 +138,10 @@ def start_redis(port: int | None = None) -> tuple[Proc, str]:
 
 
 def stack_env(redis_url: str, **extra: str) -> dict[str, str]:
-    """Environment of a test stack: its own Redis, key prefix and shm prefix."""
+    """Environment of a test stack: its own Redis, key prefix, queue and shm prefix.
+
+    A queue of its own: stacks sharing a Redis and a queue name take each other's jobs.
+    """
     env = dict(os.environ)
     for key in list(env):
         if key.startswith("FORKLIFT_"):
@@ -148,6 +151,7 @@ def stack_env(redis_url: str, **extra: str) -> dict[str, str]:
         {
             "REDIS_URL": redis_url,
             "FORKLIFT_KEY_PREFIX": f"forklift-test-{tag}",
+            "FORKLIFT_QUEUE": f"forklift-test-{tag}-queue",
             "FORKLIFT_SHM_PREFIX": f"forklift_t{tag}_",
             "FORKLIFT_JOB_MODULES": "tests.jobs_for_tests",
             # The segment pool stays at its default (on): tests run what production runs.

@@ -17,10 +17,13 @@ import httpx
 import numpy as np
 import pytest
 
+from api.deps import owner_id
+from shared.arrays.segments import create_segment, segment_path
+from shared.client.same_host import discard_segment
 from shared.settings import Settings
 from tests import stack
 from tests.conftest import Stack
-from tests.http_api import npy_bytes
+from tests.http_api import load_npy, npy_bytes
 
 KEY_A = f"ka-{uuid.uuid4().hex}"
 KEY_B = f"kb-{uuid.uuid4().hex}"
@@ -87,6 +90,8 @@ def _owned_job_and_array(keyed: Keyed) -> tuple[str, str, str]:
 
 PROTECTED = [
     ("POST", "/jobs"),
+    ("POST", "/jobs/batch"),
+    ("POST", "/jobs/wait"),
     ("GET", "/jobs/{job}"),
     ("GET", "/jobs/{job}/result"),
     ("GET", "/jobs/{job}/events"),
@@ -98,6 +103,8 @@ PROTECTED = [
     ("DELETE", "/arrays/{array}"),
     ("GET", "/arrays/register/info"),
     ("POST", "/arrays/register"),
+    ("POST", "/arrays/register/{array}/commit"),
+    ("DELETE", "/arrays/register/{array}"),
     ("GET", "/cluster"),
 ]
 BAD_CREDENTIALS = {
@@ -117,8 +124,8 @@ def test_missing_or_unknown_key_is_401_json(keyed: Keyed) -> None:
         paths = http.get("/openapi.json").json()["paths"]
         for method, template in PROTECTED:
             path = template.format(**ids)
-            if path.startswith("/arrays/register") and "/arrays/register" not in paths:
-                continue
+            route = template.replace("{job}", "{job_id}").replace("{array}", "{array_id}")
+            assert method.lower() in paths.get(route, {}) or method == "HEAD", (method, route)
             for name, headers in BAD_CREDENTIALS.items():
                 response = http.request(method, path, headers=headers)
                 assert response.status_code == 401, (method, path, name, response.text)
@@ -180,7 +187,104 @@ def test_a_job_may_only_use_arrays_its_key_owns(keyed: Keyed, live: Stack) -> No
         assert live.redis.hget(f"{live.key_prefix}:array:{array_id}", "pins") == "0"
         mine = a.post("/jobs", json=body).json()["id"]
         assert a.get(f"/jobs/{mine}", params={"wait": 30}).json()["result"] == 8.0
-        assert a.delete(f"/arrays/{array_id}").status_code in (202, 204)
+        live.inputs_released(mine)
+        assert a.delete(f"/arrays/{array_id}").status_code == 204
+
+
+def test_batches_are_checked_per_key_like_single_jobs(keyed: Keyed, live: Stack) -> None:
+    """`POST /jobs/batch` with another key's array: the same 422 as for an unknown array,
+    and none of the batch is queued."""
+    with keyed.client(KEY_A) as a, keyed.client(KEY_B) as b:
+        response = a.post(
+            "/arrays", content=npy_bytes(np.ones(8)), headers={"content-type": "application/x-npy"}
+        )
+        assert response.status_code == 201, response.text
+        array_id = response.json()["id"]
+        queued, jobs = live.queue_lengths(), live.redis.zcard(f"{live.key_prefix}:jobs")
+
+        def batch(client: httpx.Client, ident: str) -> httpx.Response:
+            fine = {"task": "fib", "params": {"n": 3}}
+            return client.post(
+                "/jobs/batch",
+                json={"jobs": [fine, {"task": "sum", "inputs": {"a": {"array": ident}}}]},
+            )
+
+        stolen, never = batch(b, array_id), batch(b, "e" * 32)
+        assert stolen.status_code == never.status_code == 422, stolen.text
+        assert stolen.json()["error"]["code"] == "unknown_array"
+        assert stolen.json()["error"]["detail"]["index"] == 1
+        assert stolen.text.replace(array_id, "e" * 32) == never.text
+        assert live.queue_lengths() == queued
+        assert live.redis.zcard(f"{live.key_prefix}:jobs") == jobs
+        assert live.redis.hget(f"{live.key_prefix}:array:{array_id}", "pins") == "0"
+        mine = batch(a, array_id)
+        assert mine.status_code == 202, mine.text
+        ids = [job["id"] for job in mine.json()["jobs"]]
+        done = a.post("/jobs/wait", json={"ids": ids, "wait": 30}, timeout=40).json()["jobs"]
+        assert [job["result"] for job in done] == [2, 8.0]
+        live.inputs_released(ids[1])
+        assert a.delete(f"/arrays/{array_id}").status_code == 204
+
+
+def test_waiting_on_another_keys_job_is_404_like_an_unknown_id(keyed: Keyed) -> None:
+    with keyed.client(KEY_A) as a, keyed.client(KEY_B) as b:
+        theirs = a.post("/jobs", json={"task": "fib", "params": {"n": 5}}).json()["id"]
+        own = b.post("/jobs", json={"task": "fib", "params": {"n": 6}}).json()["id"]
+        unknown = uuid.uuid4().hex
+        for ids in ([theirs], [own, theirs]):
+            stolen = b.post("/jobs/wait", json={"ids": ids, "wait": 0.5})
+            never = b.post("/jobs/wait", json={"ids": [unknown if i == theirs else i for i in ids]})
+            assert stolen.status_code == never.status_code == 404, stolen.text
+            assert stolen.json()["error"]["code"] == "job_not_found"
+            assert stolen.text.replace(theirs, unknown) == never.text
+        mine = b.post("/jobs/wait", json={"ids": [own], "wait": 20}).json()["jobs"]
+        assert [job["result"] for job in mine] == [8]
+        seen = a.post("/jobs/wait", json={"ids": [theirs], "wait": 20}).json()["jobs"]
+        assert [job["result"] for job in seen] == [5]
+
+
+def test_another_key_cannot_commit_or_abandon_a_registration(keyed: Keyed, live: Stack) -> None:
+    """Only the key that reserved a segment name can commit or abandon it; any other gets
+    the 404 of an unknown registration, and the reservation and its segment stay as they are."""
+    with (
+        keyed.client(KEY_A) as a,
+        keyed.client(KEY_B) as b,
+        httpx.Client(base_url=live.url, timeout=10) as open_api,
+    ):
+        info = a.get("/arrays/register/info").json()
+        ident = uuid.uuid4().hex
+        name = f"{info['shm_prefix']}{ident}"
+        body = {"segment": name, "dtype": "float64", "shape": [100], "domain": info["shm_domain"]}
+        reserved = a.post("/arrays/register", json=body)
+        assert reserved.status_code == 201, reserved.text
+        data = np.arange(100.0)
+        segment = create_segment(name, data.nbytes)
+        try:
+            segment.buffer[:] = data.tobytes()
+        finally:
+            segment.close()
+        try:
+            unknown = uuid.uuid4().hex
+            for client in (b, open_api):  # another key, and the open API (owner "")
+                for method, template in (
+                    ("POST", "/arrays/register/{}/commit"),
+                    ("DELETE", "/arrays/register/{}"),
+                ):
+                    theirs = client.request(method, template.format(ident))
+                    never = client.request(method, template.format(unknown))
+                    assert theirs.status_code == never.status_code == 404, (method, theirs.text)
+                    assert theirs.json()["error"]["code"] == "registration_not_found"
+                    assert theirs.text.replace(ident, unknown) == never.text
+            assert segment_path(name).exists(), "another key's call removed the segment"
+            record = live.redis.hgetall(f"{live.key_prefix}:array:{ident}")
+            assert record["state"] == "uploading"
+            committed = a.post(f"/arrays/register/{ident}/commit")
+            assert committed.status_code == 201, committed.text
+            assert load_npy(a.get(f"/arrays/{ident}").content).tobytes() == data.tobytes()
+            assert a.delete(f"/arrays/{ident}").status_code == 204
+        finally:
+            discard_segment(name)
+        assert not live.redis.exists(f"{live.key_prefix}:array:{ident}")
 
 
 def test_open_api_warns_at_start_and_keyed_one_does_not(keyed: Keyed, live: Stack) -> None:
@@ -218,11 +322,13 @@ def test_keys_never_appear_in_logs_records_or_reprs(keyed: Keyed, live: Stack) -
     assert len(settings.api_keys) == 2
     for text in (repr(settings), str(settings), settings.model_dump_json()):
         assert KEY_A not in text and KEY_B not in text
-    dashboard = httpx.get(f"{keyed.url}/dashboard/state", timeout=10)
-    if dashboard.status_code == 200:  # public by design: shows no params, results or owners
-        for key in (KEY_A, KEY_B):
-            assert key not in dashboard.text
-        assert '"owner"' not in dashboard.text and '"params"' not in dashboard.text
+    with keyed.client(KEY_A) as a:  # the dashboard's state shows no params, results or owners
+        dashboard = a.get("/dashboard/state")
+    assert dashboard.status_code == 200, dashboard.text
+    assert dashboard.json()["jobs"], "the state lists none of A's jobs: nothing was checked"
+    for secret in (KEY_A, KEY_B, owner_id(KEY_A), owner_id(KEY_B)):
+        assert secret not in dashboard.text
+    assert '"owner"' not in dashboard.text and '"params"' not in dashboard.text
 
 
 def test_dashboard_state_tells_each_key_only_its_own_jobs(keyed: Keyed) -> None:

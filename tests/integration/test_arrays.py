@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import threading
@@ -11,24 +12,40 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 
 from tests import stack
 from tests.conftest import Stack
-from tests.http_api import download, npy_bytes, streamed_upload, submit, upload, wait
+from tests.http_api import (
+    digest,
+    download,
+    download_digest,
+    npy_bytes,
+    streamed_upload,
+    submit,
+    upload,
+    wait,
+)
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64", "complex64", "complex128"]  # fmt: skip
 
 
-def run_job(http: httpx.Client, task: str, inputs: dict[str, str], **params: object) -> dict:
+def run_job(
+    http: httpx.Client, live: Stack, task: str, inputs: dict[str, str], **params: object
+) -> dict:
+    """Run a job to success; returns once its inputs are unpinned too (see inputs_released)."""
     done = wait(http, submit(http, task, inputs=inputs, **params), 60)
     assert done["status"] == "succeeded", done
+    live.inputs_released(done["id"])
     return done
 
 
 def delete(http: httpx.Client, *array_ids: str) -> None:
+    """Free arrays no job uses (any more): that is 204, never the 202 of a pinned one."""
     for array_id in array_ids:
-        assert http.delete(f"/arrays/{array_id}").status_code in (202, 204)
+        response = http.delete(f"/arrays/{array_id}")
+        assert response.status_code == 204, (array_id, response.status_code, response.text)
 
 
 def anon_kib(pid: int) -> int:
@@ -49,6 +66,10 @@ def test_round_trip_is_bit_exact(http: httpx.Client, dtype: str, order: str) -> 
     arr = np.asarray(rng.integers(0, 100, size=(3, 5, 4)) * 1.5, dtype=dtype, order=order)
     meta = upload(http, arr)
     assert meta["shape"] == [3, 5, 4] and meta["order"] == order
+    assert meta["dtype"] == arr.dtype.str and meta["nbytes"] == arr.nbytes
+    described = http.get(f"/arrays/{meta['id']}/meta")
+    assert described.status_code == 200, described.text
+    assert described.json() == meta
     back = download(http, meta["id"])
     assert back.dtype == arr.dtype and back.shape == arr.shape
     assert back.tobytes(order="A") == arr.tobytes(order="A")
@@ -89,20 +110,23 @@ def test_big_array_jobs_results_and_chaining(http: httpx.Client, live: Stack) ->
     assert big_meta["nbytes"] == 256 << 20
     assert f"{live.shm_prefix}{big_meta['id']}" in stack.segments(live.shm_prefix)
 
-    total = run_job(http, "sum", {"a": big_meta["id"]})["result"]
+    header, data_digest = download_digest(http, big_meta["id"])  # the sparse-segment path
+    assert (header.dtype, header.shape) == (big.dtype, big.shape)
+    assert data_digest == digest(big), "the 256 MiB upload did not come back bit for bit"
+    total = run_job(http, live, "sum", {"a": big_meta["id"]})["result"]
     assert np.isclose(total, big.sum())
 
-    product = run_job(http, "matmul", {"a": sq_meta["id"], "b": sq_meta["id"]})
+    product = run_job(http, live, "matmul", {"a": sq_meta["id"], "b": sq_meta["id"]})
     ref = product["result"]["array"]
     assert ref["shape"] == [300, 300]
     got = download(http, ref["id"])
     # BLAS blocks sums differently with one thread (the worker) than with several (this
     # process), so matmul matches to rounding; a sort is bit-exact.
     assert np.allclose(got, square @ square, rtol=1e-12, atol=1e-12)
-    ordered = run_job(http, "sort", {"a": sq_meta["id"]}, axis=0)["result"]["array"]
+    ordered = run_job(http, live, "sort", {"a": sq_meta["id"]}, axis=0)["result"]["array"]
     assert download(http, ordered["id"]).tobytes() == np.sort(square, axis=0).tobytes()
 
-    chained = run_job(http, "sum", {"a": ref["id"]}, axis=0)["result"]["array"]
+    chained = run_job(http, live, "sum", {"a": ref["id"]}, axis=0)["result"]["array"]
     assert np.allclose(download(http, chained["id"]), (square @ square).sum(axis=0))
     delete(http, big_meta["id"], sq_meta["id"], ref["id"], chained["id"], ordered["id"])
 
@@ -116,38 +140,55 @@ def test_workers_read_inputs_without_copying(http: httpx.Client, live: Stack) ->
         "inputs": {"a": {"array": meta["id"]}},
     }
     jobs = [http.post("/jobs", json=body).json()["id"] for _ in range(2)]
-    results = [http.get(f"/jobs/{j}", params={"wait": 60}, timeout=90).json() for j in jobs]
+    first, second = results = [wait(http, j, 60) for j in jobs]
     assert [r["status"] for r in results] == ["succeeded", "succeeded"]
     assert len({r["result"]["pid"] for r in results}) == 2, "both jobs ran in one child"
-    started = [r["started_at"] for r in results]
-    assert abs(started[0] - started[1]) < 0.9, "the two jobs did not overlap"
+    assert first["started_at"] < second["finished_at"], "the two jobs did not overlap"
+    assert second["started_at"] < first["finished_at"], "the two jobs did not overlap"
     for r in results:
         assert r["result"]["writeable"] is False
         assert r["result"]["sum"] == float(32 << 20)
         assert r["result"]["anon_growth_kib"] < 32 * 1024
+        live.inputs_released(r["id"])
+    assert download_digest(http, meta["id"])[1] == digest(arr), "the input changed"
     delete(http, meta["id"])
 
 
 def test_api_streams_uploads_without_buffering(http: httpx.Client, live: Stack) -> None:
+    """512 MiB through the API grow its private memory by less than 64 MiB and come back
+    bit for bit (every 8-byte word differs, so a lost or misplaced chunk shows)."""
+    arr = np.arange(64 << 20, dtype=np.float64)  # 512 MiB
     baseline = anon_kib(live.api.pid)
     peak = baseline
+    samples = 0
+    errors: list[str] = []  # collected here, checked after join(): a thread cannot fail a test
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, samples
         while not stop.is_set():
-            peak = max(peak, anon_kib(live.api.pid))
+            try:
+                peak = max(peak, anon_kib(live.api.pid))
+            except (OSError, AssertionError) as exc:
+                errors.append(repr(exc))
+                return
+            samples += 1
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        meta = streamed_upload(http, np.zeros(64 << 20))  # 512 MiB
+        meta = streamed_upload(http, arr)
     finally:
         stop.set()
         sampler.join()
+    assert not errors, f"the sampler failed: {errors}"
+    assert samples > 10, f"only {samples} samples of the API's memory"
     assert meta["nbytes"] == 512 << 20
     assert (peak - baseline) < 64 * 1024, f"API grew by {(peak - baseline) // 1024} MiB"
+    header, data_digest = download_digest(http, meta["id"])
+    assert (header.dtype, header.shape) == (arr.dtype, arr.shape)
+    assert data_digest == digest(arr), "the 512 MiB upload did not come back bit for bit"
     delete(http, meta["id"])
 
 
@@ -161,12 +202,12 @@ def test_recycled_child_leaves_inputs_in_place(live: Stack) -> None:
             arr = np.arange(1 << 20, dtype=np.float64)
             meta = upload(http, arr)
             segment = f"{live.shm_prefix}{meta['id']}"
-            first = run_job(http, "inspect_input", {"a": meta["id"]})
+            first = run_job(http, live, "inspect_input", {"a": meta["id"]})
             stack.wait_until(
                 lambda: not stack.pid_alive(first["result"]["pid"]), 20, what="child recycled"
             )
             assert segment in stack.segments(live.shm_prefix)
-            second = run_job(http, "inspect_input", {"a": meta["id"]})
+            second = run_job(http, live, "inspect_input", {"a": meta["id"]})
             assert second["result"]["pid"] != first["result"]["pid"]
             assert second["result"]["sum"] == float(arr.sum())
             delete(http, meta["id"])
@@ -194,6 +235,120 @@ def test_delete_waits_for_jobs_using_the_array(http: httpx.Client, live: Stack) 
     assert not live.redis.exists(f"{live.key_prefix}:array:{meta['id']}")
 
 
+class SlowScripts:
+    """A TCP proxy from a worker to Redis on which every Lua script call waits a while.
+
+    It forwards every connection both ways, but a chunk carrying `needle` (EVALSHA: the
+    worker's record changes are Lua scripts) waits `delay` seconds first. If two changes a
+    client must see as one (the job's end, its inputs' unpinning) are two scripts, the gap
+    between them lasts seconds instead of a round trip, and a test sees every time what a
+    client otherwise hits now and then; if they are one script, there is no gap to see.
+    """
+
+    def __init__(self, redis_url: str, needle: bytes, delay: float) -> None:
+        self.upstream = redis_url.removeprefix("redis://").split("/")[0].split(":")
+        self.needle, self.delay, self.held = needle, delay, 0
+        self.stop = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.sockets: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept)]
+        self.threads[0].start()
+
+    def url(self, database: str = "0") -> str:
+        return f"redis://127.0.0.1:{self.listener.getsockname()[1]}/{database}"
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            server = socket.create_connection((self.upstream[0], int(self.upstream[1])))
+            self.sockets += [client, server]
+            for source, sink, watch in ((client, server, True), (server, client, False)):
+                thread = threading.Thread(target=self._pump, args=(source, sink, watch))
+                self.threads.append(thread)
+                thread.start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, watch: bool) -> None:
+        source.settimeout(0.2)
+        tail = b""
+        try:
+            while not self.stop.is_set():
+                try:
+                    chunk = source.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                if watch and self.needle in tail + chunk:
+                    self.held += 1
+                    time.sleep(self.delay)
+                tail = chunk[-len(self.needle) :]
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+        for sock in (*self.sockets, self.listener):
+            sock.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="bug: the job record turns final (shared/jobstore.py _FINISH, called at"
+    " worker/runner.py:84) before the worker unpins its inputs in a second script"
+    " (_RELEASE, runner.py:89): a DELETE of an input in between answers 202",
+)
+def test_inputs_are_unpinned_once_the_job_has_ended(redis_url: str) -> None:
+    """After a client has seen its job end, deleting the job's input frees it (204)."""
+    env = stack.stack_env(redis_url)
+    proxy = SlowScripts(redis_url, b"EVALSHA", delay=2.0)
+    try:
+        worker = stack.start_worker(dict(env, REDIS_URL=proxy.url()), "slowscripts", 1)
+        with stack.stopping(worker):
+            api, url = stack.start_api(env)
+            with stack.stopping(api), httpx.Client(base_url=url, timeout=30) as http:
+                meta = upload(http, np.ones(10))
+                done = wait(http, submit(http, "sum", inputs={"a": meta["id"]}))
+                assert done["status"] == "succeeded" and done["result"] == 10.0
+                deleted = http.delete(f"/arrays/{meta['id']}").status_code
+                # 204 or 202, the array is freed: at once, or by the (held) release.
+                segment = f"{env['FORKLIFT_SHM_PREFIX']}{meta['id']}"
+                stack.wait_until(
+                    lambda: segment not in stack.segments(env["FORKLIFT_SHM_PREFIX"]),
+                    20,
+                    what="input freed",
+                )
+                assert http.get(f"/arrays/{meta['id']}").status_code == 404
+    finally:
+        proxy.close()
+        _drop_keys(redis_url, env)
+    if deleted == 202 and proxy.held == 0:
+        raise RuntimeError("202 although no script was held back: something else pins it")
+    assert deleted == 204, f"DELETE of an ended job's input answered {deleted}"
+
+
+def _drop_keys(redis_url: str, env: dict[str, str]) -> None:
+    """A private stack on the session's Redis leaves no keys behind (its queues' either)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for pattern in (f"{env['FORKLIFT_KEY_PREFIX']}:*", f"*{env['FORKLIFT_QUEUE']}*"):
+            for key in client.scan_iter(pattern):
+                client.delete(key)
+    finally:
+        client.close()
+
+
 def test_arrays_expire_and_the_janitor_sweeps_orphans(http: httpx.Client, live: Stack) -> None:
     meta = upload(http, np.ones(10), ttl=1)
     assert meta["expires_at"] - meta["created_at"] == pytest.approx(1, abs=0.01)
@@ -213,13 +368,12 @@ def test_job_input_checks_use_metadata(http: httpx.Client) -> None:
     ints = upload(http, np.arange(6).reshape(2, 3))
     vec = upload(http, np.ones(4))
     cases = [
-        ({"a": {"array": vec["id"]}, "b": {"array": vec["id"]}}, "matmul", 422),  # 1-D ok? no:
-        ({"a": {"array": ints["id"]}, "b": {"array": vec["id"]}}, "matmul", 422),
+        ({"a": {"array": ints["id"]}, "b": {"array": vec["id"]}}, "matmul", 422),  # (2,3)@(4,)
         ({"a": {"array": "f" * 32}}, "sum", 422),
         ({"a": {"array": "../../etc"}}, "sum", 422),
         ({}, "sum", 422),
     ]
-    for inputs, task, status in cases[1:]:
+    for inputs, task, status in cases:
         response = http.post("/jobs", json={"task": task, "inputs": inputs})
         assert response.status_code == status, (inputs, response.text)
         assert response.json()["error"]["message"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -26,10 +27,12 @@ from shared.client import (
     JobFailed,
     NotFound,
     Timeout,
+    Unavailable,
 )
 from shared.client.same_host import discard_segment, local_domain
 from tests import stack
 from tests.conftest import Stack
+from tests.http_api import digest, download_digest
 
 
 def fib(n: int) -> int:
@@ -60,6 +63,27 @@ def no_leftovers(live: Stack) -> Iterator[None]:
 def client(live: Stack) -> Iterator[Client]:
     with Client(live.url, free_on_close=True, timeout=30) as fl:
         yield fl
+
+
+@contextlib.contextmanager
+def janitor_held(live: Stack, domain: str) -> Iterator[None]:
+    """Hold the stack's janitor lock (no janitor sweeps this shm domain while it is held).
+
+    Each API takes the lock for `FORKLIFT_JANITOR_INTERVAL` seconds and tries again that long
+    after its pass ended: it is free only for about a pass's length, hence the tight polling.
+    """
+    lock, token = f"{live.key_prefix}:janitor:{domain}", f"test-{uuid.uuid4().hex}"
+    stack.wait_until(
+        lambda: live.redis.set(lock, token, nx=True, ex=60),
+        60,
+        interval=0.001,
+        what="the janitor lock",
+    )
+    try:
+        yield
+    finally:
+        if live.redis.get(lock) == token:
+            live.redis.delete(lock)
 
 
 def api_bytes_read(live: Stack) -> int:
@@ -219,6 +243,10 @@ def test_512_mib_array_registered_through_shared_memory(live: Stack) -> None:
         assert read < 1 << 20, f"the API read {read} bytes"
         total = fl.submit("sum", a=handle).result(timeout=120)
         assert total == n * (n - 1) / 2
+        with httpx.Client(base_url=live.url) as http:
+            header, data_digest = download_digest(http, handle.id)
+        assert (header.dtype, header.shape) == (x.dtype, x.shape)
+        assert data_digest == digest(x), "the registered array did not come back bit for bit"
     del x
 
 
@@ -389,19 +417,20 @@ def test_register_refuses_forged_names_and_leaves_nothing(live: Stack, http: htt
     assert missing.status_code == 422 and "does not exist" in missing.text
     assert nothing_for(ident)
 
-    # an existing segment with no record cannot be adopted (it may be anyone's)
+    # an existing segment with no record cannot be adopted (it may be anyone's); the test
+    # holds the janitor's lock meanwhile, so no janitor unlinks the recordless segment first
     ident = uuid.uuid4().hex
     name = f"{prefix}{ident}"
-    create_segment(name, 8000).close()
-    try:
-        squat = reserve(name)
-        if segment_path(name).exists():  # (unless the janitor swept it in between)
+    with janitor_held(live, domain):
+        create_segment(name, 8000).close()
+        try:
+            squat = reserve(name)
             assert squat.status_code == 409, squat.text
+            assert squat.json()["error"]["code"] == "segment_exists"
+            assert segment_path(name).exists(), "the refusal removed a segment it does not own"
             assert nothing_for(ident)
-        elif squat.status_code == 201:
-            http.delete(f"/arrays/register/{ident}")
-    finally:
-        discard_segment(name)
+        finally:
+            discard_segment(name)
 
     # an abandoned reservation leaves nothing either
     ident = uuid.uuid4().hex
@@ -411,39 +440,55 @@ def test_register_refuses_forged_names_and_leaves_nothing(live: Stack, http: htt
 
 
 def test_client_refused_registration_unlinks_its_segment(
-    live: Stack, monkeypatch: pytest.MonkeyPatch
+    live: Stack, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Client(live.url, free_on_close=True) as fl:
-        created: list[str] = []
+        sent: list[tuple[str, str, str]] = []  # (method, path, segment existing at the time)
 
         def watch(request: httpx.Request) -> None:
+            segment = ""
             if request.url.path == "/arrays/register":
-                created.append(json.loads(request.content)["segment"])
+                segment = json.loads(request.content)["segment"]
+                assert not segment_path(segment).exists(), "created before it was reserved"
+            sent.append((request.method, request.url.path, segment))
 
         fl._http.event_hooks["request"].append(watch)
         with monkeypatch.context() as patch:  # as if the client ran on another host
             patch.setenv("FORKLIFT_SHM_DOMAIN", "elsewhere")
             with pytest.raises(InvalidRequest, match="not in this shm domain"):
                 fl.put_array(np.ones(10), shared_memory=True)
-            assert not segment_path(created[-1]).exists()
+            segment = next(seg for _, path, seg in sent if path == "/arrays/register")
+            ident = segment.removeprefix(live.shm_prefix)
+            # refused before anything was written: no reservation, no marker, no segment
+            assert not live.redis.exists(array_key(live, ident))
+            assert not live.redis.exists(f"{live.key_prefix}:register:{ident}")
+            assert not segment_path(segment).exists()
             # auto mode quietly uploads over HTTP when the domains differ
-            count = len(created)
+            sent.clear()
             handle = fl.put_array(np.ones(2**18))
             assert np.array_equal(fl.get_array(handle), np.ones(2**18))
-            assert len(created) == count
-        # a refused commit: the segment this client created is gone again
-        original = fl._request
+            assert ("POST", "/arrays", "") in sent
+            assert not [r for r in sent if r[1].startswith("/arrays/register")]
 
-        def shrink_then_commit(method: str, path: str, **kwargs: object) -> httpx.Response:
-            if path.endswith("/commit"):
-                name = created[-1]
-                os.truncate(segment_path(name), 16)
-            return original(method, path, **kwargs)
+        # Reserved and filled, then the API cannot be reached for the commit nor for the
+        # abandon: only the client itself can unlink the segment it made (the API still
+        # holds the reservation, so neither the API nor its janitor touches the segment).
+        def unreachable(request: httpx.Request) -> None:
+            if request.url.path.endswith("/commit") or request.method == "DELETE":
+                raise httpx.ConnectError("the API went away", request=request)
 
-        fl._request = shrink_then_commit  # type: ignore[method-assign]
-        with pytest.raises(InvalidRequest, match="needs exactly"):
+        fl._http.event_hooks["request"].append(unreachable)
+        sent.clear()
+        with pytest.raises(Unavailable, match="cannot reach"):
             fl.put_array(np.ones(1000), shared_memory=True)
-        assert not segment_path(created[-1]).exists()
+        fl._http.event_hooks["request"].remove(unreachable)
+        segment = next(seg for _, path, seg in sent if path == "/arrays/register")
+        ident = segment.removeprefix(live.shm_prefix)
+        assert [m for m, _, _ in sent] == ["POST", "POST", "DELETE"], sent
+        assert live.redis.hget(array_key(live, ident), "state") == "uploading"
+        assert not segment_path(segment).exists(), "the client left its segment behind"
+        assert http.delete(f"/arrays/register/{ident}").status_code == 204
+        assert not live.redis.exists(array_key(live, ident))
 
 
 # -- events -------------------------------------------------------------------------------

@@ -189,8 +189,9 @@ def test_sigkilled_worker_jobs_are_redelivered_once(private: Private) -> None:
             redelivered_after = lost["started_at"] - killed_at
         assert lost["status"] == "succeeded" and lost["attempts"] == 2, lost
         # Not before the visibility timeout (counted from the delivery, a moment before the
-        # kill), and soon after it: live workers sweep every 2 s here.
-        assert VISIBILITY - 3 < redelivered_after < VISIBILITY + 6, redelivered_after
+        # kill): the message waited for it rather than being taken again at once. How soon
+        # after it the sweep restores it is latency, bounded only by wait() above.
+        assert redelivered_after > VISIBILITY - 3, redelivered_after
         assert sorted(completions(log)) == [f"j{i}" for i in range(5)]
         # The ack follows the record's end by a few ms.
         stack.wait_until(lambda: private.redis.hlen("unacked") == 0, 5, what="acks")

@@ -29,17 +29,24 @@ def test_fib_succeeds_over_http(http: httpx.Client) -> None:
 
 
 def test_loop_stays_responsive_while_every_child_is_busy(http: httpx.Client, live: Stack) -> None:
-    """The seed's situation: more CPU jobs than children, and /healthz still answers at once."""
+    """The seed's situation: more CPU jobs than children, and /healthz still answers.
+
+    The poller only collects (a failure in a thread would only end the thread); the checks
+    come after join(). What is checked is behaviour: every probe answered 200 (a stalled
+    loop would time a probe out), and probes were answered while both children computed.
+    """
     jobs = [submit(http, "fib", n=34) for _ in range(6)]
-    latencies: list[float] = []
+    answers: list[tuple[float, int | str]] = []  # (wall-clock time answered, status or error)
     stop = threading.Event()
 
     def poll() -> None:
         with httpx.Client(base_url=live.url, timeout=5) as probe:
             while not stop.is_set():
-                start = time.perf_counter()
-                assert probe.get("/healthz").status_code == 200
-                latencies.append(time.perf_counter() - start)
+                try:
+                    outcome: int | str = probe.get("/healthz").status_code
+                except httpx.HTTPError as exc:
+                    outcome = f"{type(exc).__name__}: {exc}"
+                answers.append((time.time(), outcome))
                 time.sleep(0.05)
 
     poller = threading.Thread(target=poll)
@@ -52,25 +59,32 @@ def test_loop_stays_responsive_while_every_child_is_busy(http: httpx.Client, liv
     assert [r["status"] for r in results] == ["succeeded"] * 6
     assert {r["result"] for r in results} == {5702887}
     assert len({r["worker"]["pid"] for r in results}) >= 2, "jobs ran in one process only"
-    assert len(latencies) > 5
-    assert max(latencies) < 1.0, f"healthz took {max(latencies):.3f} s under load"
+    failed = [(at, outcome) for at, outcome in answers if outcome != 200]
+    assert not failed, f"/healthz failed under load: {failed[:5]}"
+    # While the first two jobs both ran, every child was busy: the API answered meanwhile.
+    first, second = sorted(results, key=lambda r: r["started_at"])[:2]
+    busy_from = max(first["started_at"], second["started_at"])
+    busy_until = min(first["finished_at"], second["finished_at"])
+    assert busy_from < busy_until, "the first two jobs did not run at the same time"
+    during = [at for at, _ in answers if busy_from < at < busy_until]
+    assert len(during) >= 3, f"{len(during)} probes answered while every child was busy"
 
 
 def test_wait_returns_when_the_job_ends_not_at_the_deadline(http: httpx.Client) -> None:
+    """One long-poll of 60 s on a 1 s job: it answers with the end, long before the deadline
+    (the client gives up at 30 s, so waiting for the deadline fails the test)."""
     job = submit(http, "sleep", seconds=1.0)
-    start = time.monotonic()
-    done = wait(http, job, 10)
-    elapsed = time.monotonic() - start
-    assert done["status"] == "succeeded"
-    assert elapsed < 4.0, f"?wait=10 on a 1 s job took {elapsed:.2f} s"
+    response = http.get(f"/jobs/{job}", params={"wait": 60}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "succeeded"
 
 
 def test_wait_times_out_with_the_current_state(http: httpx.Client) -> None:
     job = submit(http, "sleep", seconds=3)
     start = time.monotonic()
     state = http.get(f"/jobs/{job}", params={"wait": 0.5}).json()  # one long-poll
-    assert time.monotonic() - start < 2.5
-    assert state["status"] in ("queued", "running")
+    assert time.monotonic() - start >= 0.5, "it did not wait"
+    assert state["status"] in ("queued", "running"), "it waited for the end"
     assert wait(http, job, 20)["status"] == "succeeded"
 
 
@@ -137,18 +151,18 @@ def test_cancel_running_job_frees_its_process(http: httpx.Client, live: Stack) -
     while http.get(f"/jobs/{job}").json()["status"] != "running":
         assert time.monotonic() < deadline, "job never started"
         time.sleep(0.05)
-    start = time.monotonic()
     response = http.delete(f"/jobs/{job}")
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
     record = http.get(f"/jobs/{job}").json()
     assert record["status"] == "cancelled"
-    # Full concurrency afterwards: two jobs at once each run in their own child.
+    # Full concurrency afterwards: two jobs at once, in two children, overlapping in time.
     pair = [submit(http, "sleep", seconds=1.0) for _ in range(2)]
-    done = [wait(http, job_id, 30) for job_id in pair]
-    assert [d["status"] for d in done] == ["succeeded", "succeeded"]
-    assert abs(done[0]["started_at"] - done[1]["started_at"]) < 0.9, "ran one after the other"
-    assert time.monotonic() - start < 10
+    first, second = [wait(http, job_id, 30) for job_id in pair]
+    assert [first["status"], second["status"]] == ["succeeded", "succeeded"]
+    assert first["worker"]["pid"] != second["worker"]["pid"]
+    assert first["started_at"] < second["finished_at"], "ran one after the other"
+    assert second["started_at"] < first["finished_at"], "ran one after the other"
     assert http.delete(f"/jobs/{job}").status_code == 409
     children = stack.children_of(live.worker.pid)
     assert len(children) == 2
@@ -181,6 +195,19 @@ def test_tasks_lists_fib_with_its_schema(http: httpx.Client) -> None:
     assert schema["required"] == ["n"]
     assert "Fibonacci" in tasks["fib"]["doc"]
     assert {"sleep", "prime_count", "boom"} <= set(tasks)
+
+
+def test_one_task_is_described_like_in_the_list(http: httpx.Client) -> None:
+    listed = {t["name"]: t for t in http.get("/tasks").json()}
+    for name in ("fib", "matmul"):
+        response = http.get(f"/tasks/{name}")
+        assert response.status_code == 200, response.text
+        assert response.json() == listed[name]
+    assert set(http.get("/tasks/matmul").json()["inputs"]) == {"a", "b"}
+    missing = http.get("/tasks/no_such_task")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "task_not_found"
+    assert "no_such_task" in missing.json()["error"]["message"]
 
 
 def test_healthz_counts_workers(http: httpx.Client) -> None:
@@ -226,11 +253,9 @@ def test_batch_with_one_bad_job_queues_nothing(http: httpx.Client, live: Stack) 
 def test_wait_any_returns_at_the_first_end(http: httpx.Client) -> None:
     quick = submit(http, "sleep", seconds=0.2)
     slow = submit(http, "sleep", seconds=5)
-    start = time.monotonic()
     jobs = http.post("/jobs/wait", json={"ids": [slow, quick], "wait": 20, "any": True}).json()
-    assert time.monotonic() - start < 4
     assert [j["status"] for j in jobs["jobs"]][1] == "succeeded"
-    assert jobs["jobs"][0]["status"] in ("queued", "running")
+    assert jobs["jobs"][0]["status"] in ("queued", "running"), "it waited for the slow one"
     assert http.delete(f"/jobs/{slow}").status_code == 200
     unknown = http.post("/jobs/wait", json={"ids": [quick, "0" * 32]})
     assert unknown.status_code == 404

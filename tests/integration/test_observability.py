@@ -104,11 +104,12 @@ def test_metrics_count_exactly_what_ran(obs: ObsStack, http: httpx.Client) -> No
     def blocked() -> Samples | None:
         now = scrape(http)
         busy = value(now, "forklift_workers_busy", domain=domain)
-        depth = value(now, "forklift_queue_depth", queue="forklift")
+        depth = value(now, "forklift_queue_depth", queue=obs.env["FORKLIFT_QUEUE"])
         return now if busy == 2 and depth == 1 else None
 
     during = stack.wait_until(blocked, 10, interval=0.05, what="2 busy children, 1 queued job")
-    assert value(during, "forklift_queue_depth", queue=f"forklift.{domain}") == 0
+    domain_queue = f"{obs.env['FORKLIFT_QUEUE']}.{domain}"
+    assert series(during, "forklift_queue_depth")[frozenset({("queue", domain_queue)})] == 0
     assert http.delete(f"/jobs/{queued}").status_code == 200
     assert [wait(http, job_id)["status"] for job_id in long_jobs] == ["succeeded"] * 2
 
