@@ -233,8 +233,10 @@ def test_duplicate_delivery_losing_attempt_does_not_unpin() -> None:
         a = upload(http, np.ones(1000))["id"]
         job_id = submit(http, "inspect_input", inputs={"a": a}, hold=4.0)
         first = wait_status(lc, job_id, "running")
-        # The same message delivered again while the first attempt runs (what a visibility
-        # timeout shorter than the job, or a restore, does): a copy of the unacked entry.
+        # Half-way through (so the second attempt outlives the first by seconds), the same
+        # message delivered again while the first attempt runs (what a visibility timeout
+        # shorter than the job, or a restore, does): a copy of the unacked entry.
+        time.sleep(2.0)
         entry = next(json.loads(v) for v in lc.redis.hvals("unacked") if job_id in v)
         payload, _, routing_key = entry
         lc.redis.rpush(routing_key, json.dumps(payload))
@@ -561,7 +563,7 @@ def test_faults_under_load_end_with_every_job_done_and_nothing_leaked() -> None:
         stack.wait_until(some_running, 30, what="a job running")
         lc.restart_redis(down_for=2.0)
         # 4. another child killed
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, IndexError, ProcessLookupError):
             stack.wait_until(some_running, 30, what="a job running")
             os.kill(stack.children_of(lc.workers[-1].pid)[0], signal.SIGKILL)
 
