@@ -42,18 +42,6 @@ class Stack:
         queues = (settings.queue, settings.domain_queue())
         return sum(self.redis.llen(key) for queue in queues for key in queue_keys(queue))
 
-    def inputs_released(self, job_id: str) -> None:
-        """Wait until the worker has unpinned an ended job's input arrays.
-
-        The record turns final one Redis round trip before the worker unpins the inputs
-        (worker/runner.py: `finish`, then `_release_inputs`), so a DELETE of an input at once
-        may still answer 202: test_arrays.py::test_inputs_are_unpinned_once_the_job_has_ended.
-        """
-        key = f"{self.key_prefix}:job:{job_id}"
-        stack.wait_until(
-            lambda: self.redis.hget(key, "released") == "1", 10, what=f"job {job_id} unpinned"
-        )
-
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
