@@ -135,7 +135,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         setup_logging(settings, "api")
         if not settings.api_keys:
-            log.warning("FORKLIFT_API_KEYS is not set: the API is open to anyone who reaches it")
+            log.warning(
+                "FORKLIFT_API_KEYS is not set: the API is open to anyone who reaches it%s",
+                " (FORKLIFT_ALLOW_OPEN)" if settings.allow_open else "; loopback clients only",
+            )
         client = async_redis(settings)
         hub = JobEventHub(settings)
         await hub.start()
