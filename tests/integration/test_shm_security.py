@@ -1,6 +1,6 @@
 """Shared-memory security (issue 14: findings 1, 2, 6, 7, 8), on a stack in its defaults.
 
-One private stack for the module (the session's Redis, its own prefixes): two API keys, an
+One private stack for the module (its own redis-server and prefixes): two API keys, an
 internal token (for `/internal/arrays`), the segment pool at its default (on), a janitor every
 second, a 1 GiB shared-memory cap. Every test says which finding it reproduces:
 1. a recycled registration, committed at once, must not show another key's freed bytes;
@@ -79,7 +79,16 @@ class Secure:
 
 
 @pytest.fixture(scope="module")
-def secure(redis_url: str) -> Iterator[Secure]:
+def secure() -> Iterator[Secure]:
+    # A Redis of its own: the counter, the ledger and the broker are this stack's alone.
+    redis_proc, redis_url = stack.start_redis()
+    try:
+        yield from _secure_stack(redis_url)
+    finally:
+        redis_proc.stop()
+
+
+def _secure_stack(redis_url: str) -> Iterator[Secure]:
     env = stack.stack_env(
         redis_url,
         FORKLIFT_API_KEYS=f"{KEY_A},{KEY_B}",
@@ -104,10 +113,6 @@ def secure(redis_url: str) -> Iterator[Secure]:
         left = stack.segments(env["FORKLIFT_SHM_PREFIX"])
         for name in left:
             (SHM / name).unlink(missing_ok=True)
-        for key in client.scan_iter(f"{env['FORKLIFT_KEY_PREFIX']}:*"):
-            client.delete(key)
-        for key in client.scan_iter(f"*{env.get('FORKLIFT_QUEUE', 'no-such-queue')}*"):
-            client.delete(key)
         client.close()
         assert not left, f"segments left after the stack stopped: {sorted(left)}"
 
@@ -222,10 +227,12 @@ def test_a_slow_download_survives_delete_and_reuse(secure: Secure, route: str) -
     with secure.client(KEY_A, **{"x-forklift-internal-token": TOKEN}) as a:
         if route == "job_result":
             source = streamed_upload(a, original[::-1].copy())
-            job = submit(a, "sort", inputs={"a": source["id"]})
-            done = wait(a, job, within=120)
+            try:
+                job = submit(a, "sort", inputs={"a": source["id"]})
+                done = wait(a, job, within=120)
+            finally:
+                _delete(a, source["id"])
             assert done["status"] == "succeeded", done
-            _delete(a, source["id"])
             array_id = done["result"]["array"]["id"]
             path, expected = f"/jobs/{job}/result", npy_bytes(original)
         else:
