@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -45,6 +46,10 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Bump when the way the tree is made changes (the digest covers the rest).
 TREE_RECIPE = 1
 IMAGE_PATH = "PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+# On the stand-ins, and so inherited by every image built on them (the test's builds): how
+# prune_stale_builds tells them from anyone else's images.
+LABEL = "org.forklift.test-standin"
+KEEP_RECENT_S = 6 * 3600
 
 Log = Callable[[str], None]
 
@@ -186,6 +191,42 @@ def _untag_others(docker: str, keep: set[str], log_file) -> None:
         _run([docker, "image", "rm", tag], log_file, timeout=120, check=False)
 
 
+def prune_stale_builds(docker: str, build_output: str, started: float) -> list[str]:
+    """Remove the untagged leftovers of earlier builds on the stand-ins: every untagged image
+    with no children that carries the stand-in label, that this build did not use (the
+    classic builder names each step's image, `---> <id>`, cached or not) and that was made
+    KEEP_RECENT_S before this build `started` (so builds of another checkout beside or
+    between these runs keep their cache). Their untagged parents go with them: old code
+    layers and old bases do not pile up, while this build's layers, the cache of the next
+    one, stay. The engine refuses to remove an image a container still uses."""
+    used = set(re.findall(r"^ ---> ([0-9a-f]{12})\b", build_output, re.M))
+    cutoff = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started - KEEP_RECENT_S))
+    ids = subprocess.run(
+        [docker, "images", "-aq", "--no-trunc"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
+    if not ids:
+        return []
+    found = subprocess.run(
+        [docker, "image", "inspect", *ids], capture_output=True, text=True, timeout=120
+    )
+    if found.returncode != 0:
+        return []
+    images = json.loads(found.stdout)
+    parents = {image.get("Parent") for image in images}
+    stale = [
+        image["Id"]
+        for image in images
+        if LABEL in ((image.get("Config") or {}).get("Labels") or {})
+        and not image.get("RepoTags")
+        and image["Id"] not in parents
+        and image["Id"].removeprefix("sha256:")[:12] not in used
+        and str(image.get("Created", ""))[:19] < cutoff
+    ]
+    for image_id in stale:
+        subprocess.run([docker, "image", "rm", image_id], capture_output=True, timeout=120)
+    return stale
+
+
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
     """One builder at a time per machine (two test runs must not debootstrap one tree)."""
@@ -275,6 +316,8 @@ def import_python(docker: str, rootfs: Path, tag: str, log_file) -> None:
         "ENV LANG=C.UTF-8",
         "--change",
         'CMD ["python3"]',
+        "--change",
+        f"LABEL {LABEL}={SUITE}",
         "-",
         tag,
     ]

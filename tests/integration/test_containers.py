@@ -187,6 +187,8 @@ def test_compose_stack_in_real_containers(
     ).stdout.strip()
     host_ipc = ipc_namespace(os.getpid())
     api_ns = ""
+    build_output = ""
+    build_started = time.time()
     try:
         # -- the project's own Dockerfile, built by Compose ------------------------------------
         started = time.monotonic()
@@ -199,7 +201,8 @@ def test_compose_stack_in_real_containers(
             text=True,
             timeout=COMPOSE_TIMEOUT,
         )
-        build_log.write_text(build.stdout + build.stderr)
+        build_output = build.stdout + build.stderr
+        build_log.write_text(build_output)
         with capsys.disabled():
             print(
                 f"\n[containers] docker compose build (this repository's Dockerfile, "
@@ -328,3 +331,5 @@ def test_compose_stack_in_real_containers(
         ).stdout.strip()
         if previous and previous != current:
             subprocess.run([docker, "image", "rm", previous], capture_output=True, timeout=120)
+        if build_output:
+            standins.prune_stale_builds(docker, build_output, build_started)
