@@ -406,6 +406,9 @@ def test_worker_host_compose_file_joins_the_first_hosts_redis() -> None:
     assert "${FORKLIFT_HOST_ADDR" in env["FORKLIFT_API_INTERNAL_URL"]
     assert "host2" in env["FORKLIFT_SHM_DOMAIN"]
     assert "FORKLIFT_INTERNAL_TOKEN" in env
+    # Published beyond loopback: it must not run open (the API would refuse to start anyway).
+    assert env["FORKLIFT_API_KEYS"].startswith("${FORKLIFT_API_KEYS:?")
+    assert "FORKLIFT_ALLOW_OPEN" not in env
     fields = {f"FORKLIFT_{name.upper()}" for name in Settings.model_fields} | {"REDIS_URL"}
     assert set(env) <= fields, set(env) - fields
 
