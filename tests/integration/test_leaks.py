@@ -151,7 +151,8 @@ def test_500_mixed_jobs_leave_no_segments_and_no_keys(load: Load) -> None:
                 jobs[submit("sum", {"a": doomed})] = "doomed-input"
             # Deleted while jobs hold it: freed when the last of them ends.
             assert http.delete(f"/arrays/{doomed}").status_code in (202, 204)
-            job_id = submit("sleep", seconds=5)
+            # Long enough that only the cancel can end it, however late the test gets to it.
+            job_id = submit("sleep", seconds=300)
             jobs[job_id] = "cancel-running"
             cancel_later.append(job_id)
             for _ in range(N_JOBS // 10 - 50):
@@ -161,15 +162,17 @@ def test_500_mixed_jobs_leave_no_segments_and_no_keys(load: Load) -> None:
         assert len(jobs) == N_JOBS
         peak_keys = len(_keys(load))
 
-        # Cancel the long sleeps once running (or still queued); then everything ends.
-        for job_id in cancel_later:
-            if jobs[job_id] == "cancel-running":
-                stack.wait_until(
-                    lambda j=job_id: http.get(f"/jobs/{j}").json()["status"] != "queued",
-                    60,
-                    what="long sleep started",
-                )
-                http.delete(f"/jobs/{job_id}")
+        # Cancel each long sleep once it runs; then everything ends.
+        waiting = [j for j in cancel_later if jobs[j] == "cancel-running"]
+
+        def cancel_the_started() -> bool:
+            for job_id in list(waiting):
+                if http.get(f"/jobs/{job_id}").json()["status"] != "queued":
+                    assert http.delete(f"/jobs/{job_id}").status_code == 200
+                    waiting.remove(job_id)
+            return not waiting
+
+        stack.wait_until(cancel_the_started, 240, interval=0.1, what="long sleeps started")
         final: dict[str, dict] = {}
         for job_id in jobs:
             final[job_id] = http.get(f"/jobs/{job_id}", params={"wait": 60}, timeout=70).json()
