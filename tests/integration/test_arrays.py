@@ -447,7 +447,7 @@ def test_oversized_upload_refused_before_reading(live: Stack) -> None:
     api, url = stack.start_api(env)
     try:
         with httpx.Client(base_url=url, timeout=30) as http:
-            start = time.monotonic()
+            # 128 bytes of a declared 1 GB: an API waiting for the rest would time the socket out
             status, body = _raw_request_head(url, GOOD[:128], declared=10**9)
             assert status == 413
             assert b"FORKLIFT_MAX_UPLOAD_BYTES" in body
@@ -460,7 +460,6 @@ def test_oversized_upload_refused_before_reading(live: Stack) -> None:
             assert full.status_code == 507
             assert full.json()["error"]["code"] == "shm_full"
             delete(http, *(m["id"] for m in ok))
-            assert time.monotonic() - start < 30
     finally:
         api.stop()
 
