@@ -35,7 +35,7 @@ import redis
 from shared.arrays import janitor, pool
 from shared.settings import Settings
 from tests import stack
-from tests.http_api import npy_bytes, streamed_upload, submit, wait
+from tests.http_api import npy_bytes, streamed_upload, submit, upload, wait
 
 KEY_A = f"ka-{uuid.uuid4().hex}"
 KEY_B = f"kb-{uuid.uuid4().hex}"
@@ -117,17 +117,6 @@ def _secure_stack(redis_url: str) -> Iterator[Secure]:
         assert not left, f"segments left after the stack stopped: {sorted(left)}"
 
 
-def _upload(http: httpx.Client, arr: np.ndarray, **params: object) -> dict:
-    response = http.post(
-        "/arrays",
-        content=npy_bytes(arr),
-        params=params,
-        headers={"content-type": "application/x-npy"},
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
 def _delete(http: httpx.Client, array_id: str) -> None:
     assert http.delete(f"/arrays/{array_id}").status_code in (202, 204)
 
@@ -164,7 +153,7 @@ def test_a_recycled_registration_never_returns_another_keys_bytes(secure: Secure
     size = 8 * MiB
     victim = np.full(size, 0xA5, dtype=np.uint8)
     with secure.client(KEY_A) as a, secure.client(KEY_B) as b:
-        freed = _upload(a, victim)
+        freed = upload(a, victim)
         _delete(a, freed["id"])
         assert len(_pooled(secure)) == 1, "A's freed segment should be in the pool"
 
@@ -179,8 +168,8 @@ def test_a_recycled_registration_never_returns_another_keys_bytes(secure: Secure
         # Once B has freed an array of its own, a recycled registration gets B's bytes back,
         # and only B's: the pool holds one segment of each key, of the same size.
         mine = np.full(size, 0x5B, dtype=np.uint8)
-        theirs = _upload(a, victim)  # takes A's pooled segment (overwritten in full)
-        own = _upload(b, mine)
+        theirs = upload(a, victim)  # takes A's pooled segment (overwritten in full)
+        own = upload(b, mine)
         _delete(a, theirs["id"])
         _delete(b, own["id"])
         assert len(_pooled(secure)) == 2
@@ -427,7 +416,7 @@ def test_an_orphan_the_stack_may_not_unlink_does_not_stop_the_janitor(secure: Se
         assert later.name in report.orphan_segments
         assert stuck.name not in report.orphan_segments and stuck.exists()
         with secure.client(KEY_A) as a:  # the API's janitor keeps running too
-            meta = _upload(a, np.ones(10), ttl=1)
+            meta = upload(a, np.ones(10), ttl=1)
             stack.wait_until(
                 lambda: a.get(f"/arrays/{meta['id']}/meta").status_code == 404,
                 30,
@@ -605,7 +594,7 @@ def test_the_counter_stays_exact_under_concurrent_reserves_recounts_and_drops(
                             },
                         )
                     continue
-                meta = _upload(http, arr)
+                meta = upload(http, arr)
                 if i % 3 == 0:
                     with lock:
                         kept.append((key, meta["id"]))
@@ -678,7 +667,7 @@ def test_a_recount_adopts_arrays_from_before_the_ledger(secure: Secure) -> None:
     assert secure.counter() == 0
     ledger = secure.settings.key("shm_ledger", secure.settings.shm_domain)
     with secure.client(KEY_A) as a:
-        meta = _upload(a, np.ones(4 * MiB // 8))
+        meta = upload(a, np.ones(4 * MiB // 8))
         # What an older stack left: the record and its segment, no ledger entry, not counted.
         assert secure.redis.hdel(ledger, meta["id"]) == 1
         secure.redis.decrby(secure.settings.key("shm_bytes", secure.settings.shm_domain), 4 * MiB)
