@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import socket
 import threading
@@ -26,6 +25,7 @@ from tests.http_api import (
     upload,
     wait,
 )
+from tests.redis_proxy import RedisProxy
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64", "complex64", "complex128"]  # fmt: skip
@@ -230,72 +230,28 @@ def test_delete_waits_for_jobs_using_the_array(http: httpx.Client, live: Stack) 
     assert not live.redis.exists(f"{live.key_prefix}:array:{meta['id']}")
 
 
-class SlowScripts:
-    """A TCP proxy from a worker to Redis on which every Lua script call waits a while.
+class SlowScripts(RedisProxy):
+    """A proxy from a worker to Redis on which every Lua script call waits a while.
 
-    It forwards every connection both ways, but a chunk carrying `needle` (EVALSHA: the
-    worker's record changes are Lua scripts) waits `delay` seconds first. If two changes a
-    client must see as one (the job's end, its inputs' unpinning) are two scripts, the gap
-    between them lasts seconds instead of a round trip, and a test sees every time what a
-    client otherwise hits now and then; if they are one script, there is no gap to see.
-    Nothing waits until `armed` is set.
+    A chunk carrying `needle` (EVALSHA: the worker's record changes are Lua scripts) waits
+    `delay` seconds first. If two changes a client must see as one (the job's end, its inputs'
+    unpinning) are two scripts, the gap between them lasts seconds instead of a round trip,
+    and a test sees every time what a client otherwise hits now and then; if they are one
+    script, there is no gap to see. Nothing waits until `armed` is set.
     """
 
     def __init__(self, redis_url: str, needle: bytes, delay: float) -> None:
-        self.upstream = redis_url.removeprefix("redis://").split("/")[0].split(":")
         self.needle, self.delay, self.held = needle, delay, 0
-        self.armed, self.stop = threading.Event(), threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.sockets: list[socket.socket] = []
-        self.threads = [threading.Thread(target=self._accept)]
-        self.threads[0].start()
+        self.armed = threading.Event()
+        super().__init__(redis_url)
 
-    def url(self, database: str = "0") -> str:
-        return f"redis://127.0.0.1:{self.listener.getsockname()[1]}/{database}"
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            server = socket.create_connection((self.upstream[0], int(self.upstream[1])))
-            self.sockets += [client, server]
-            for source, sink, watch in ((client, server, True), (server, client, False)):
-                thread = threading.Thread(target=self._pump, args=(source, sink, watch))
-                self.threads.append(thread)
-                thread.start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, watch: bool) -> None:
-        source.settimeout(0.2)
-        tail = b""
-        try:
-            while not self.stop.is_set():
-                try:
-                    chunk = source.recv(65536)
-                except TimeoutError:
-                    continue
-                if not chunk:
-                    break
-                if watch and self.armed.is_set() and self.needle in tail + chunk:
-                    self.held += 1
-                    time.sleep(self.delay)
-                tail = chunk[-len(self.needle) :]
-                sink.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-        for sock in (*self.sockets, self.listener):
-            sock.close()
+    def request(self, chunk: bytes, connection: dict[str, object]) -> None:
+        tail = connection.get("tail", b"")
+        assert isinstance(tail, bytes)
+        if self.armed.is_set() and self.needle in tail + chunk:
+            self.held += 1
+            time.sleep(self.delay)
+        connection["tail"] = chunk[-len(self.needle) :]
 
 
 def test_inputs_are_unpinned_once_the_job_has_ended(redis_url: str) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from shared.metrics import queue_keys
 from shared.settings import Settings
 from tests import stack
 from tests.http_api import FINAL, submit, upload, wait
+from tests.redis_proxy import RedisProxy
 
 LOST_AFTER = 3.0
 # Upper bounds for waits (not timing assertions): lost-after + confirmation + a pass, twice.
@@ -337,8 +337,8 @@ def test_redis_outage_during_a_job_is_retried_not_acked() -> None:
         assert_nothing_left(lc, [a])
 
 
-class ReplyCutter:
-    """A TCP proxy from a worker to Redis that lets chosen scripts run, then loses their reply.
+class ReplyCutter(RedisProxy):
+    """A proxy from a worker to Redis that lets chosen scripts run, then loses their reply.
 
     For each sha in `targets`, the first EVALSHA of it that Redis really runs (not answered
     NOSCRIPT) reaches Redis, and its connection is cut before the reply comes back: the
@@ -347,74 +347,27 @@ class ReplyCutter:
     """
 
     def __init__(self, redis_url: str, targets: set[str]) -> None:
-        host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
-        self.upstream = (host, int(port))
         self.targets = {t.encode() for t in targets}
         self.cut: list[bytes] = []
         self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.sockets: list[socket.socket] = []
-        self.threads = [threading.Thread(target=self._accept)]
-        self.threads[0].start()
+        super().__init__(redis_url)
 
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+    def request(self, chunk: bytes, connection: dict[str, object]) -> None:
+        with self.lock:
+            hit = [t for t in self.targets if t in chunk]
+        if hit:
+            connection["pending"] = hit[0]  # the target sent on this connection
 
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            server = socket.create_connection(self.upstream)
-            self.sockets += [client, server]
-            pending: list[bytes] = []  # the target sent on this connection, awaiting reply
-            for args in ((client, server, pending, True), (server, client, pending, False)):
-                thread = threading.Thread(target=self._pump, args=args)
-                self.threads.append(thread)
-                thread.start()
-
-    def _pump(
-        self, source: socket.socket, sink: socket.socket, pending: list[bytes], upstream: bool
-    ) -> None:
-        source.settimeout(0.2)
-        try:
-            while not self.stop.is_set():
-                try:
-                    chunk = source.recv(65536)
-                except TimeoutError:
-                    continue
-                if not chunk:
-                    break
-                if upstream:
-                    with self.lock:
-                        hit = [t for t in self.targets if t in chunk]
-                    if hit:
-                        pending[:] = hit[:1]
-                elif pending:
-                    target = pending.pop()
-                    if not chunk.startswith(b"-NOSCRIPT"):
-                        with self.lock:
-                            if target in self.targets:
-                                self.targets.discard(target)
-                                self.cut.append(target)
-                                break  # the reply is lost with the connection
-                sink.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-        for sock in (*self.sockets, self.listener):
-            sock.close()
+    def reply(self, chunk: bytes, connection: dict[str, object]) -> bool:
+        target = connection.pop("pending", None)
+        if target is None or chunk.startswith(b"-NOSCRIPT"):
+            return True
+        with self.lock:
+            if target in self.targets:
+                self.targets.discard(target)
+                self.cut.append(target)  # type: ignore[arg-type]
+                return False
+        return True
 
 
 def test_lost_replies_at_start_and_finish_are_retried_without_a_second_attempt() -> None:
