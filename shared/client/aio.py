@@ -23,7 +23,7 @@ import numpy as np
 from shared.arrays import mappings
 from shared.arrays.segments import ShmFullError
 from shared.client import common
-from shared.client.common import Backoff, Deadline
+from shared.client.common import Backoff, Deadline, worth_retrying
 from shared.client.errors import (
     ForkliftError,
     InvalidRequest,
@@ -32,7 +32,6 @@ from shared.client.errors import (
     ServerError,
     Unavailable,
     error_from_response,
-    retry_after,
 )
 from shared.client.handles import ArrayHandle, array_id
 from shared.client.npy_stream import CHUNK, NPY, NpyReader, anpy_chunks, npy_length
@@ -208,10 +207,8 @@ class AsyncClient:
                     raise Unavailable(reason, code="unreachable") from exc
                 await asyncio.sleep(backoff.next_delay(reason, deadline))
                 continue
-            if response.status_code == 503 and retry:
-                error = error_from_response(503, response.content, response.headers)
-                hint = retry_after(response.headers, 1.0)
-                await asyncio.sleep(backoff.next_delay(error.message, deadline, hint))
+            if retry and worth_retrying(response):  # 503, or 429 with Retry-After
+                await asyncio.sleep(backoff.after_error_response(response, deadline))
                 continue
             if response.status_code >= 400:
                 raise error_from_response(response.status_code, response.content, response.headers)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from shared.client.errors import (
+    ForkliftError,
     JobCancelled,
     JobFailed,
     Timeout,
@@ -161,12 +162,21 @@ class Backoff:
         self._delay = self.first
         self._since = None
 
-    def next_delay(self, reason: str, deadline: Deadline, hint: float | None = None) -> float:
-        """Seconds to wait before the next try; Unavailable/Timeout when out of patience."""
+    def next_delay(
+        self,
+        reason: str,
+        deadline: Deadline,
+        hint: float | None = None,
+        give_up: ForkliftError | None = None,
+    ) -> float:
+        """Seconds to wait before the next try; Unavailable/Timeout when out of patience
+        (`give_up` instead of Unavailable, when given)."""
         now = time.monotonic()
         if self._since is None:
             self._since = now
         if now - self._since > self.window:
+            if give_up is not None:
+                raise give_up
             raise Unavailable(
                 f"{reason} (retried for {self.window:g} s)", code="unavailable", status=None
             )
@@ -180,9 +190,19 @@ class Backoff:
         return delay
 
     def after_error_response(self, response: Any, deadline: Deadline) -> float:
-        """For a streamed request answered >= 400 (body read): the error, raised, unless it is
-        a 503 worth waiting out; then the seconds to wait before trying again."""
+        """For a request answered >= 400 (body read): the error, raised, unless it is worth
+        waiting out (`worth_retrying`); then the seconds to wait before trying again. A 429
+        still refused once the window has passed is raised as itself."""
         error = error_from_response(response.status_code, response.content, response.headers)
-        if not isinstance(error, Unavailable):
+        if not worth_retrying(response):
             raise error
-        return self.next_delay(error.message, deadline, retry_after(response.headers, 1.0))
+        give_up = None if isinstance(error, Unavailable) else error
+        hint = retry_after(response.headers, 1.0)
+        return self.next_delay(error.message, deadline, hint, give_up)
+
+
+def worth_retrying(response: Any) -> bool:
+    """503 (the stack is not ready), or 429 with Retry-After (the key is at a per-key limit
+    that frees when its other requests end): the same request may pass later."""
+    status = response.status_code
+    return status == 503 or (status == 429 and "retry-after" in response.headers)

@@ -21,7 +21,7 @@ import numpy as np
 from shared.arrays import mappings
 from shared.arrays.segments import ShmFullError
 from shared.client import common
-from shared.client.common import Backoff, Deadline
+from shared.client.common import Backoff, Deadline, worth_retrying
 from shared.client.errors import (
     ForkliftError,
     InvalidRequest,
@@ -30,7 +30,6 @@ from shared.client.errors import (
     ServerError,
     Unavailable,
     error_from_response,
-    retry_after,
 )
 from shared.client.handles import ArrayHandle, array_id
 from shared.client.npy_stream import (
@@ -159,7 +158,8 @@ class Client:
     `shared_memory`: True registers arrays through shared memory (same host only), False
     always uploads over HTTP, None (default) registers arrays of 1 MiB or more when the
     server is in this process's shm domain;
-    `retry_window`: how long idempotent calls retry through connection errors and 503s.
+    `retry_window`: how long idempotent calls retry through connection errors, 503s and
+    429s with Retry-After (a per-key limit of the server; past the window, raised as is).
     """
 
     def __init__(
@@ -224,7 +224,8 @@ class Client:
         deadline: Deadline | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """One call; idempotent ones (`retry`) go on through connection errors and 503s."""
+        """One call; idempotent ones (`retry`) go on through connection errors, 503s and
+        429s with Retry-After (a per-key limit)."""
         deadline = deadline or Deadline(None)
         backoff = Backoff(self.retry_window)
         while True:
@@ -236,10 +237,8 @@ class Client:
                     raise Unavailable(reason, code="unreachable") from exc
                 time.sleep(backoff.next_delay(reason, deadline))
                 continue
-            if response.status_code == 503 and retry:
-                error = error_from_response(503, response.content, response.headers)
-                hint = retry_after(response.headers, 1.0)
-                time.sleep(backoff.next_delay(error.message, deadline, hint))
+            if retry and worth_retrying(response):  # 503, or 429 with Retry-After
+                time.sleep(backoff.after_error_response(response, deadline))
                 continue
             if response.status_code >= 400:
                 raise error_from_response(response.status_code, response.content, response.headers)
