@@ -183,6 +183,27 @@ _STREAM = re.compile(r"^/jobs/[^/]+/events$")
 _JOB_WAIT = re.compile(r"^/jobs/[^/]+(/result)?$")
 
 
+def over_limit(amount: int, what: str, limit: int, setting: str) -> ApiError:
+    """413: one request that could never fit the key's limit, however long it waited."""
+    return ApiError(
+        413,
+        "too_large",
+        f"{amount} {what} is more than one key may hold at once: the limit is {limit} ({setting})",
+    )
+
+
+def limit_reached(held: int, what: str, limit: int, setting: str) -> ApiError:
+    """429 with Retry-After: the key holds its limit now; it fits once some of it ends."""
+    return ApiError(
+        429,
+        "too_many",
+        f"this key already holds {held} {what} of at most {limit} ({setting}); retry when"
+        " some have ended",
+        {"limit": limit, "held": held, "setting": setting},
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 @dataclass
 class KeyLimits:
     """Per-key counters of this API process: what each key holds open right now."""
@@ -205,24 +226,13 @@ class KeyLimits:
         Returns the release function (call it once, in a `finally`).
         """
         limit, setting = self.limit(what)
+        label = what.replace("_", " ")
         if amount > limit:
-            raise ApiError(
-                413,
-                "too_large",
-                f"{amount} {what.replace('_', ' ')} is more than one key may hold at once:"
-                f" the limit is {limit} ({setting})",
-            )
+            raise over_limit(amount, label, limit, setting)
         key = (owner, what)
         now = self.held.get(key, 0)
         if now + amount > limit:
-            raise ApiError(
-                429,
-                "too_many",
-                f"this key already holds {now} {what.replace('_', ' ')} of at most {limit}"
-                f" ({setting}); retry when some have ended",
-                {"limit": limit, "held": now, "setting": setting},
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise limit_reached(now, label, limit, setting)
         self.held[key] = now + amount
         released = False
 
@@ -238,6 +248,10 @@ class KeyLimits:
                 self.held.pop(key, None)
 
         return release
+
+    def holds(self, owner: str, what: str) -> int:
+        """What the key holds of `what` in this process right now."""
+        return self.held.get((owner, what), 0)
 
     @contextlib.contextmanager
     def holding(self, owner: str, what: str, amount: int = 1) -> Iterator[None]:
@@ -309,3 +323,104 @@ class KeyLimitMiddleware:
             await self.app(scope, receive, send)
         finally:
             release()
+
+
+# --- reserved bytes of same-host registrations, per key, in Redis ------------------------------
+
+# Open registrations outlive the request that made them (up to UPLOAD_TIMEOUT_S, across API
+# processes), so they are counted in Redis, per owner: a hash (array id -> nbytes, plus the
+# running 'total') and a sorted set (array id -> deadline, Redis's clock). Each script prunes
+# the entries past their deadline first: a reservation that expired unseen stops counting.
+_PRUNE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  local n = redis.call('HGET', KEYS[1], id)
+  if n then
+    redis.call('HINCRBY', KEYS[1], 'total', '-' .. n)
+    redis.call('HDEL', KEYS[1], id)
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+"""
+
+_TAKE_REGISTERED = (
+    """
+-- KEYS: sizes, deadlines   ARGV: id, nbytes, limit, timeout, bytes held elsewhere
+"""
+    + _PRUNE
+    + """
+local held = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
+local n = tonumber(ARGV[2])
+if held + tonumber(ARGV[5]) + n > tonumber(ARGV[3]) then return {0, held} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'total', ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]) + 60)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]) + 60)
+return {1, held + n}
+"""
+)
+
+_RELEASE_REGISTERED = (
+    """
+-- KEYS: sizes, deadlines, marker   ARGV: id
+redis.call('DEL', KEYS[3])
+"""
+    + _PRUNE
+    + """
+local n = redis.call('HGET', KEYS[1], ARGV[1])
+if n then
+  redis.call('HINCRBY', KEYS[1], 'total', '-' .. n)
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
+return n and 1 or 0
+"""
+)
+
+
+_BYTES_SETTING = "FORKLIFT_KEY_MAX_UPLOAD_BYTES"
+
+
+class RegisteredBytes:
+    """The bytes a key's open `POST /arrays/register` reservations hold, exact across APIs.
+
+    Checked against FORKLIFT_KEY_MAX_UPLOAD_BYTES together with the bytes this process's
+    HTTP uploads of the key hold right now (an HTTP upload is checked against its own
+    process's uploads only: it does not ask Redis).
+    """
+
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self._take = client.register_script(_TAKE_REGISTERED)
+        self._release = client.register_script(_RELEASE_REGISTERED)
+
+    def keys(self, owner: str) -> list[str]:
+        return [
+            self.settings.key("registered_bytes", owner),
+            self.settings.key("registered_deadlines", owner),
+        ]
+
+    def refuse_oversized(self, nbytes: int) -> None:
+        """413 for one reservation larger than the key's whole limit: waiting cannot help."""
+        limit = self.settings.key_upload_bytes_limit
+        if nbytes > limit:
+            raise over_limit(nbytes, "reserved bytes", limit, _BYTES_SETTING)
+
+    async def take(
+        self, owner: str, array_id: str, nbytes: int, timeout_s: int, elsewhere: int = 0
+    ) -> None:
+        """Count a reservation of `nbytes` for `timeout_s`, or raise 429 (413: never fits)."""
+        self.refuse_oversized(nbytes)
+        limit, setting = self.settings.key_upload_bytes_limit, _BYTES_SETTING
+        args = [array_id, nbytes, limit, timeout_s, elsewhere]
+        taken, held = await self._take(keys=self.keys(owner), args=args)
+        if not int(taken):
+            raise limit_reached(int(held) + elsewhere, "reserved bytes", limit, setting)
+
+    async def release(self, owner: str, array_id: str, marker: str) -> None:
+        """Uncount the reservation (if still counted) and delete its marker, in one script."""
+        await self._release(keys=[*self.keys(owner), marker], args=[array_id])

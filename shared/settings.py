@@ -145,6 +145,9 @@ class Settings(BaseModel):
     # uploads reserve (-1 = half of shm_limit_bytes with keys, all of it open), open event
     # streams and long-polls.
     # Past one of them the request gets 429 with Retry-After.
+    # The byte limit also holds a key's open same-host registrations (POST /arrays/register
+    # until commit/abandon/expiry), counted in Redis, exactly across API processes, together
+    # with the key's HTTP uploads in the reserving process (api/limits.py RegisteredBytes).
     key_max_uploads: int = Field(8, ge=1)
     key_max_upload_bytes: int = Field(-1, ge=-1)
     key_max_streams: int = Field(32, ge=1)

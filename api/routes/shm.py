@@ -10,10 +10,11 @@ segment does:
    "recycle"?}`: the name must be this stack's prefix + 32 hex digits (the hex part becomes
    the array id), the domain must be this API's, the dtype one forklift accepts, and neither
    a record nor a segment of that name may exist yet. The record is reserved (invisible,
-   counted against the shared-memory cap) and the caller gets `{"id", "segment", "nbytes",
-   "expires_in", "created"}`. With `"recycle": true` and a fitting segment in the pool
-   (shared/arrays/pool.py), the API renames that segment to the reserved name, cut to
-   exactly `nbytes`, and answers `"created": true`.
+   counted against the shared-memory cap, and against the key's FORKLIFT_KEY_MAX_UPLOAD_BYTES
+   until it ends: api/limits.py `RegisteredBytes`, 429 past it) and the caller gets `{"id",
+   "segment", "nbytes", "expires_in", "created"}`. With `"recycle": true` and a fitting
+   segment in the pool (shared/arrays/pool.py), the API renames that segment to the
+   reserved name, cut to exactly `nbytes`, and answers `"created": true`.
 2. `created: false`: the client creates the segment (exclusively, exactly `nbytes` bytes)
    and copies the array in. `created: true`: the segment exists; the client opens it (it
    must not create it) and overwrites every byte. A client that cannot open it abandons the
@@ -65,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AppState, Owner, State
 from api.errors import ApiError
+from api.limits import RegisteredBytes
 from shared.arrays import pool
 from shared.arrays.npy import MAX_NDIM, NpyFormatError, dtype_from_string
 from shared.arrays.segments import (
@@ -131,6 +133,13 @@ def _marker_key(state: AppState, array_id: str) -> str:
     return state.settings.key("register", array_id)
 
 
+async def _close(state: AppState, array_id: str, owner: str) -> None:
+    """The reservation is over (committed, abandoned, refused or gone): its marker goes and
+    its bytes stop counting against the key's limit, in one script."""
+    ledger = RegisteredBytes(state.redis, state.settings)
+    await ledger.release(owner, array_id, _marker_key(state, array_id))
+
+
 @router.get("/register/info", response_model=ShmInfo)
 async def shm_info(state: State, owner: Owner) -> Any:
     """What a same-host client needs to register segments: this stack's prefix and domain."""
@@ -164,8 +173,9 @@ def _array_id(state: AppState, name: str) -> str:
     response_model=Reservation,
     responses={
         409: {"description": "other shm domain, or the name is taken"},
-        413: {"description": "over FORKLIFT_MAX_UPLOAD_BYTES"},
+        413: {"description": "over FORKLIFT_MAX_UPLOAD_BYTES or FORKLIFT_KEY_MAX_UPLOAD_BYTES"},
         422: {"description": "bad name, dtype or shape"},
+        429: {"description": "the key's open reservations hold FORKLIFT_KEY_MAX_UPLOAD_BYTES"},
         507: {"description": "shared memory full"},
     },
 )
@@ -195,6 +205,8 @@ async def reserve_segment(body: Registration, state: State, owner: Owner) -> Any
             f"the array has {nbytes} bytes; the limit is {settings.max_upload_bytes}"
             " (FORKLIFT_MAX_UPLOAD_BYTES)",
         )
+    ledger = RegisteredBytes(state.redis, settings)
+    ledger.refuse_oversized(nbytes)  # 413 before anything is claimed
     marker = _marker_key(state, array_id)
     claimed = await state.redis.set(
         marker, json.dumps({"owner": owner, "ttl": body.ttl}), nx=True, ex=UPLOAD_TIMEOUT_S
@@ -213,6 +225,9 @@ async def reserve_segment(body: Registration, state: State, owner: Owner) -> Any
                 f"segment {body.segment} already exists; reserve a new name first, then"
                 " create the segment",
             )
+        # The key's open registrations plus its HTTP uploads in this process: 429 past the limit.
+        uploading = state.limits.holds(owner, "upload_bytes")
+        await ledger.take(owner, array_id, nbytes, UPLOAD_TIMEOUT_S, uploading)
         order = "F" if body.order == "F" and len(shape) > 1 else "C"
         used = await state.arrays.reserve(array_id, shape, dtype.str, order, nbytes, owner)
         if used is not None:
@@ -223,7 +238,7 @@ async def reserve_segment(body: Registration, state: State, owner: Owner) -> Any
                 f" {settings.shm_limit_bytes} ({used} in use); delete arrays or wait",
             )
     except BaseException:
-        await state.redis.delete(marker)
+        await _close(state, array_id, owner)
         raise
     created = False
     if body.recycle:
@@ -240,7 +255,7 @@ async def reserve_segment(body: Registration, state: State, owner: Owner) -> Any
                     keepttl=True,
                 )
         except BaseException as exc:
-            await _abandon(state, array_id)
+            await _abandon(state, array_id, owner)
             if isinstance(exc, ShmFullError):
                 raise ApiError(507, "shm_full", str(exc)) from None
             raise
@@ -262,7 +277,7 @@ async def _claim(state: AppState, array_id: str, owner: str) -> dict[str, Any]:
     return marker
 
 
-async def _abandon(state: AppState, array_id: str, *, recycled: bool = False) -> None:
+async def _abandon(state: AppState, array_id: str, owner: str, *, recycled: bool = False) -> None:
     """Drop the reservation and free its segment (the name was reserved by the caller).
 
     A segment the API took from the pool (`recycled`) goes back to it, tagged with the
@@ -276,7 +291,7 @@ async def _abandon(state: AppState, array_id: str, *, recycled: bool = False) ->
         await to_thread.run_sync(lambda: pool.release(name, state.settings, owner=dropped.owner))
     else:
         await to_thread.run_sync(_discard_client_file, name)
-    await state.redis.delete(_marker_key(state, array_id))
+    await _close(state, array_id, owner)
 
 
 def _discard_client_file(name: str) -> None:
@@ -294,11 +309,11 @@ def _discard_client_file(name: str) -> None:
         os.unlink(segment_path(name))
 
 
-async def _forget(state: AppState, array_id: str, record: ArrayRecord | None) -> None:
+async def _forget(state: AppState, array_id: str, owner: str, record: ArrayRecord | None) -> None:
     """A reservation whose record is gone (expired): its segment, if any, is an orphan."""
     if record is None:
         await to_thread.run_sync(unlink_own, state.arrays.segment_name(array_id))
-    await state.redis.delete(_marker_key(state, array_id))
+    await _close(state, array_id, owner)
 
 
 def _inspect_segment(name: str, nbytes: int) -> str | None:
@@ -347,22 +362,22 @@ async def commit_segment(
     marker = await _claim(state, array_id, owner)
     record = await state.arrays.get(array_id)
     if record is None or record.state != "uploading" or record.owner != owner:
-        await _forget(state, array_id, record)
+        await _forget(state, array_id, owner, record)
         raise ApiError(404, "registration_not_found", f"no open registration with id '{array_id}'")
     try:
         problem = await to_thread.run_sync(_inspect_segment, record.segment, record.nbytes)
     except ShmFullError as exc:
-        await _abandon(state, array_id)
+        await _abandon(state, array_id, owner)
         raise ApiError(507, "shm_full", str(exc)) from None
     if problem is not None:
-        await _abandon(state, array_id)
+        await _abandon(state, array_id, owner)
         raise ApiError(422, "bad_segment", problem)
     if not await state.arrays.commit(array_id, marker.get("ttl")):
-        await _forget(state, array_id, await state.arrays.get(array_id))
+        await _forget(state, array_id, owner, await state.arrays.get(array_id))
         raise ApiError(
             404, "registration_not_found", f"registration '{array_id}' expired meanwhile"
         )
-    await state.redis.delete(_marker_key(state, array_id))
+    await _close(state, array_id, owner)
     committed = await state.arrays.get(array_id)
     response.headers["Location"] = f"/arrays/{array_id}"
     return committed.meta() if committed else None
@@ -382,7 +397,7 @@ async def abandon_segment(array_id: RegistrationId, state: State, owner: Owner) 
     marker = await _claim(state, array_id, owner)
     record = await state.arrays.get(array_id)
     if record is not None and record.state == "uploading" and record.owner == owner:
-        await _abandon(state, array_id, recycled=bool(marker.get("recycled")))
+        await _abandon(state, array_id, owner, recycled=bool(marker.get("recycled")))
     else:
-        await _forget(state, array_id, record)
+        await _forget(state, array_id, owner, record)
     return Response(status_code=204)

@@ -28,6 +28,9 @@ import redis
 from api.arrays_io import ALLOCATE_AHEAD, ALLOCATION_BLOCK
 from api.exposure import EXIT_REFUSED
 from shared.arrays.npy import build_header
+from shared.arrays.segments import create_segment, segment_path
+from shared.arrays.store import ArrayStore
+from shared.client import Client, InvalidRequest
 from shared.settings import Settings
 from tests import stack
 from tests.http_api import upload
@@ -390,6 +393,158 @@ def test_uploads_and_their_bytes_per_key(keyed_api: Api) -> None:
         assert reply.status_code == 413, reply.text
         assert "FORKLIFT_KEY_MAX_UPLOAD_BYTES" in reply.json()["error"]["message"]
     stack.wait_until(lambda: shm_counter(keyed_api) == 0, 10, what="the reservations to go")
+
+
+def _register(http: httpx.Client, nbytes: int) -> tuple[str, httpx.Response]:
+    """`POST /arrays/register` of a float64 vector of `nbytes` bytes under a fresh name."""
+    info = http.get("/arrays/register/info").json()
+    name = f"{info['shm_prefix']}{uuid.uuid4().hex}"
+    body = {"segment": name, "dtype": "float64", "shape": [nbytes // 8]}
+    return name, http.post("/arrays/register", json={**body, "domain": info["shm_domain"]})
+
+
+def _registered_bytes(api: Api) -> dict[str, dict[str, str]]:
+    """The per-key ledger of open registrations (sizes by key; empty when none is open)."""
+    pattern = f"{api.prefix}:registered_bytes:*"
+    return {key: api.redis.hgetall(key) for key in api.redis.scan_iter(pattern)}
+
+
+def test_open_registrations_count_against_the_key_byte_limit(keyed_api: Api) -> None:
+    """Reservations of `POST /arrays/register` outlive their request, and hold the key's
+    FORKLIFT_KEY_MAX_UPLOAD_BYTES (4 MiB here) until committed, abandoned or expired, in
+    every API process of the stack: a second API on the same Redis refuses the same key."""
+    half = 2 << 20
+    second, second_url = stack.start_api(keyed_api.env)
+    with (
+        stack.stopping(second),
+        keyed_api.client(ALICE) as alice,
+        keyed_api.client(BOB) as bob,
+        httpx.Client(base_url=second_url, headers=alice.headers, timeout=30) as alice_too,
+    ):
+        too_big = _register(alice, 2 * half + 8)[1]  # can never fit: 413, nothing claimed
+        assert too_big.status_code == 413, too_big.text
+        assert "FORKLIFT_KEY_MAX_UPLOAD_BYTES" in too_big.json()["error"]["message"]
+        reserved = [_register(alice, half) for _ in range(2)]  # exactly the limit
+        assert [r.status_code for _, r in reserved] == [201, 201], [r.text for _, r in reserved]
+        for client in (alice, alice_too):  # this API and the other one
+            _assert_429(_register(client, 8)[1], "FORKLIFT_KEY_MAX_UPLOAD_BYTES")
+        held = _register(alice, 8)[1].json()["error"]["detail"]
+        assert held["held"] == 2 * half and held["limit"] == 2 * half
+        bob_name, bob_reply = _register(bob, half)  # another key's budget is its own
+        assert bob_reply.status_code == 201, bob_reply.text
+        assert bob.delete(f"/arrays/register/{bob_reply.json()['id']}").status_code == 204
+        # Abandoning one frees its bytes at once, for both APIs.
+        first = reserved[0][1].json()["id"]
+        assert alice.delete(f"/arrays/register/{first}").status_code == 204
+        name, again = _register(alice_too, half)
+        assert again.status_code == 201, again.text
+        _assert_429(_register(alice, 8)[1], "FORKLIFT_KEY_MAX_UPLOAD_BYTES")
+        # Committing one frees its bytes too (the array then counts as an array, not here).
+        data = np.arange(half // 8, dtype=np.float64)
+        segment = create_segment(name, data.nbytes)
+        try:
+            segment.buffer[:] = data.tobytes()
+        finally:
+            segment.close()
+        ident = again.json()["id"]
+        committed = alice.post(f"/arrays/register/{ident}/commit")
+        assert committed.status_code == 201, committed.text
+        last_name, last = _register(alice, half)
+        assert last.status_code == 201, last.text
+        # A commit refused (no segment) drops the reservation and its bytes as well.
+        refused = alice.post(f"/arrays/register/{last.json()['id']}/commit")
+        assert refused.status_code == 422, refused.text
+        ledger = _registered_bytes(keyed_api)
+        assert [sizes["total"] for sizes in ledger.values()] == [str(half)], ledger
+        assert alice.delete(f"/arrays/register/{reserved[1][1].json()['id']}").status_code == 204
+        assert alice.delete(f"/arrays/{ident}").status_code == 204
+    assert _registered_bytes(keyed_api) == {}
+    assert not list(keyed_api.redis.scan_iter(f"{keyed_api.prefix}:registered_*"))
+    assert not list(keyed_api.redis.scan_iter(f"{keyed_api.prefix}:register:*"))
+    for segment_name in (bob_name, name, last_name, *(n for n, _ in reserved)):
+        assert not segment_path(segment_name).exists(), segment_name
+        assert not keyed_api.redis.exists(f"{keyed_api.prefix}:array:{segment_name[-32:]}")
+    domain = httpx.get(f"{keyed_api.url}/healthz").json()["shm_domain"]
+    assert keyed_api.redis.hlen(f"{keyed_api.prefix}:shm_ledger:{domain}") == 0
+    assert shm_counter(keyed_api) == 0
+
+
+def test_an_expired_registration_stops_counting(keyed_api: Api) -> None:
+    """A reservation left to time out (its marker and record expire in Redis, its deadline
+    in the key's ledger passes) no longer holds the key's bytes: the next reserve prunes it.
+    The hour is shortened by moving the expiries, in Redis, to now."""
+    with keyed_api.client(ALICE) as alice:
+        reserved = [_register(alice, 2 << 20)[1] for _ in range(2)]
+        assert [r.status_code for r in reserved] == [201, 201]
+        _assert_429(_register(alice, 8)[1], "FORKLIFT_KEY_MAX_UPLOAD_BYTES")
+        gone = reserved[0].json()["id"]
+        (deadlines,) = keyed_api.redis.scan_iter(f"{keyed_api.prefix}:registered_deadlines:*")
+        assert keyed_api.redis.zadd(deadlines, {gone: 1}, xx=True, ch=True) == 1
+        for key in (f"{keyed_api.prefix}:register:{gone}", f"{keyed_api.prefix}:array:{gone}"):
+            assert keyed_api.redis.delete(key) == 1  # what their TTL does after the hour
+        again = _register(alice, 2 << 20)[1]
+        assert again.status_code == 201, again.text
+        (sizes,) = keyed_api.redis.scan_iter(f"{keyed_api.prefix}:registered_bytes:*")
+        assert gone not in keyed_api.redis.hgetall(sizes)
+        for reply in (reserved[1], again):
+            assert alice.delete(f"/arrays/register/{reply.json()['id']}").status_code == 204
+    assert _registered_bytes(keyed_api) == {}
+    settings = Settings.from_env(keyed_api.env)
+    ArrayStore(keyed_api.redis, settings).recount([])  # as the janitor's pass does
+    assert shm_counter(keyed_api) == 0
+
+
+def test_the_client_waits_out_a_per_key_limit(redis_url: str) -> None:
+    """A 429 with Retry-After is retried like a 503 within the client's retry window: a key
+    at FORKLIFT_KEY_MAX_WAITS gets through once its other long-poll ends; a client whose
+    window is shorter than the wait gets the 429 itself."""
+    with running_api(redis_url, FORKLIFT_KEY_MAX_WAITS="1") as api, api.client() as http:
+        held_job, job = _queued_job(http), _queued_job(http)
+        assert http.delete(f"/jobs/{job}").status_code == 200  # final: a wait answers at once
+        answers: list[int] = []
+
+        def hold() -> None:
+            with api.client() as own:
+                while True:  # until admitted: the probe below holds the slot for a moment too
+                    status = own.get(f"/jobs/{held_job}", params={"wait": 60}).status_code
+                    if status != 429:
+                        answers.append(status)
+                        return
+                    time.sleep(0.05)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+
+        def slot_held() -> bool:
+            reply = http.post("/jobs/wait", json={"ids": [held_job], "wait": 0.05})
+            return reply.status_code == 429
+
+        stack.wait_until(slot_held, 15, interval=0.1, what="the long-poll holding the slot")
+        seen: list[int] = []
+
+        def record(response: httpx.Response) -> None:
+            seen.append(response.status_code)
+
+        with Client(api.url, retry_window=1) as impatient:
+            impatient._http.event_hooks["response"].append(record)
+            with pytest.raises(InvalidRequest) as refused:
+                impatient.job(job).wait(timeout=60)
+        assert (refused.value.status, refused.value.code) == (429, "too_many")
+        assert "FORKLIFT_KEY_MAX_WAITS" in refused.value.message
+        assert seen == [429, 429]  # tried again after Retry-After, then out of patience
+        seen.clear()
+        views: list[dict] = []
+        with Client(api.url) as patient:
+            patient._http.event_hooks["response"].append(record)
+            waiter = threading.Thread(target=lambda: views.append(patient.job(job).wait(60)))
+            waiter.start()
+            stack.wait_until(lambda: 429 in seen, 15, interval=0.05, what="a refusal")
+            assert http.delete(f"/jobs/{held_job}").status_code == 200  # ends the held poll
+            waiter.join(60)
+        holder.join(60)
+        assert [view["status"] for view in views] == ["cancelled"]
+        assert seen[0] == 429 and seen[-1] == 200, seen
+        assert answers == [200]
 
 
 # --- (13) /cluster takes a key when keys are set; (17) OpenAPI follows the configuration ------
