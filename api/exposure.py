@@ -74,17 +74,23 @@ def is_loopback(host: str) -> bool:
 
 
 def refused(settings: Settings) -> bool:
-    """Does this configuration forbid serving non-loopback clients?"""
-    return not settings.api_keys and not settings.allow_open
+    """Does this configuration forbid serving non-loopback clients?
+
+    A container published on loopback only (`published_address`) reaches no other machine,
+    whatever it listens on inside.
+    """
+    if settings.api_keys or settings.allow_open:
+        return False
+    return not (settings.published_address and is_loopback(settings.published_address))
 
 
 def refusal_message(addresses: list[tuple[str, int]]) -> str:
     where = ", ".join(f"{a}:{p}" for a, p in addresses)
     return (
         f"refusing to serve an open API on {where}: FORKLIFT_API_KEYS is not set, so anyone"
-        " who reaches the address could use it. Set FORKLIFT_API_KEYS, bind 127.0.0.1, or set"
-        " FORKLIFT_ALLOW_OPEN=true if a network boundary (e.g. a loopback-only port publish)"
-        " keeps others out"
+        " who reaches the address could use it. Set FORKLIFT_API_KEYS, bind (or, in compose,"
+        " publish with FORKLIFT_BIND_ADDRESS) 127.0.0.1, or set FORKLIFT_ALLOW_OPEN=true if a"
+        " network boundary keeps others out"
     )
 
 

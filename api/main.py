@@ -16,7 +16,7 @@ from api import errors
 from api.deps import AppState
 from api.enqueue import publish
 from api.events import JobEventHub
-from api.exposure import OpenBindGuard, check_bind
+from api.exposure import OpenBindGuard, check_bind, refused
 from api.limits import (
     BodyLimitMiddleware,
     BodyTimeoutMiddleware,
@@ -137,7 +137,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.api_keys:
             log.warning(
                 "FORKLIFT_API_KEYS is not set: the API is open to anyone who reaches it%s",
-                " (FORKLIFT_ALLOW_OPEN)" if settings.allow_open else "; loopback clients only",
+                "; loopback clients only"
+                if refused(settings)
+                else " (FORKLIFT_ALLOW_OPEN, or published on loopback only)",
             )
         client = async_redis(settings)
         hub = JobEventHub(settings)

@@ -137,6 +137,10 @@ class Settings(BaseModel):
     # Networked deployments: an API bound to a non-loopback address with no api_keys refuses
     # to start unless this says the open API is meant (e.g. behind a loopback-only publish).
     allow_open: bool = False
+    # Where a container's port is published on its host (compose passes its
+    # FORKLIFT_BIND_ADDRESS): an open API listens on 0.0.0.0 inside its container, and a
+    # loopback publish is what keeps others out, so it counts as loopback. Empty = no container.
+    published_address: str = ""
     # A request body must keep arriving at this many bytes per second on average, after a
     # grace of body_timeout seconds, or it ends with 408 (a slow upload holds its
     # reservation for a bounded time); 0 = no rate, only body_timeout.

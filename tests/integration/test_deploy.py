@@ -27,6 +27,7 @@ import pytest
 import redis
 import yaml
 
+from api.exposure import refused
 from shared.settings import Settings
 from tests import stack
 from tests.containers.engine import compose_binary
@@ -195,6 +196,11 @@ def test_compose_variables_reach_the_image_build_and_the_bind() -> None:
         assert args == {"BUILDER_IMAGE": "local/builder:1", "PYTHON_IMAGE": "local/python:1"}
     assert services["redis"]["image"] == "local/redis:1"
     assert published_ports(services["api"]) == [("0.0.0.0", "9123", "8000")]
+    # Published beyond loopback, the open API is told so and refuses to start.
+    api_env = service_env(services["api"])
+    assert api_env["FORKLIFT_PUBLISHED_ADDRESS"] == "0.0.0.0"
+    assert refused(Settings.from_env(api_env))
+    assert not refused(Settings.from_env({**api_env, "FORKLIFT_API_KEYS": "k1"}))
 
 
 def test_docker_compose_config_accepts_the_file() -> None:
@@ -227,11 +233,12 @@ def test_compose_settings_are_the_settings_and_their_defaults() -> None:
     assert fields - set(env) == set(), "settings the compose file does not pass through"
     from_compose = Settings.from_env(env).model_dump()
     defaults = Settings.from_env({}).model_dump()
-    # The API listens on 0.0.0.0 in its container, published on 127.0.0.1 only: compose says
-    # that the open API is meant (and the published address is loopback by default).
-    assert from_compose["allow_open"] is True
+    # The API listens on 0.0.0.0 in its container, published on 127.0.0.1 only: compose tells
+    # it where it is published, and the open API is allowed for a loopback publish only.
     assert published_ports(compose_doc()["services"]["api"])[0][0] == "127.0.0.1"
-    for key in ("redis_url", "shm_domain", "allow_open"):
+    assert from_compose["published_address"] == "127.0.0.1"
+    assert not refused(Settings.from_env(env))
+    for key in ("redis_url", "shm_domain", "published_address"):
         from_compose.pop(key)
         defaults.pop(key)
     assert from_compose == defaults, "a compose default differs from the settings default"

@@ -637,8 +637,15 @@ def _uvicorn(env: dict[str, str], host: str, port: int) -> stack.Proc:
     return stack.spawn(f"api-bind-{port}", argv, env)
 
 
-def test_open_api_bound_to_every_interface_refuses_to_start(redis_url: str) -> None:
-    env = stack.stack_env(redis_url)
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"FORKLIFT_PUBLISHED_ADDRESS": "0.0.0.0"}],
+    ids=["bare", "published-beyond-loopback"],
+)
+def test_open_api_bound_to_every_interface_refuses_to_start(
+    redis_url: str, extra: dict[str, str]
+) -> None:
+    env = stack.stack_env(redis_url, **extra)
     proc = _uvicorn(env, "0.0.0.0", stack.free_port())
     try:
         code = proc.popen.wait(timeout=60)
@@ -652,8 +659,12 @@ def test_open_api_bound_to_every_interface_refuses_to_start(redis_url: str) -> N
 
 @pytest.mark.parametrize(
     "extra",
-    [{"FORKLIFT_ALLOW_OPEN": "true"}, {"FORKLIFT_API_KEYS": ALICE}],
-    ids=["allowed-open", "with-keys"],
+    [
+        {"FORKLIFT_ALLOW_OPEN": "true"},
+        {"FORKLIFT_API_KEYS": ALICE},
+        {"FORKLIFT_PUBLISHED_ADDRESS": "127.0.0.1"},  # a container published on loopback
+    ],
+    ids=["allowed-open", "with-keys", "published-on-loopback"],
 )
 def test_network_bind_starts_when_allowed_or_keyed(redis_url: str, extra: dict[str, str]) -> None:
     env = stack.stack_env(redis_url, **extra)
