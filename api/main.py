@@ -50,47 +50,20 @@ from shared.settings import Settings, get_settings
 log = logging.getLogger("forklift.api")
 
 
-async def _janitor(settings: Settings) -> None:
-    client = sync_redis(settings)
-    reaper = asyncio.create_task(_reap_jobs(settings), name="forklift-job-reaper")
-    try:
-        while True:
-            try:
-                await to_thread.run_sync(sweep, client, settings)
-            except Exception as exc:  # Redis down: try again next round
-                log.warning("janitor pass failed: %s", exc)
-            await asyncio.sleep(settings.janitor_interval)
-    finally:
-        reaper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reaper
+async def _every(interval: float, work: Callable[[], object], what: str) -> None:
+    """Run `work` in a thread, then again every `interval` seconds, until cancelled.
 
-
-async def _reap_jobs(settings: Settings) -> None:
-    """Beside the janitor: end the jobs whose message or worker was lost, every few seconds
-    (shared/jobs_reaper.py), so none stays queued, running or pinned for the visibility
-    timeout or for good."""
-    client = sync_redis(settings)
-    while True:
-        try:
-            await to_thread.run_sync(reap, client, settings, lambda p: publish(settings, p))
-        except Exception as exc:  # Redis down: try again next round
-            log.warning("job reaper pass failed: %s", exc)
-        await asyncio.sleep(reaper_interval(settings))
-
-
-async def _sweep_mappings(interval: float) -> None:
-    """Drop this process's kept mappings of freed segments (uploads map through the cache).
-
-    Each API does its own, whichever holds the janitor lock; a mapping of an unlinked segment
-    keeps its memory allocated, so this runs more often than the janitor (an fstat per entry).
+    The background passes of every API: the janitor (arrays, segments), the job reaper
+    (shared/jobs_reaper.py: jobs whose message or worker was lost, so none stays queued,
+    running or pinned for the visibility timeout or for good) and the sweep of this process's
+    kept mappings. A failed pass (Redis down) is logged; the next one retries.
     """
     while True:
-        await asyncio.sleep(interval)
         try:
-            await to_thread.run_sync(mappings.sweep)
-        except Exception as exc:  # never let the loop die: the next round retries
-            log.warning("sweeping kept mappings failed: %s", exc)
+            await to_thread.run_sync(work)
+        except Exception as exc:
+            log.warning("%s failed: %s", what, exc)
+        await asyncio.sleep(interval)
 
 
 @contextlib.contextmanager
@@ -155,17 +128,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with contextlib.suppress(*REDIS_ERRORS):  # Redis down: /cluster finds it via workers
             await announce_domain(client, settings)
         bind_check = asyncio.create_task(check_bind(settings), name="forklift-bind-check")
-        janitor = asyncio.create_task(_janitor(settings), name="forklift-janitor")
-        sweeper = asyncio.create_task(
-            _sweep_mappings(min(mappings.SWEEP_INTERVAL_S, settings.janitor_interval)),
-            name="forklift-mapping-sweep",
-        )
+        janitor_redis, reaper_redis = sync_redis(settings), sync_redis(settings)
+        passes = [
+            _every(
+                settings.janitor_interval,
+                lambda: sweep(janitor_redis, settings),
+                "janitor pass",
+            ),
+            _every(
+                reaper_interval(settings),
+                lambda: reap(reaper_redis, settings, lambda p: publish(settings, p)),
+                "job reaper pass",
+            ),
+            # A mapping of an unlinked segment keeps its memory: swept more often than the
+            # janitor runs (an fstat per entry), by every API, whichever holds the janitor lock.
+            _every(
+                min(mappings.SWEEP_INTERVAL_S, settings.janitor_interval),
+                mappings.sweep,
+                "sweeping kept mappings",
+            ),
+        ]
+        background = [asyncio.create_task(p) for p in passes]
         try:
             with _on_shutdown_signal(hub.close):
                 yield
         finally:
             hub.close()
-            for task in (bind_check, janitor, sweeper):
+            for task in (bind_check, *background):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
