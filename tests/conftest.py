@@ -59,12 +59,7 @@ def redis_url() -> Iterator[str]:
 def live(redis_url: str) -> Iterator[Stack]:
     env = stack.stack_env(redis_url, FORKLIFT_JANITOR_INTERVAL="2")
     before = stack.segments(env["FORKLIFT_SHM_PREFIX"])
-    worker = stack.start_worker(env, "main", concurrency=2)
-    try:
-        api, url = stack.start_api(env)
-    except BaseException:
-        worker.stop()
-        raise
+    worker, api, url = stack.start_worker_and_api(env, "main", concurrency=2)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     running = Stack(env=env, url=url, redis=client, worker=worker, api=api)
     try:

@@ -203,6 +203,19 @@ def start_api(env: dict[str, str], port: int | None = None) -> tuple[Proc, str]:
     return proc, url
 
 
+def start_worker_and_api(
+    env: dict[str, str], name: str, concurrency: int = 2
+) -> tuple[Proc, Proc, str]:
+    """A worker pool, then an API once it is up; the worker is stopped if the API fails."""
+    worker = start_worker(env, name, concurrency)
+    try:
+        api, url = start_api(env)
+    except BaseException:
+        worker.stop()
+        raise
+    return worker, api, url
+
+
 def processes_with_env(name: str, value: str) -> set[int]:
     """Live pids whose environment has `name=value`: what a test stack left running."""
     needle = f"{name}={value}".encode()

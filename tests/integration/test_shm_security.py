@@ -97,12 +97,7 @@ def _secure_stack(redis_url: str) -> Iterator[Secure]:
         FORKLIFT_SHM_LIMIT_BYTES=str(CAP),
         FORKLIFT_KEY_MAX_UPLOAD_BYTES=str(CAP),  # per-key limits are not what is tested here
     )
-    worker = stack.start_worker(env, "shmsec", concurrency=1)
-    try:
-        api, url = stack.start_api(env)
-    except BaseException:
-        worker.stop()
-        raise
+    worker, api, url = stack.start_worker_and_api(env, "shmsec", concurrency=1)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     running = Secure(env, url, api, worker, client, Settings.from_env(env))
     try:
