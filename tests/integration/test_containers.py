@@ -179,12 +179,16 @@ def test_compose_stack_in_real_containers(
     )
 
     project = Project(docker, compose, images)
-    previous = subprocess.run(
-        [docker, "image", "inspect", "--format", "{{.Id}}", project.image],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.strip()
+
+    def image_id() -> str:
+        return subprocess.run(
+            [docker, "image", "inspect", "--format", "{{.Id}}", project.image],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+
+    previous = image_id()
     host_ipc = ipc_namespace(os.getpid())
     api_ns = ""
     build_output = ""
@@ -323,12 +327,7 @@ def test_compose_stack_in_real_containers(
                 timeout=COMPOSE_TIMEOUT,
             )
         # The image this build replaced, now untagged: its layers are not this run's cache.
-        current = subprocess.run(
-            [docker, "image", "inspect", "--format", "{{.Id}}", project.image],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.strip()
+        current = image_id()
         if previous and previous != current:
             subprocess.run([docker, "image", "rm", previous], capture_output=True, timeout=120)
         if build_output:
