@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from shared.keys import Keys, keys_for
+
 BUILTIN_JOB_MODULES = ("worker.jobs.cpu", "worker.jobs.numeric")
 
 
@@ -207,6 +209,11 @@ class Settings(BaseModel):
     def key(self, *parts: str) -> str:
         """A Redis key in forklift's namespace, so a stack can share a Redis database."""
         return ":".join((self.key_prefix, *parts))
+
+    @property
+    def keys(self) -> Keys:
+        """Every Redis key and channel of this stack (`shared/keys.py`)."""
+        return keys_for(self.key_prefix)
 
 
 @lru_cache(maxsize=1)

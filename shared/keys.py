@@ -1,0 +1,219 @@
+"""Every Redis key and channel forklift uses, in one place (the data model's table of contents).
+
+All names live under the stack's prefix (`FORKLIFT_KEY_PREFIX`, default `forklift`), so several
+stacks can share one Redis database. Each family below has one method; its docstring says the
+Redis type and who writes it. The strings are part of the running system (a stack upgraded in
+place keeps reading what the old code wrote), so a name changes only on purpose.
+
+Lua scripts take their keys in `KEYS`. A few scripts must derive keys from ids they only learn
+while running (a job's input arrays, the running-jobs sweep, the live-worker read, a domain's
+replicas); those get the family's prefix in `ARGV` instead: the `*_prefix` properties below
+(e.g. `array_prefix` + id == `array(id)`).
+
+Celery's own keys (the queue lists, kombu's unacked bookkeeping) are named by Celery and kombu
+from the queue names in `shared/settings.py`; `queue_lists` spells the lists of one queue.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+# Redis transport priority steps (kombu): a queue's messages live in `name` and `name\x06\x16N`.
+_KOMBU_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+class Keys:
+    """The key names of one prefix. Get one with `keys_for(prefix)` or `settings.keys`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # --- jobs (shared/jobstore.py writes them all, in its Lua scripts) -----------------------
+
+    def job(self, job_id: str) -> str:
+        """hash: one job record (fields: `shared/jobstore.py:JobRecord`); JobStore writes."""
+        return self._k("job", job_id)
+
+    @property
+    def job_prefix(self) -> str:
+        """`job(id)` without the id, for scripts that read records of ids they find."""
+        return self._k("job", "")
+
+    @property
+    def jobs(self) -> str:
+        """zset: every job id by creation time; JobStore adds, the janitor trims old ones."""
+        return self._k("jobs")
+
+    @property
+    def jobs_live(self) -> str:
+        """zset: job ids not yet ended and released, by creation time; JobStore scripts."""
+        return self._k("jobs", "live")
+
+    def released(self, job_id: str) -> str:
+        """string (with TTL): tombstone, a gone record's inputs were released; JobStore."""
+        return self._k("released", job_id)
+
+    @property
+    def events(self) -> str:
+        """channel: job state changes as JSON; JobStore scripts publish, the API subscribes."""
+        return self._k("events")
+
+    @property
+    def cancel(self) -> str:
+        """channel: ids of running jobs cancelled; JobStore publishes, workers subscribe."""
+        return self._k("cancel")
+
+    @property
+    def reaper(self) -> str:
+        """hash: the job reaper's pass deadline and suspicions; `shared/jobs_reaper.py`."""
+        return self._k("reaper")
+
+    # --- arrays (shared/arrays/store.py owns the records) ------------------------------------
+
+    def array(self, array_id: str) -> str:
+        """hash: one array record (`shared/arrays/store.py`); ArrayStore and job scripts."""
+        return self._k("array", array_id)
+
+    @property
+    def array_prefix(self) -> str:
+        """`array(id)` without the id (scripts that unpin a job's inputs, the replica sweep)."""
+        return self._k("array", "")
+
+    @property
+    def arrays_expiry(self) -> str:
+        """zset: ready array ids by expiry time; ArrayStore, the janitor reads it."""
+        return self._k("arrays", "expiry")
+
+    def readers(self, array_id: str) -> str:
+        """zset: an array's read leases, token -> deadline; ArrayStore (downloads)."""
+        return self._k("readers", array_id)
+
+    def shm_bytes(self, domain: str) -> str:
+        """string: bytes counted against a domain's shm cap; ArrayStore and ReplicaStore."""
+        return self._k("shm_bytes", domain)
+
+    @property
+    def shm_bytes_prefix(self) -> str:
+        """`shm_bytes(domain)` without the domain (the free script learns it from the record)."""
+        return self._k("shm_bytes", "")
+
+    def shm_ledger(self, domain: str) -> str:
+        """hash: segment -> bytes counted against a domain's cap; ArrayStore, ReplicaStore."""
+        return self._k("shm_ledger", domain)
+
+    @property
+    def shm_ledger_prefix(self) -> str:
+        """`shm_ledger(domain)` without the domain (as `shm_bytes_prefix`)."""
+        return self._k("shm_ledger", "")
+
+    def register(self, array_id: str) -> str:
+        """string (with TTL): an open `POST /arrays/register` reservation; `api/routes/shm.py`."""
+        return self._k("register", array_id)
+
+    def registered_bytes(self, owner: str) -> str:
+        """hash: an owner's open registrations, id -> bytes; `api/limits.py`."""
+        return self._k("registered_bytes", owner)
+
+    def registered_deadlines(self, owner: str) -> str:
+        """zset: an owner's open registrations, id -> deadline; `api/limits.py`."""
+        return self._k("registered_deadlines", owner)
+
+    def janitor(self, domain: str) -> str:
+        """string (with TTL): one janitor pass at a time per domain; `shared/arrays/janitor.py`."""
+        return self._k("janitor", domain)
+
+    # --- replicas (shared/arrays/replicas.py) -----------------------------------------------
+
+    def replicas(self, domain: str) -> str:
+        """set: ids of other domains' arrays copied into this domain; ReplicaStore."""
+        return self._k("replicas", domain)
+
+    def replica(self, domain: str, array_id: str) -> str:
+        """hash: one replica record (segment, state, token); ReplicaStore."""
+        return self._k("replica", domain, array_id)
+
+    def replica_prefix(self, domain: str) -> str:
+        """`replica(domain, id)` without the id (the sweep of replicas whose original left)."""
+        return self._k("replica", domain, "")
+
+    @property
+    def replica_stats(self) -> str:
+        """hash: cross-host pull and serve counters; ReplicaStore and `api/routes/internal.py`."""
+        return self._k("replicas", "stats")
+
+    # --- presence (shared/workers.py reads; worker/heartbeat.py writes) ----------------------
+
+    @property
+    def workers(self) -> str:
+        """zset: worker name -> last heartbeat (unix time); `worker/heartbeat.py`."""
+        return self._k("workers")
+
+    def worker(self, name: str) -> str:
+        """string (JSON, with TTL): a worker's `WorkerPresence` record; `worker/heartbeat.py`."""
+        return self._k("worker", name)
+
+    @property
+    def worker_prefix(self) -> str:
+        """`worker(name)` without the name (the live-worker script reads the names it finds)."""
+        return self._k("worker", "")
+
+    def worker_held(self, name: str) -> str:
+        """string (JSON, with TTL): the job ids a worker holds, with the time read; heartbeat."""
+        return self._k("worker", name, "held")
+
+    @property
+    def domains(self) -> str:
+        """set: every shm domain an API has served; each API adds its own at startup."""
+        return self._k("domains")
+
+    # --- metrics (shared/metrics.py; bumped inside the job scripts) --------------------------
+
+    @property
+    def metrics_prefix(self) -> str:
+        """Prefix of the metrics keys; scripts get it in ARGV (`m .. 'finished'`)."""
+        return self._k("metrics", "")
+
+    @property
+    def metrics_submitted(self) -> str:
+        """hash: task -> jobs created; JobStore scripts."""
+        return self.metrics_prefix + "submitted"
+
+    @property
+    def metrics_finished(self) -> str:
+        """hash: "task|state" -> jobs that reached a final state; JobStore scripts."""
+        return self.metrics_prefix + "finished"
+
+    @property
+    def metrics_duration(self) -> str:
+        """hash: "task|<bucket>", "task|sum", "task|count" -> run times; JobStore scripts."""
+        return self.metrics_prefix + "duration"
+
+    @property
+    def metrics_running(self) -> str:
+        """hash: job id -> JSON of where it runs; JobStore scripts (start adds, end drops)."""
+        return self.metrics_prefix + "running"
+
+    def metrics_throughput(self, slot: int) -> str:
+        """string (with TTL): jobs finished in one 10 s slot; JobStore scripts (`tp:<slot>`)."""
+        return self.metrics_prefix + f"tp:{slot}"
+
+    @property
+    def metrics_array_bytes(self) -> str:
+        """hash: "upload"/"download" -> bytes of .npy bodies over HTTP; the API."""
+        return self.metrics_prefix + "array_bytes"
+
+
+def queue_lists(queue: str) -> list[str]:
+    """list: the Redis lists holding one Celery queue's messages (one per priority step);
+    kombu writes them (the names are kombu's, not under the prefix)."""
+    return [queue if p == 0 else f"{queue}{_KOMBU_SEP}{p}" for p in KOMBU_PRIORITY_STEPS]
+
+
+@lru_cache(maxsize=16)
+def keys_for(prefix: str) -> Keys:
+    """The `Keys` of a prefix (cached: one per stack in a process)."""
+    return Keys(prefix)
