@@ -271,7 +271,7 @@ def forklift_ten(fl: Forklift, arr: np.ndarray, res: Results, size: int) -> None
 def same_host_jobs(
     client: object, arr: np.ndarray, count: int, res: Results, size: int, first: bool = False
 ) -> float:
-    """shared.client's same-host path: put_array(shared_memory=True), then `count` sums."""
+    """forklift's same-host path: put_array(shared_memory=True), then `count` sums."""
     start = time.perf_counter()
     handle = client.put_array(arr, shared_memory=True)  # type: ignore[attr-defined]
     t_put = time.perf_counter() - start
@@ -403,17 +403,17 @@ def run_ray(base: np.ndarray, sizes: list[int], repeat: int, res: Results) -> st
 
 
 def same_host_client(url: str) -> tuple[object | None, str]:
-    """shared.client.Client if it has the same-host path (issue 8) and the API registers."""
+    """forklift.Client if it has the same-host path (issue 8) and the API registers."""
     try:
-        client_cls = importlib.import_module("shared.client").Client
+        client_cls = importlib.import_module("forklift").Client
     except (ImportError, AttributeError):
-        return None, "missing: `shared.client.Client` does not exist"
+        return None, "missing: `forklift.Client` does not exist"
     if "shared_memory" not in inspect.signature(client_cls.put_array).parameters:
         return None, "missing: `Client.put_array` has no `shared_memory` option"
     paths = httpx.get(f"{url}/openapi.json", timeout=10).json().get("paths", {})
     if "/arrays/register" not in paths:
         return None, "missing: the API has no `POST /arrays/register`"
-    return client_cls(url, timeout=600), "`shared.client.Client.put_array(arr, shared_memory=True)`"
+    return client_cls(url, timeout=600), "`forklift.Client.put_array(arr, shared_memory=True)`"
 
 
 def run(sizes: list[int], repeat: int, use_ray: bool, quiet: float) -> tuple[Results, list[str]]:

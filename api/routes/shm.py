@@ -333,7 +333,7 @@ def _inspect_segment(name: str, nbytes: int) -> str | None:
     except ForeignFile as exc:
         return (
             f"segment {exc} (create it as the stack's user, mode 0600, as"
-            " shared.client.same_host does; otherwise upload with POST /arrays)"
+            " forklift.same_host does; otherwise upload with POST /arrays)"
         )
     try:
         expected = max(nbytes, 1)

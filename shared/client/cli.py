@@ -28,11 +28,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from forklift import common
+from forklift._sync.client import Client, Job
+from forklift.errors import ForkliftError, InvalidRequest, JobError, NotFound, Timeout
+from forklift.handles import ArrayHandle
 from shared import launcher
-from shared.client import common
-from shared.client.errors import ForkliftError, InvalidRequest, JobError, NotFound, Timeout
-from shared.client.handles import ArrayHandle
-from shared.client.sync import Client, Job
 
 EXIT_OK = 0
 EXIT_JOB = 1

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from api.deps import owner_id
+from forklift.same_host import discard_segment
 from shared.arrays.segments import create_segment, segment_path
-from shared.client.same_host import discard_segment
 from shared.settings import Settings
 from tests import stack
 from tests.conftest import Stack

@@ -16,9 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from shared.arrays import mappings
-from shared.arrays.segments import create_segment, segment_path
-from shared.client import (
+from forklift import (
     ArrayHandle,
     AsyncClient,
     Client,
@@ -29,7 +27,9 @@ from shared.client import (
     Timeout,
     Unavailable,
 )
-from shared.client.same_host import discard_segment, local_domain
+from forklift.same_host import discard_segment, local_domain
+from shared.arrays import mappings
+from shared.arrays.segments import create_segment, segment_path
 from tests import stack
 from tests.conftest import Stack
 from tests.http_api import digest, download_digest

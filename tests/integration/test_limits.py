@@ -27,10 +27,10 @@ import redis
 
 from api.arrays_io import ALLOCATE_AHEAD, ALLOCATION_BLOCK
 from api.exposure import EXIT_REFUSED
+from forklift import Client, InvalidRequest
 from shared.arrays.npy import build_header
 from shared.arrays.segments import create_segment, segment_path
 from shared.arrays.store import ArrayStore
-from shared.client import Client, InvalidRequest
 from shared.settings import Settings
 from tests import stack
 from tests.http_api import upload

@@ -1,14 +1,15 @@
 """forklift's Python client: sync (`Client`) and asyncio (`AsyncClient`), on httpx.
 
-    from shared.client import Client
+    from forklift import Client
     with Client("http://127.0.0.1:8000") as fl:
         print(fl.submit("fib", n=30).result())
 
 See docs/client.md for the reference and the `forklift` command line.
 """
 
-from shared.client.aio import AsyncClient, AsyncJob
-from shared.client.errors import (
+from forklift._async.client import AsyncClient, AsyncJob
+from forklift._sync.client import Client, Job
+from forklift.errors import (
     ForkliftError,
     InvalidRequest,
     JobCancelled,
@@ -19,8 +20,7 @@ from shared.client.errors import (
     Timeout,
     Unavailable,
 )
-from shared.client.handles import ArrayHandle
-from shared.client.sync import Client, Job
+from forklift.handles import ArrayHandle
 
 __all__ = [
     "ArrayHandle",

@@ -1,4 +1,4 @@
-"""The blocking client: `Client`, `Job`. `shared.client.aio` has the same API with `await`.
+"""The blocking client: `Client`, `Job`. `forklift._async` has the same API with `await`.
 
 with Client("http://127.0.0.1:8000") as fl:
     job = fl.submit("matmul", a=x, b=y)        # ndarrays are uploaded for you
@@ -18,11 +18,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from shared.arrays import mappings
-from shared.arrays.segments import ShmFullError
-from shared.client import common
-from shared.client.common import Backoff, Deadline, worth_retrying
-from shared.client.errors import (
+from forklift import common
+from forklift.common import Backoff, Deadline, worth_retrying
+from forklift.errors import (
     ForkliftError,
     InvalidRequest,
     JobError,
@@ -31,8 +29,8 @@ from shared.client.errors import (
     Unavailable,
     error_from_response,
 )
-from shared.client.handles import ArrayHandle, array_id
-from shared.client.npy_stream import (
+from forklift.handles import ArrayHandle, array_id
+from forklift.npy_stream import (
     CHUNK,
     NPY,
     NpyReader,
@@ -40,14 +38,16 @@ from shared.client.npy_stream import (
     npy_chunks,
     npy_length,
 )
-from shared.client.same_host import (
+from forklift.same_host import (
     RecycledSegmentUnavailable,
     discard_segment,
     fill_segment,
     local_domain,
     registration,
 )
-from shared.client.sse import SseParser, event_item
+from forklift.sse import SseParser, event_item
+from shared.arrays import mappings
+from shared.arrays.segments import ShmFullError
 
 
 class Job:

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from forklift.npy_stream import checked_dtype, memory_order
 from shared.arrays import mappings
 from shared.arrays.copying import copy_into
 from shared.arrays.segments import ndarray_view, unlink_segment
-from shared.client.npy_stream import checked_dtype, memory_order
 from shared.settings import derive_shm_domain
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.client.errors import (
+from forklift.errors import (
     ForkliftError,
     JobCancelled,
     JobFailed,
@@ -20,7 +20,7 @@ from shared.client.errors import (
     error_from_response,
     retry_after,
 )
-from shared.client.handles import ArrayHandle
+from forklift.handles import ArrayHandle
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 USER_AGENT = "forklift-client/0.1"

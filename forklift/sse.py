@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from shared.client.errors import error_from_response
+from forklift.errors import error_from_response
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,9 @@ import anyio
 import httpx
 import numpy as np
 
-from shared.arrays import mappings
-from shared.arrays.segments import ShmFullError
-from shared.client import common
-from shared.client.common import Backoff, Deadline, worth_retrying
-from shared.client.errors import (
+from forklift import common
+from forklift.common import Backoff, Deadline, worth_retrying
+from forklift.errors import (
     ForkliftError,
     InvalidRequest,
     JobError,
@@ -33,16 +31,18 @@ from shared.client.errors import (
     Unavailable,
     error_from_response,
 )
-from shared.client.handles import ArrayHandle, array_id
-from shared.client.npy_stream import CHUNK, NPY, NpyReader, anpy_chunks, npy_length
-from shared.client.same_host import (
+from forklift.handles import ArrayHandle, array_id
+from forklift.npy_stream import CHUNK, NPY, NpyReader, anpy_chunks, npy_length
+from forklift.same_host import (
     RecycledSegmentUnavailable,
     discard_segment,
     fill_segment,
     local_domain,
     registration,
 )
-from shared.client.sse import SseParser, event_item
+from forklift.sse import SseParser, event_item
+from shared.arrays import mappings
+from shared.arrays.segments import ShmFullError
 
 MAP_CONCURRENCY = 32
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from forklift.errors import ForkliftError, InvalidRequest
 from shared.arrays.npy import NpyFormatError, NpyHeader, build_header, check_dtype, parse_header
-from shared.client.errors import ForkliftError, InvalidRequest
 
 NPY = "application/x-npy"
 CHUNK = 4 << 20

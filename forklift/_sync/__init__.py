@@ -1,0 +1,1 @@
+"""The blocking client, generated from `forklift._async` by `python -m forklift._unasync`."""
