@@ -82,7 +82,7 @@ class JobContextFilter(logging.Filter):
                 setattr(record, name, ctx.get(name))
         record.fl_process = self.process
         parts = [f"{n.removesuffix('_id')}={getattr(record, n)}" for n in JOB_FIELDS]
-        record.fl_job = f" [{' '.join(parts)}]" if record.job_id else ""
+        record.fl_job = f" [{' '.join(parts)}]" if getattr(record, "job_id", None) else ""
         return True
 
 

@@ -90,8 +90,11 @@ class ArraySpec:
         }
 
 
-InputCheck = Callable[[Mapping[str, HasShapeAndDtype], BaseModel], None]
-MemoryEstimate = Callable[[Mapping[str, HasShapeAndDtype], BaseModel], int]
+# A check or estimate takes the arrays' metadata and the job's validated params: an instance of
+# the model `@job` builds from the function's signature, so its fields have no static type here
+# (a check declares the fields it reads, e.g. with a Protocol).
+InputCheck = Callable[[Mapping[str, HasShapeAndDtype], Any], None]
+MemoryEstimate = Callable[[Mapping[str, HasShapeAndDtype], Any], int]
 
 
 def human_bytes(n: float) -> str:
@@ -230,7 +233,7 @@ def _build_spec(
             continue
         default = ... if param.default is inspect.Parameter.empty else param.default
         fields[pname] = (annotation, default)
-    model = create_model(  # type: ignore[call-overload]
+    model = create_model(
         f"{name}_params",
         __config__=ConfigDict(extra="forbid"),
         **fields,

@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Literal
 
 import numpy as np
+
+# np.copyto's casting rules.
+Casting = Literal["no", "equiv", "safe", "same_kind", "unsafe"]
 
 PARALLEL_MIN_BYTES = 64 << 20
 MAX_THREADS = 4
@@ -52,13 +56,14 @@ def _flat_pair(dst: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """1-d views of both arrays in the same memory order, or None if they do not have one."""
     if dst.shape != src.shape:
         return None
-    for order, flag in (("C", "C_CONTIGUOUS"), ("F", "F_CONTIGUOUS")):
-        if dst.flags[flag] and src.flags[flag]:
-            return dst.reshape(-1, order=order), src.reshape(-1, order=order)
+    if dst.flags.c_contiguous and src.flags.c_contiguous:
+        return dst.reshape(-1, order="C"), src.reshape(-1, order="C")
+    if dst.flags.f_contiguous and src.flags.f_contiguous:
+        return dst.reshape(-1, order="F"), src.reshape(-1, order="F")
     return None
 
 
-def copy_into(dst: np.ndarray, src: np.ndarray, *, casting: str = "no") -> None:
+def copy_into(dst: np.ndarray, src: np.ndarray, *, casting: Casting = "no") -> None:
     """np.copyto(dst, src, casting=casting), split across threads for large contiguous arrays.
 
     Both arrays must have the same shape. C-contiguous pairs are split over C order,

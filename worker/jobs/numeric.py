@@ -18,7 +18,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, Field
@@ -27,6 +27,36 @@ from shared.registry import ArraySpec, HasShapeAndDtype, InputError, ProgressRep
 
 Arrays = Mapping[str, HasShapeAndDtype]
 Check = Callable[[Arrays, BaseModel], None]
+
+
+# The params a check or estimate reads: fields of the model `@job` builds from each signature.
+class _AxisParams(Protocol):
+    axis: int | None
+
+
+class _PercentileParams(Protocol):
+    axis: int | None
+    q: float | list[float]
+
+
+class _HistogramParams(Protocol):
+    bins: int
+
+
+class _SvdParams(Protocol):
+    full_matrices: bool
+
+
+class _FftParams(Protocol):
+    axis: int
+    n: int | None
+    real: bool
+
+
+class _NormalizeParams(Protocol):
+    method: str
+    dtype: str
+
 
 Numeric = Annotated[np.ndarray, ArraySpec(kinds="biufc")]
 Real = Annotated[np.ndarray, ArraySpec(kinds="iuf", description="int, uint or float values")]
@@ -115,7 +145,7 @@ def _matmul_check(arrays: Arrays, params: BaseModel) -> None:
         )
 
 
-def _fft_check(arrays: Arrays, params: BaseModel) -> None:
+def _fft_check(arrays: Arrays, params: _FftParams) -> None:
     arr, axis = arrays["a"], params.axis
     shape = _shape(arr)
     if params.n is None and shape[_axis_index("a", arr, axis, none_ok=False)] == 0:
@@ -169,19 +199,19 @@ def _reduced(arr: HasShapeAndDtype, axis: int | None) -> int:
     return math.prod(n for i, n in enumerate(shape) if i != axis % len(shape))
 
 
-def _mem_reduction(arrays: Arrays, params: BaseModel) -> int:
+def _mem_reduction(arrays: Arrays, params: _AxisParams) -> int:
     a = arrays["a"]
     return 16 * _reduced(a, params.axis) + _SLACK
 
 
-def _mem_std(arrays: Arrays, params: BaseModel) -> int:
+def _mem_std(arrays: Arrays, params: _AxisParams) -> int:
     a = arrays["a"]  # np.std: the deviations from the mean, squared in place (.real: complex)
     complex_ = np.dtype(a.dtype).kind == "c"
     per = 16 + 8 if complex_ else 8
     return per * _count(a) + 16 * _reduced(a, params.axis) + _SLACK
 
 
-def _mem_percentile(arrays: Arrays, params: BaseModel) -> int:
+def _mem_percentile(arrays: Arrays, params: _PercentileParams) -> int:
     a = arrays["a"]
     nq = len(params.q) if isinstance(params.q, list) else 1
     # A partitioned copy of the input; indices, lower/upper picks, weights and the result.
@@ -189,7 +219,7 @@ def _mem_percentile(arrays: Arrays, params: BaseModel) -> int:
     return copy + 6 * 8 * nq * _reduced(a, params.axis) + _SLACK
 
 
-def _mem_histogram(arrays: Arrays, params: BaseModel) -> int:
+def _mem_histogram(arrays: Arrays, params: _HistogramParams) -> int:
     return 4 * 8 * (params.bins + 1) + 8 * 8 * 65536 + _SLACK  # NumPy bins 65536 at a time
 
 
@@ -210,7 +240,7 @@ def _linalg_item(dtype: Any) -> int:
     return 4 if kind in (np.float16, np.float32) else 8
 
 
-def _mem_svd(arrays: Arrays, params: BaseModel) -> int:
+def _mem_svd(arrays: Arrays, params: _SvdParams) -> int:
     a = arrays["a"]
     m, n = _shape(a)
     k = min(m, n)
@@ -230,7 +260,7 @@ def _linalg_ready_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
 
 
-def _mem_fft(arrays: Arrays, params: BaseModel) -> int:
+def _mem_fft(arrays: Arrays, params: _FftParams) -> int:
     a = arrays["a"]
     shape = _shape(a)
     axis = params.axis % len(shape)
@@ -254,7 +284,7 @@ def _mem_sort(arrays: Arrays, params: BaseModel) -> int:
     return 2 * np.dtype(a.dtype).itemsize * _count(a) + _SLACK
 
 
-def _mem_normalize(arrays: Arrays, params: BaseModel) -> int:
+def _mem_normalize(arrays: Arrays, params: _NormalizeParams) -> int:
     a = arrays["a"]
     kind = np.dtype(a.dtype)
     auto = "float64" if kind == np.float64 else "float32"
