@@ -2,16 +2,36 @@
 
 Every knob a deployment may turn is here, named `FORKLIFT_*` (plus the conventional
 `REDIS_URL`), so the compose file, the launcher and the tests all speak the same language.
+
+Read by pydantic-settings, highest first: values passed to `Settings(...)`, the environment
+(`FORKLIFT_<FIELD>`; an empty value means the default), then one file per setting in the
+secrets directory (Docker and Kubernetes secrets: `FORKLIFT_SECRETS_DIR`, else `/run/secrets`
+when it exists). A `.env` file is read only where a launcher asks for it (`forklift up`):
+`Settings.from_env(env, env_file=...)`, and `with_env_file` for the environment its children
+get, so every process of a stack reads the same values.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from dotenv import dotenv_values
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import InitErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from shared.keys import Keys, keys_for
 
@@ -62,9 +82,10 @@ def _default_child_memory(data: dict[str, object]) -> int:
     ram = _machine_memory_bytes()
     if ram <= 0:  # pragma: no cover - unknown machine: no limit
         return 0
-    shm = int(data.get("shm_limit_bytes") or 0)  # type: ignore[call-overload]
-    children = int(data.get("worker_concurrency") or 1)  # type: ignore[call-overload]
-    return max(256 << 20, (ram - shm) // max(1, children))
+    shm, children = data.get("shm_limit_bytes"), data.get("worker_concurrency")
+    shm_bytes = shm if isinstance(shm, int) else 0
+    share = children if isinstance(children, int) and children > 0 else 1
+    return max(256 << 20, (ram - shm_bytes) // share)
 
 
 def derive_shm_domain() -> str:
@@ -80,56 +101,149 @@ def derive_shm_domain() -> str:
     return hashlib.sha256(f"{boot_id}/{ipc_ns}".encode()).hexdigest()[:12]
 
 
-class Settings(BaseModel):
+SECRETS_DIR = Path("/run/secrets")  # where Docker (compose `secrets:`) mounts secrets
+
+# The mapping `Settings.from_env` reads instead of os.environ, for the build under way.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("forklift_environ", default=None)
+
+
+class SettingsFileError(ValueError):
+    """A settings file or folder that was asked for is not there."""
+
+
+def secrets_dir(env: Mapping[str, str]) -> Path | None:
+    """`FORKLIFT_SECRETS_DIR` (it must exist: a typo must not drop the secrets silently), else
+    `/run/secrets` when it exists, else none."""
+    named = env.get("FORKLIFT_SECRETS_DIR", "")
+    if named:
+        folder = Path(named).expanduser()
+        if not folder.is_dir():
+            raise SettingsFileError(f"FORKLIFT_SECRETS_DIR={named!r} is not a directory")
+        return folder
+    return SECRETS_DIR if SECRETS_DIR.is_dir() else None
+
+
+def with_env_file(
+    env: Mapping[str, str], env_file: str | os.PathLike[str] | None
+) -> dict[str, str]:
+    """`env` over a `.env` file: the file fills what `env` leaves unset or empty.
+
+    What `forklift up` gives the processes it starts, so the API and the workers read the
+    file's values as their environment and never look for a `.env` themselves.
+    """
+    merged = dict(env)
+    if env_file is None:
+        return merged
+    path = Path(env_file).expanduser()
+    if not path.is_file():
+        raise SettingsFileError(f"no env file at {str(path)!r}")
+    for name, value in dotenv_values(path).items():
+        if value is not None and not merged.get(name):
+            merged[name] = value
+    return merged
+
+
+class _Environ(EnvSettingsSource):
+    """The environment source over the mapping given to `Settings.from_env`, else os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
+
+def _variable(name: str, env: Mapping[str, str]) -> str:
+    """The environment variable a field is read from (`redis_url`: whichever of two is set)."""
+    if name == "redis_url" and not env.get("FORKLIFT_REDIS_URL"):
+        return "REDIS_URL"
+    return f"FORKLIFT_{name.upper()}"
+
+
+def _named_by_variable(exc: ValidationError, env: Mapping[str, str]) -> ValidationError:
+    """The same errors, each placed at its environment variable instead of its field name."""
+    details: list[InitErrorDetails] = []
+    for error in exc.errors():
+        if error["type"] == "default_factory_not_called":  # a consequence, not a bad value
+            continue
+        loc = error["loc"]
+        field = str(loc[0]) if loc else ""
+        if field in Settings.model_fields or field.upper().endswith("REDIS_URL"):
+            name = "redis_url" if field.upper().endswith("REDIS_URL") else field
+            loc = (_variable(name, env), *loc[1:])
+        detail: InitErrorDetails = {"type": error["type"], "loc": loc, "input": error["input"]}
+        if "ctx" in error:
+            detail["ctx"] = error["ctx"]
+        details.append(detail)
+    return ValidationError.from_exception_data("forklift settings", details)
+
+
+class Settings(BaseSettings):
     """Deployment settings; build with `Settings.from_env()` or `get_settings()`."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = SettingsConfigDict(
+        frozen=True,
+        env_prefix="FORKLIFT_",
+        env_ignore_empty=True,
+        # Lists are comma-separated (`FORKLIFT_API_KEYS=k1,k2`), not JSON: `_comma_list`.
+        enable_decoding=False,
+        # Other FORKLIFT_* variables (the client's FORKLIFT_URL, compose's) are not settings.
+        extra="ignore",
+        validate_by_name=True,
+    )
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = Field("forklift", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    queue: str = Field("forklift", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    shm_prefix: str = Field("forklift_", pattern=r"^forklift_[A-Za-z0-9_]{0,40}$")
+    # FORKLIFT_REDIS_URL first, then the conventional REDIS_URL.
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("FORKLIFT_REDIS_URL", "REDIS_URL"),
+    )
+    key_prefix: str = Field(default="forklift", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    queue: str = Field(default="forklift", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    shm_prefix: str = Field(default="forklift_", pattern=r"^forklift_[A-Za-z0-9_]{0,40}$")
     shm_domain: str = Field(default_factory=derive_shm_domain)
     job_modules: tuple[str, ...] = ()
 
-    job_time_limit: float = Field(3600.0, gt=0)
-    job_kill_grace: float = Field(10.0, gt=0)
-    job_max_attempts: int = Field(3, ge=1)
+    job_time_limit: float = Field(default=3600.0, gt=0)
+    job_kill_grace: float = Field(default=10.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)
     # Seconds past the hard time limit after which the message of a job whose worker vanished
     # (SIGKILL, OOM, power loss) is delivered again: the Redis transport's visibility timeout.
-    redelivery_margin: float = Field(600.0, gt=0)
+    redelivery_margin: float = Field(default=600.0, gt=0)
     # Seconds after which a job whose worker stopped beating, or no longer holds it, is
     # declared lost by the reaper (shared/jobs_reaper.py) and delivered again (or failed once
     # its attempts are spent), whatever the visibility timeout; also how long a queued job's
     # message may be missing from the broker before the job is failed (purged). The reaper
     # runs every third of it.
-    worker_lost_after: float = Field(15.0, ge=3)
-    job_ttl: int = Field(86400, gt=0)
-    array_ttl: int = Field(3600, gt=0)
-    max_wait: float = Field(60.0, ge=0)
-    max_json_bytes: int = Field(1 << 20, gt=0)
-    max_upload_bytes: int = Field(8 << 30, gt=0)
+    worker_lost_after: float = Field(default=15.0, ge=3)
+    job_ttl: int = Field(default=86400, gt=0)
+    array_ttl: int = Field(default=3600, gt=0)
+    max_wait: float = Field(default=60.0, ge=0)
+    max_json_bytes: int = Field(default=1 << 20, gt=0)
+    max_upload_bytes: int = Field(default=8 << 30, gt=0)
     # Seconds a client may go silent in the middle of a request body (a Content-Length larger
     # than what it sends, a stalled upload) before the API answers 408 and lets go.
-    body_timeout: float = Field(30.0, gt=0)
+    body_timeout: float = Field(default=30.0, gt=0)
     shm_limit_bytes: int = Field(default_factory=lambda: _dev_shm_bytes() // 2, ge=0)
-    janitor_interval: float = Field(60.0, gt=0)
+    janitor_interval: float = Field(default=60.0, gt=0)
     # Freed segments kept allocated for reuse (shared/arrays/pool.py): -1 = a quarter of
     # shm_limit_bytes, 0 = off.
-    shm_pool_bytes: int = Field(-1, ge=-1)
+    shm_pool_bytes: int = Field(default=-1, ge=-1)
 
     api_keys: tuple[SecretStr, ...] = ()
-    log_format: str = Field("text", pattern=r"^(text|json)$")
+    log_format: str = Field(default="text", pattern=r"^(text|json)$")
     # Celery task events cost a publish per state change; Flower turns them on by itself.
     celery_events: bool = False
 
     # Several shm domains (hosts): the URL other domains reach this domain's API at, recorded
     # in every array made here, and the secret the APIs' /internal endpoints require.
-    api_internal_url: str = Field("", pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
+    api_internal_url: str = Field(default="", pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
     internal_token: SecretStr | None = None
 
     worker_concurrency: int = Field(default_factory=_cpu_count, ge=1)
-    max_tasks_per_child: int = Field(0, ge=0)
+    max_tasks_per_child: int = Field(default=0, ge=0)
     # Address space a job may add to its worker child (RLIMIT_AS, set per job on top of what
     # the child maps already, attached input segments included); 0 = no limit. Default: the
     # machine's RAM less shm_limit_bytes, split between worker_concurrency children. The API
@@ -146,7 +260,7 @@ class Settings(BaseModel):
     # A request body must keep arriving at this many bytes per second on average, after a
     # grace of body_timeout seconds, or it ends with 408 (a slow upload holds its
     # reservation for a bounded time); 0 = no rate, only body_timeout.
-    body_min_rate: int = Field(1 << 20, ge=0)
+    body_min_rate: int = Field(default=1 << 20, ge=0)
     # Per key (per API process; the open API is one key): uploads in flight, bytes those
     # uploads reserve (-1 = half of shm_limit_bytes with keys, all of it open), open event
     # streams and long-polls.
@@ -154,27 +268,56 @@ class Settings(BaseModel):
     # The byte limit also holds a key's open same-host registrations (POST /arrays/register
     # until commit/abandon/expiry), counted in Redis, exactly across API processes, together
     # with the key's HTTP uploads in the reserving process (api/limits.py RegisteredBytes).
-    key_max_uploads: int = Field(8, ge=1)
-    key_max_upload_bytes: int = Field(-1, ge=-1)
-    key_max_streams: int = Field(32, ge=1)
-    key_max_waits: int = Field(64, ge=1)
+    key_max_uploads: int = Field(default=8, ge=1)
+    key_max_upload_bytes: int = Field(default=-1, ge=-1)
+    key_max_streams: int = Field(default=32, ge=1)
+    key_max_waits: int = Field(default=64, ge=1)
+
+    @field_validator("job_modules", "api_keys", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        """Read `REDIS_URL` and `FORKLIFT_<FIELD>` (upper case); unset means default."""
-        env = dict(os.environ if env is None else env)
-        values: dict[str, object] = {}
-        if env.get("REDIS_URL"):
-            values["redis_url"] = env["REDIS_URL"]
-        for name in cls.model_fields:
-            raw = env.get(f"FORKLIFT_{name.upper()}")
-            if raw is None or raw == "":
-                continue
-            if name in ("job_modules", "api_keys"):
-                values[name] = tuple(m.strip() for m in raw.split(",") if m.strip())
-            else:
-                values[name] = raw
-        return cls.model_validate(values)
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment (or `from_env`'s mapping), then secret files."""
+        environ = _ENVIRON.get()
+        if environ is None:
+            environ = os.environ
+        secrets = file_secret_settings
+        if isinstance(secrets, SecretsSettingsSource) and secrets.secrets_dir is None:
+            secrets = SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir(environ))
+        return init_settings, _Environ(settings_cls, environ), dotenv_settings, secrets
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        env_file: str | os.PathLike[str] | None = None,
+    ) -> Settings:
+        """Read `env` (default: os.environ) over `env_file`, and the secrets directory.
+
+        A bad value raises pydantic's ValidationError, each error named by its variable
+        (`FORKLIFT_JOB_TTL`); a missing env file or secrets directory, SettingsFileError.
+        """
+        environ = with_env_file(os.environ if env is None else env, env_file)
+        token = _ENVIRON.set(environ)
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise _named_by_variable(exc, environ) from None
+        finally:
+            _ENVIRON.reset(token)
 
     @property
     def all_job_modules(self) -> tuple[str, ...]:
