@@ -1,4 +1,8 @@
-"""Hands a job to Celery. Publishing is blocking I/O (kombu), so it runs in a thread."""
+"""Hands a job to Celery. Publishing is blocking I/O (kombu), so it runs in a thread.
+
+The API publishes with its own Celery app (`shared/celery_app.py:create_app`, one per Redis URL,
+kept for the process so its producer pool stays warm); it never imports the worker.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ from collections.abc import Collection
 
 import redis
 from anyio import to_thread
+from celery import Celery
 from kombu import Producer
 
-from api.topology import live_domains
+from shared.celery_app import TASK_NAME, create_app
 from shared.redis_io import REDIS_ERRORS, sync_redis
 from shared.schemas import TaskPayload
 from shared.settings import Settings
-from worker.app import TASK_NAME, app
+from shared.workers import WorkerStore
 
 log = logging.getLogger("forklift.api")
 
@@ -32,6 +37,15 @@ def route(settings: Settings, payload: TaskPayload, live: Collection[str] | None
 
 
 _clients: dict[str, redis.Redis] = {}
+_apps: dict[str, Celery] = {}
+
+
+def _app(settings: Settings) -> Celery:
+    """One Celery app per Redis URL, shared by the threads that publish."""
+    app = _apps.get(settings.redis_url)
+    if app is None:
+        app = _apps.setdefault(settings.redis_url, create_app(settings))
+    return app
 
 
 def _client(settings: Settings) -> redis.Redis:
@@ -47,7 +61,8 @@ def _live(settings: Settings, payloads: list[TaskPayload]) -> set[str] | None:
     if not any(len({ref.domain for ref in p.inputs.values()}) == 1 for p in payloads):
         return None
     try:
-        return live_domains(_client(settings), settings)
+        domains: set[str] = WorkerStore(_client(settings), settings).live_domains()
+        return domains
     except REDIS_ERRORS as exc:  # the publish below fails too, with the usual 503
         log.warning("cannot read worker heartbeats: %s", exc)
         return None
@@ -65,6 +80,7 @@ def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
     """Route and send every message over one producer connection; returns the queues."""
     live = _live(settings, payloads)
     queues = []
+    app = _app(settings)
     with app.producer_or_acquire() as producer, _batched(producer):
         for payload in payloads:
             queue = route(settings, payload, live)

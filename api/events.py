@@ -32,7 +32,7 @@ SHUTDOWN = {"shutdown": True}
 class JobEventHub:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.channel = settings.key("events")
+        self.channel = settings.keys.events
         self._waiters: dict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
         self._all: set[asyncio.Queue[dict[str, Any]]] = set()
         self._task: asyncio.Task[None] | None = None

@@ -400,8 +400,8 @@ class RegisteredBytes:
 
     def keys(self, owner: str) -> list[str]:
         return [
-            self.settings.key("registered_bytes", owner),
-            self.settings.key("registered_deadlines", owner),
+            self.settings.keys.registered_bytes(owner),
+            self.settings.keys.registered_deadlines(owner),
         ]
 
     def refuse_oversized(self, nbytes: int) -> None:

@@ -41,18 +41,13 @@ import redis
 from shared.arrays import pool
 from shared.arrays.store import ArrayStore
 from shared.jobstore import JobStore
-from shared.metrics import metrics_prefix, queue_keys
+from shared.keys import UNACKED, UNACKED_INDEX, queue_keys
 from shared.schemas import JobStatus, TaskPayload
 from shared.settings import Settings
-from worker.heartbeat import INTERVAL_S as HEARTBEAT_S
-from worker.heartbeat import held_key, worker_key, workers_key
+from shared.workers import INTERVAL_S as HEARTBEAT_S
+from shared.workers import WorkerStore
 
 log = logging.getLogger("forklift.reaper")
-
-# kombu's Redis transport keeps delivered, unacked messages here (Channel.unacked_key and
-# unacked_index_key; forklift sets no global key prefix).
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
 
 MAX_EXAMINED = 1000  # live jobs looked at per pass, oldest first (plus every running one)
 SCAN_CHUNK = 500  # queue messages read per LRANGE
@@ -139,10 +134,6 @@ def confirm_after(settings: Settings) -> float:
     return max(interval(settings), 2 * HEARTBEAT_S + 1)
 
 
-def reaper_key(settings: Settings) -> str:
-    return settings.key("reaper")
-
-
 def _num(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
@@ -157,6 +148,7 @@ class _Pass:
         self.settings = settings
         self.republish = republish
         self.jobs = JobStore(client, settings)
+        self.workers = WorkerStore(client, settings)
         self.arrays = ArrayStore(client, settings)
         self.now = time.time()
         self.lost_after = settings.worker_lost_after
@@ -172,14 +164,8 @@ class _Pass:
     # --- reading -------------------------------------------------------------------------
 
     def read_workers(self) -> None:
-        beats = self.client.zrange(workers_key(self.settings), 0, -1, withscores=True)
-        self.beats = {str(name): float(score) for name, score in beats}
-        names = list(self.beats)
-        raws = self.client.mget([held_key(self.settings, n) for n in names]) if names else []
-        for name, raw in zip(names, raws, strict=True):
-            if raw:
-                data = json.loads(raw)
-                self.held[name] = (float(data["at"]), set(data["jobs"]))
+        self.beats = self.workers.beats()
+        self.held = self.workers.held(self.beats)
 
     def live_worker(self, name: str) -> bool:
         beat = self.beats.get(name)
@@ -213,11 +199,11 @@ class _Pass:
         return routing_key == queue or routing_key.startswith(queue + ".")
 
     def read_unacked(self) -> None:
-        entries = self.client.hgetall(UNACKED_KEY)
+        entries = self.client.hgetall(UNACKED)
         if not entries:
             return
         tags = list(entries)
-        scores = self.client.zmscore(UNACKED_INDEX_KEY, tags)
+        scores = self.client.zmscore(UNACKED_INDEX, tags)
         for tag, score in zip(tags, scores, strict=True):
             raw = entries[tag]
             try:
@@ -233,27 +219,16 @@ class _Pass:
             )
 
     def read_records(self, job_ids: list[str]) -> dict[str, dict[str, str | None]]:
-        pipe = self.client.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hmget(self.jobs.key(job_id), _FIELDS)
-        return {
-            job_id: dict(zip(_FIELDS, values, strict=True))
-            for job_id, values in zip(job_ids, pipe.execute(), strict=True)
-        }
+        rows = self.jobs.fields(job_ids, _FIELDS)
+        return dict(zip(job_ids, rows, strict=True))
 
     def queues_for(self, records: list[dict[str, str | None]]) -> list[str]:
         """The common queue and the domain queues of the workers and of the jobs' inputs."""
         domains: set[str] = set()
         ids = [i for r in records for i in (r.get("input_ids") or "").split()]
         if ids:
-            pipe = self.client.pipeline(transaction=False)
-            for array_id in ids:
-                pipe.hget(self.arrays.key(array_id), "domain")
-            domains |= {d for d in pipe.execute() if d}
-        names = list(self.beats)
-        for raw in self.client.mget([worker_key(self.settings, n) for n in names]) if names else []:
-            if raw:
-                domains.add(str(json.loads(raw).get("domain", "")))
+            domains |= {a.domain for a in self.arrays.get_many(ids) if a is not None}
+        domains |= {w.domain for w in self.workers.records(self.beats)}
         queues = [self.settings.queue]
         queues += sorted(self.settings.domain_queue(d) for d in domains if d)
         return queues
@@ -314,7 +289,7 @@ class _Pass:
         return False
 
     def save_suspects(self) -> None:
-        key = reaper_key(self.settings)
+        key = self.settings.keys.reaper
         stale = [f for f in self.old_suspects if f not in self.suspects]
         pipe = self.client.pipeline(transaction=False)
         if stale:
@@ -346,12 +321,12 @@ class _Pass:
         headers = dict(payload.get("headers") or {})
         headers["redelivered"] = True
         payload["headers"] = headers
-        keys = [UNACKED_KEY, UNACKED_INDEX_KEY, self.queue_list(message)]
+        keys = [UNACKED, UNACKED_INDEX, self.queue_list(message)]
         args = [message.tag, message.raw, json.dumps(payload)]
         return bool(self._restore(keys=keys, args=args))
 
     def drop(self, message: _Message) -> bool:
-        keys = [UNACKED_KEY, UNACKED_INDEX_KEY]
+        keys = [UNACKED, UNACKED_INDEX]
         return bool(self._drop(keys=keys, args=[message.tag, message.raw]))
 
     def rebuild(self, job_id: str) -> TaskPayload | None:
@@ -425,7 +400,7 @@ class _Pass:
 
     def run(self) -> ReapReport:
         self.old_suspects = {
-            k: v for k, v in self.client.hgetall(reaper_key(self.settings)).items() if k[:2] == "s:"
+            k: v for k, v in self.client.hgetall(self.settings.keys.reaper).items() if k[:2] == "s:"
         }
         self.read_workers()
         self.read_unacked()
@@ -433,7 +408,7 @@ class _Pass:
         live = set(
             self.client.zrangebyscore(self.jobs.live_key, "-inf", old, start=0, num=MAX_EXAMINED)
         )
-        running = self.client.hkeys(metrics_prefix(self.settings) + "running")
+        running = self.client.hkeys(self.settings.keys.metrics_running)
         job_ids = list(dict.fromkeys([*live, *running, *self.unacked]))
         records = self.read_records(job_ids)
 
@@ -512,7 +487,7 @@ def reap(
     now = time.time()
     until = now + interval(settings) * 0.9
     lock = client.register_script(_LOCK)
-    if not lock(keys=[reaper_key(settings)], args=[repr(now), repr(until), "1" if force else ""]):
+    if not lock(keys=[settings.keys.reaper], args=[repr(now), repr(until), "1" if force else ""]):
         return None
     report = _Pass(client, settings, republish).run()
     acted = (

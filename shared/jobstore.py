@@ -25,13 +25,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel
-
-from shared.metrics import LUA_JOB_ENDED, metrics_prefix
-from shared.redis_io import AnyRedis, then
-from shared.schemas import JobStatus, JobView, Progress, WorkerInfo
+from shared.metrics import LUA_JOB_ENDED
+from shared.redis_io import AnyRedis, ready, then
+from shared.schemas import JobBase, JobStatus, JobView, WorkerInfo
 from shared.settings import Settings
 
 # Unpinning, shared by every script that may release a job's inputs.
@@ -236,25 +235,14 @@ return fl_append({'ok'}, fl_release(KEYS[1], ARGV[7], now, tonumber(ARGV[8]), AR
 """
 
 
-class JobRecord(BaseModel):
-    """The stored job, including fields clients never see (owner, payload bookkeeping)."""
+class JobRecord(JobBase):
+    """The stored job (`Keys.job`): the view's fields and those clients never see (owner,
+    where it runs, attempt bookkeeping). Every field is a hash field of the same name."""
 
-    id: str
-    task: str
-    status: JobStatus
     owner: str = ""
-    params: dict[str, Any] = {}
-    inputs: dict[str, str] = {}
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    progress: Progress | None = None
-    error: str | None = None
-    result: Any = None
     hostname: str = ""
     pid: int = 0
     domain: str = ""
-    attempts: int = 0
     timeout: float | None = None
     node: str = ""  # the Celery worker (heartbeat name) whose child holds the job
     attempt_token: str = ""
@@ -264,21 +252,8 @@ class JobRecord(BaseModel):
         worker = None
         if self.pid:
             worker = WorkerInfo(hostname=self.hostname, pid=self.pid, domain=self.domain)
-        return JobView(
-            id=self.id,
-            task=self.task,
-            status=self.status,
-            params=self.params,
-            inputs=self.inputs,
-            created_at=self.created_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            progress=self.progress,
-            error=self.error,
-            result=self.result,
-            worker=worker,
-            attempts=self.attempts,
-        )
+        shared = {name: getattr(self, name) for name in JobBase.model_fields}
+        return JobView(**shared, worker=worker)
 
 
 def _parse_record(raw: dict[str, str]) -> JobRecord | None:
@@ -297,11 +272,12 @@ class JobStore:
     def __init__(self, client: AnyRedis, settings: Settings) -> None:
         self.client = client
         self.settings = settings
-        self.events_channel = settings.key("events")
-        self.cancel_channel = settings.key("cancel")
-        self.index_key = settings.key("jobs")
-        self.live_key = settings.key("jobs", "live")
-        self.metrics = metrics_prefix(settings)
+        self.keys = keys = settings.keys
+        self.events_channel = keys.events
+        self.cancel_channel = keys.cancel
+        self.index_key = keys.jobs
+        self.live_key = keys.jobs_live
+        self.metrics = keys.metrics_prefix
         self._create = client.register_script(_CREATE)
         self._start = client.register_script(LUA_JOB_ENDED + LUA_RELEASE + _START)
         self._progress = client.register_script(_PROGRESS)
@@ -312,15 +288,12 @@ class JobStore:
         self._end_lost = client.register_script(LUA_JOB_ENDED + LUA_RELEASE + _END_LOST)
 
     def key(self, job_id: str) -> str:
-        return self.settings.key("job", job_id)
-
-    def array_key(self, array_id: str) -> str:
-        return self.settings.key("array", array_id)
+        return self.keys.job(job_id)
 
     def _release_args(self) -> list[Any]:
         """Array key prefix, now, grace, record TTL: what every unpinning script needs."""
         return [
-            self.settings.key("array", ""),
+            self.keys.array_prefix,
             repr(time.time()),
             self.settings.janitor_interval,
             self.settings.job_ttl,
@@ -351,7 +324,7 @@ class JobStore:
             "timeout": "" if timeout is None else repr(timeout),
         }
         keys = [self.key(job_id), self.index_key, self.live_key]
-        keys += [self.array_key(inputs[n]) for n in names]
+        keys += [self.keys.array(inputs[n]) for n in names]
         args = [repr(time.time()), owner, json.dumps(fields), self.metrics]
 
         def parse(reply: list[Any]) -> str | None:
@@ -367,6 +340,29 @@ class JobStore:
         for job_id in job_ids:
             pipe.hgetall(self.key(job_id))
         return then(pipe.execute(), lambda replies: [_parse_record(r) for r in replies])
+
+    def fields(self, job_ids: list[str], names: Sequence[str]) -> Any:
+        """Some raw fields of many records, one dict per id (None for a field or record that
+        is not there): for the readers that must not load whole records (params, results)."""
+
+        def parse(rows: list[list[str | None]]) -> list[dict[str, str | None]]:
+            return [dict(zip(names, row, strict=True)) for row in rows]
+
+        if not job_ids:
+            return ready(self.client, [])
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.key(job_id), list(names))
+        return then(pipe.execute(), parse)
+
+    def trim_index(self, before: float) -> Any:
+        """Drop ids created before `before` from the index of all jobs (their records have
+        expired by then; the janitor calls this)."""
+        return then(self.client.zremrangebyscore(self.index_key, 0, before), int)
+
+    def recent_ids(self, n: int) -> Any:
+        """The ids of the `n` newest jobs, newest first (the index may hold expired ones)."""
+        return then(self.client.zrevrange(self.index_key, 0, n - 1), lambda ids: list(ids))
 
     def start(
         self,
@@ -386,7 +382,7 @@ class JobStore:
         """
         args = [repr(time.time()), hostname, pid, domain, self.settings.job_max_attempts]
         args += [self.metrics, node, token or uuid.uuid4().hex]
-        args += [self.settings.key("array", ""), self.settings.janitor_interval]
+        args += [self.keys.array_prefix, self.settings.janitor_interval]
         args += [self.settings.job_ttl]
         keys = [self.key(job_id), self.events_channel, self.live_key]
         return then(
@@ -452,7 +448,7 @@ class JobStore:
         holding `token` once the record is final, 'ended' for the reaper, 'missing' when the
         record is gone (`input_ids` from the message).
         """
-        keys = [self.key(job_id), self.live_key, self.settings.key("released", job_id)]
+        keys = [self.key(job_id), self.live_key, self.keys.released(job_id)]
         args = [*self._release_args(), mode, token, job_id, *(input_ids or [])]
         return then(self._release(keys=keys, args=args), lambda r: [str(x) for x in r])
 
@@ -492,5 +488,5 @@ class JobStore:
         pipe.delete(self.key(job_id))
         pipe.zrem(self.index_key, job_id)
         pipe.zrem(self.live_key, job_id)
-        pipe.hincrby(self.metrics + "submitted", task, -1)
+        pipe.hincrby(self.keys.metrics_submitted, task, -1)
         return then(pipe.execute(), lambda _: None)

@@ -11,7 +11,7 @@ replicas); those get the family's prefix in `ARGV` instead: the `*_prefix` prope
 (e.g. `array_prefix` + id == `array(id)`).
 
 Celery's own keys (the queue lists, kombu's unacked bookkeeping) are named by Celery and kombu
-from the queue names in `shared/settings.py`; `queue_lists` spells the lists of one queue.
+from the queue names in `shared/settings.py`; `queue_keys` spells the lists of one queue.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from functools import lru_cache
 # Redis transport priority steps (kombu): a queue's messages live in `name` and `name\x06\x16N`.
 _KOMBU_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+# kombu's Redis transport keeps delivered, unacked messages here (Channel.unacked_key and
+# unacked_index_key; forklift sets no global key prefix, so they are not under ours):
+UNACKED = "unacked"  # hash: delivery tag -> [message, exchange, routing key]; kombu writes
+UNACKED_INDEX = "unacked_index"  # zset: delivery tag -> delivery time; kombu writes
 
 
 class Keys:
@@ -207,7 +211,7 @@ class Keys:
         return self.metrics_prefix + "array_bytes"
 
 
-def queue_lists(queue: str) -> list[str]:
+def queue_keys(queue: str) -> list[str]:
     """list: the Redis lists holding one Celery queue's messages (one per priority step);
     kombu writes them (the names are kombu's, not under the prefix)."""
     return [queue if p == 0 else f"{queue}{_KOMBU_SEP}{p}" for p in KOMBU_PRIORITY_STEPS]

@@ -14,8 +14,8 @@ Layout, under `<prefix>:metrics:`:
     tp:<t // 10>         string  jobs finished in that 10 s slot (expires after ~1 h)
     array_bytes          hash  "upload" / "download" -> bytes of .npy bodies over HTTP
 
-Worker presence (`<prefix>:workers`, `<prefix>:worker:<name>`) comes from
-`worker/heartbeat.py`, shared-memory use from the array registry's kept figures
+The key names are `shared/keys.py`'s (`Keys.metrics_*`). Worker presence comes from
+`shared/workers.py`, shared-memory use from the array registry's kept figures
 (`shared/arrays/store.py`): the byte counter `shm_bytes:<domain>` and the size of the ledger
 `shm_ledger:<domain>` (one entry per segment counted against the cap). A scrape costs a fixed
 number of commands per domain and worker, never one per array (no one may make `/metrics`,
@@ -30,7 +30,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.keys import KOMBU_PRIORITY_STEPS, queue_keys
+from shared.schemas import WorkerSeen
 from shared.settings import Settings
+from shared.workers import WorkerStore
 
 # Job run time buckets (seconds): CPU jobs run from milliseconds to the hour limit.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -39,15 +42,6 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 THROUGHPUT_SLOT_S = 10
 THROUGHPUT_KEEP_S = 3900
-
-# Redis transport priority steps (kombu): a queue's messages live in `name` and `name\x06\x16N`.
-_KOMBU_SEP = "\x06\x16"
-_KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
-
-
-def metrics_prefix(settings: Settings) -> str:
-    return settings.key("metrics", "")
-
 
 # Shared by the scripts that end a job: call before the job's status is overwritten.
 #   job: job key, before: status being left ('lost' = never really ran), status: new final
@@ -98,17 +92,6 @@ return out
 
 
 @dataclass
-class WorkerState:
-    name: str
-    domain: str
-    concurrency: int
-    pid: int
-    started_at: float
-    last_seen: float
-    online: bool
-
-
-@dataclass
 class Snapshot:
     """Everything `/metrics` and the dashboard show, read in a few round trips."""
 
@@ -118,7 +101,7 @@ class Snapshot:
     # task -> (non-cumulative bucket counts, len(DURATION_BUCKETS) + 1; sum; count)
     durations: dict[str, tuple[list[int], float, int]] = field(default_factory=dict)
     running: dict[str, dict[str, Any]] = field(default_factory=dict)
-    workers: list[WorkerState] = field(default_factory=list)
+    workers: list[WorkerSeen] = field(default_factory=list)
     queues: dict[str, int] = field(default_factory=dict)
     shm_bytes: dict[str, int] = field(default_factory=dict)
     shm_segments: dict[str, int] = field(default_factory=dict)
@@ -159,27 +142,24 @@ def _parse_durations(raw: dict[str, str]) -> dict[str, tuple[list[int], float, i
     return out
 
 
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists holding one Celery queue's messages (one per priority step)."""
-    return [queue if p == 0 else f"{queue}{_KOMBU_SEP}{p}" for p in _KOMBU_PRIORITY_STEPS]
-
-
 async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) -> Snapshot:
     """Read every figure (async Redis client). Raises the client's errors when Redis is down."""
-    m = metrics_prefix(settings)
+    keys = settings.keys
     now = time.time()
     running_script = client.register_script(_RUNNING)
 
     pipe = client.pipeline(transaction=False)
-    pipe.hgetall(m + "submitted")
-    pipe.hgetall(m + "finished")
-    pipe.hgetall(m + "duration")
-    pipe.hgetall(m + "array_bytes")
-    pipe.zrange(settings.key("workers"), 0, -1, withscores=True)
-    submitted, finished, durations, array_bytes, workers = await pipe.execute()
-    running_flat = await running_script(keys=[m + "running"], args=[settings.key("job", "")])
+    pipe.hgetall(keys.metrics_submitted)
+    pipe.hgetall(keys.metrics_finished)
+    pipe.hgetall(keys.metrics_duration)
+    pipe.hgetall(keys.metrics_array_bytes)
+    submitted, finished, durations, array_bytes = await pipe.execute()
+    running_flat = await running_script(keys=[keys.metrics_running], args=[keys.job_prefix])
+    # Offline ones too, for a while: a worker that crashed without leaving shows as down
+    # (then long gone, not worth a line).
+    workers = await WorkerStore(client, settings).seen(3 * stale_after, stale_after)
 
-    snap = Snapshot(now=now)
+    snap = Snapshot(now=now, workers=workers)
     snap.submitted = {k: int(v) for k, v in submitted.items()}
     snap.finished = {_split(k): int(v) for k, v in finished.items()}
     snap.durations = _parse_durations(durations)
@@ -190,35 +170,11 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
         except ValueError:
             snap.running[running_flat[i]] = {}
 
-    names = [name for name, _ in workers]
-    infos = await client.mget([settings.key("worker", n) for n in names]) if names else []
-    for (name, seen), raw in zip(workers, infos, strict=True):
-        info: dict[str, Any] = {}
-        if raw:
-            try:
-                info = json.loads(raw)
-            except ValueError:
-                info = {}
-        online = bool(raw) and seen >= now - stale_after
-        if not online and seen < now - 3 * stale_after:
-            continue  # long gone (crashed without deregistering): not worth a line
-        snap.workers.append(
-            WorkerState(
-                name=name,
-                domain=str(info.get("domain", "")),
-                concurrency=int(info.get("concurrency") or 0),
-                pid=int(info.get("pid") or 0),
-                started_at=float(info.get("started_at") or 0.0),
-                last_seen=float(seen),
-                online=online,
-            )
-        )
-
     domains = sorted(set(snap.domains()) | {settings.shm_domain})
     pipe = client.pipeline(transaction=False)
     for domain in domains:
-        pipe.get(settings.key("shm_bytes", domain))
-        pipe.hlen(settings.key("shm_ledger", domain))
+        pipe.get(keys.shm_bytes(domain))
+        pipe.hlen(keys.shm_ledger(domain))
     queues = [settings.queue, *(settings.domain_queue(d) for d in domains)]
     for queue in queues:
         for key in queue_keys(queue):
@@ -230,7 +186,7 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
         if segments:
             snap.shm_segments[domain] = int(segments)
     depths = replies[2 * len(domains) :]
-    steps = len(_KOMBU_PRIORITY_STEPS)
+    steps = len(KOMBU_PRIORITY_STEPS)
     for i, queue in enumerate(queues):
         snap.queues[queue] = sum(int(n) for n in depths[i * steps : (i + 1) * steps])
     return snap
@@ -239,11 +195,11 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
 async def read_throughput(client: Any, settings: Settings, slots: int = 60) -> list[int]:
     """Jobs finished in each of the last `slots` 10 s slots, oldest first (current included)."""
     current = math.floor(time.time() / THROUGHPUT_SLOT_S)
-    keys = [metrics_prefix(settings) + f"tp:{current - i}" for i in range(slots - 1, -1, -1)]
+    keys = [settings.keys.metrics_throughput(current - i) for i in range(slots - 1, -1, -1)]
     return [int(v or 0) for v in await client.mget(keys)]
 
 
 async def count_array_bytes(client: Any, settings: Settings, direction: str, n: int) -> None:
     """Add `n` bytes to the upload or download counter."""
     if n > 0:
-        await client.hincrby(metrics_prefix(settings) + "array_bytes", direction, n)
+        await client.hincrby(settings.keys.metrics_array_bytes, direction, n)

@@ -36,6 +36,18 @@ def then(value: Any, parse: Callable[[Any], R]) -> Any:
     return parse(value)
 
 
+def ready(client: AnyRedis, value: T) -> Any:
+    """`value` as a store method returns it without a round trip: awaitable for an async
+    client (the caller awaits every method of an async store), the value itself for a sync one."""
+    if isinstance(client, aioredis.Redis):
+
+        async def finish() -> T:
+            return value
+
+        return finish()
+    return value
+
+
 _CLIENT_OPTIONS: dict[str, Any] = {
     "decode_responses": True,
     "socket_connect_timeout": 3,

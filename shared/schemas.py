@@ -113,14 +113,38 @@ class Progress(BaseModel):
     note: str = ""
 
 
-class WorkerInfo(BaseModel):
-    hostname: str = ""
+class WorkerProcess(BaseModel):
+    """A worker process and the shm domain it serves: what every view of a worker shares."""
+
     pid: int = 0
     domain: str = ""
 
 
-class JobView(BaseModel):
-    """A job as clients see it (`GET /jobs/{id}`)."""
+class WorkerInfo(WorkerProcess):
+    """Where a job ran (the host and pid of the child that ran it)."""
+
+    hostname: str = ""
+
+
+class WorkerPresence(WorkerProcess):
+    """A worker's heartbeat record (`Keys.worker`): written by `worker/heartbeat.py`, read
+    through `shared/workers.py:WorkerStore`."""
+
+    name: str
+    concurrency: int = 0
+    started_at: float = 0.0
+    api_url: str = Field("", description="the internal API URL of the worker's domain")
+
+
+class WorkerSeen(WorkerPresence):
+    """A presence record with its last beat: `GET /cluster`, `/metrics`, routing."""
+
+    last_seen: float = Field(description="unix time of the last heartbeat")
+    online: bool = True
+
+
+class JobBase(BaseModel):
+    """The fields a job has both as stored (`shared/jobstore.py:JobRecord`) and as shown."""
 
     id: str
     task: str
@@ -133,8 +157,13 @@ class JobView(BaseModel):
     progress: Progress | None = None
     error: str | None = None
     result: Any = None
-    worker: WorkerInfo | None = None
     attempts: int = 0
+
+
+class JobView(JobBase):
+    """A job as clients see it (`GET /jobs/{id}`)."""
+
+    worker: WorkerInfo | None = None
 
 
 class JobBatchView(BaseModel):

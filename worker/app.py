@@ -1,12 +1,12 @@
-"""The Celery app. `celery -A worker.app worker --pool=prefork` runs it.
+"""The worker's Celery app. `celery -A worker.app worker --pool=prefork` runs it.
 
 BLAS/OpenMP thread counts are pinned to one *before* NumPy can be imported, so N prefork
-children use N cores instead of N x cores threads fighting over them.
+children use N cores instead of N x cores threads fighting over them. The configuration is
+`shared/celery_app.py`'s; this module adds only the worker's process setup and its task.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 for _var in (
@@ -19,69 +19,7 @@ for _var in (
 ):
     os.environ.setdefault(_var, "1")
 
-from celery import Celery  # noqa: E402
-
-from shared.settings import Settings, get_settings  # noqa: E402
-
-TASK_NAME = "forklift.run_job"
-
-
-def celery_config(settings: Settings) -> dict[str, object]:
-    """Celery settings derived from forklift's; kept apart so tests can read them."""
-    hard_limit = settings.job_time_limit + settings.job_kill_grace
-    # With late acks, Redis redelivers a message unacked for longer than the visibility
-    # timeout. Keep it above the hard limit so a long job is never run twice; the margin is
-    # how long the job of a vanished worker (SIGKILL, power loss) waits to be delivered again.
-    visibility = math.ceil(hard_limit + settings.redelivery_margin)
-    transport: dict[str, object] = {
-        "visibility_timeout": visibility,
-        # kombu sweeps for such messages every interval x throttle seconds (default 10 x 10);
-        # sweep every interval instead, so redelivery follows the timeout closely.
-        "unacked_restore_interval": max(1, min(10, visibility // 4)),
-        "unacked_restore_throttle": 1,
-    }
-    return {
-        "broker_url": settings.redis_url,
-        "result_backend": settings.redis_url,
-        "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
-        "broker_connection_retry_on_startup": True,
-        "broker_connection_timeout": 3,
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
-        "result_accept_content": ["json"],
-        "event_serializer": "json",
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        "task_ignore_result": True,
-        "task_soft_time_limit": settings.job_time_limit,
-        "task_time_limit": hard_limit,
-        "task_default_queue": settings.queue,
-        "task_publish_retry_policy": {
-            "max_retries": 2,
-            "interval_start": 0,
-            "interval_step": 0.2,
-            "interval_max": 0.5,
-        },
-        "worker_concurrency": settings.worker_concurrency,
-        "worker_max_tasks_per_child": settings.max_tasks_per_child or None,
-        # Off by default: each event is one more Redis publish per job. Flower switches them
-        # on at runtime (its `enable_events` control command); FORKLIFT_CELERY_EVENTS=true
-        # keeps them on from the start.
-        "worker_send_task_events": settings.celery_events,
-        "task_send_sent_event": settings.celery_events,
-        "worker_hijack_root_logger": False,
-        "imports": ("worker.tasks",),
-    }
-
-
-def create_app(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    app = Celery("forklift", set_as_current=True)
-    app.conf.update(celery_config(settings))
-    return app
-
+from shared.celery_app import create_app  # noqa: E402
 
 app = create_app()
+app.conf.imports = ("worker.tasks",)

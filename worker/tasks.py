@@ -11,11 +11,12 @@ from celery.worker.request import Request
 
 from shared import logs
 from shared.arrays import pool
+from shared.celery_app import TASK_NAME
 from shared.registry import load_job_modules
 from shared.schemas import JobStatus, TaskPayload
 from shared.settings import get_settings
 from worker import cancel, heartbeat, runner
-from worker.app import TASK_NAME, app
+from worker.app import app
 from worker.runtime import runtime
 
 log = logging.getLogger("forklift.worker")

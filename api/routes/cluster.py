@@ -13,22 +13,15 @@ from pydantic import BaseModel, Field
 
 from api.deps import Owner, State
 from api.topology import read_cluster
+from shared.schemas import WorkerSeen
 
 router = APIRouter(tags=["health"])
-
-
-class ClusterWorker(BaseModel):
-    name: str
-    pid: int
-    concurrency: int
-    last_seen: float = Field(description="unix time of the last heartbeat")
-    started_at: float
 
 
 class ClusterDomain(BaseModel):
     domain: str
     api_url: str = Field("", description="the domain's internal API URL, as its workers report")
-    workers: list[ClusterWorker]
+    workers: list[WorkerSeen]
     concurrency: int = Field(description="worker processes in the domain")
     segments: int = Field(
         description="segments counted against the domain's cap: arrays, replicas, uploads"
@@ -44,7 +37,7 @@ class Cluster(BaseModel):
     domains: list[ClusterDomain]
 
 
-@router.get("/cluster", response_model=Cluster)
+@router.get("/cluster", summary="List the shm domains and their workers", response_model=Cluster)
 async def cluster(state: State, _: Owner) -> Any:
     """Every shm domain with a live worker or arrays in shared memory."""
     views = await read_cluster(state.redis, state.settings)
@@ -57,16 +50,7 @@ async def cluster(state: State, _: Owner) -> Any:
             ClusterDomain(
                 domain=v.domain,
                 api_url=urls[0] if urls else "",
-                workers=[
-                    ClusterWorker(
-                        name=w.name,
-                        pid=w.pid,
-                        concurrency=w.concurrency,
-                        last_seen=w.last_seen,
-                        started_at=w.started_at,
-                    )
-                    for w in sorted(v.workers, key=lambda w: w.name)
-                ],
+                workers=sorted(v.workers, key=lambda w: w.name),
                 concurrency=sum(w.concurrency for w in v.workers),
                 segments=v.segments,
                 bytes=v.shm_bytes,

@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from api.deps import Owner, State
 from shared.metrics import THROUGHPUT_SLOT_S, read_snapshot, read_throughput
 from shared.redis_io import REDIS_ERRORS
-from worker.heartbeat import STALE_AFTER_S
+from shared.workers import STALE_AFTER_S
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 RECENT_JOBS = 25
@@ -57,19 +57,30 @@ async def dashboard_asset(name: str) -> Any:
     return FileResponse(STATIC / name, media_type=media_type, headers=_NO_STORE)
 
 
+# What the page shows of a job: never params or results (the state may be public).
+_FIELDS = (
+    "task",
+    "status",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "error",
+    "hostname",
+    "pid",
+    "domain",
+    "progress",
+    "owner",
+)
+
+
 async def _recent_jobs(state: Any, now: float, owner: str | None) -> list[dict[str, Any]]:
-    client, settings = state.redis, state.settings
-    ids = await client.zrevrange(settings.key("jobs"), 0, RECENT_JOBS - 1)
-    if not ids:
-        return []
-    fields = ("task", "status", "created_at", "started_at", "finished_at", "error", "hostname")
-    pipe = client.pipeline(transaction=False)
-    for job_id in ids:
-        pipe.hmget(settings.key("job", job_id), *fields, "pid", "domain", "progress", "owner")
-    rows = await pipe.execute()
+    ids = await state.jobs.recent_ids(RECENT_JOBS)
+    rows = await state.jobs.fields(ids, _FIELDS)
     out = []
     for job_id, row in zip(ids, rows, strict=True):
-        task, status, created, started, finished, error, host, pid, domain, progress, who = row
+        task, status, created, started, finished, error, host, pid, domain, progress, who = (
+            row[name] for name in _FIELDS
+        )
         if status is None:
             continue  # expired record
         if owner is not None and (who or "") != owner:
@@ -107,14 +118,11 @@ async def _visible_running(
 ) -> dict[str, dict[str, Any]]:
     if owner is None or not running:
         return running
-    pipe = state.redis.pipeline(transaction=False)
-    for job_id in running:
-        pipe.hget(state.settings.key("job", job_id), "owner")
-    owners = await pipe.execute()
+    rows = await state.jobs.fields(list(running), ("owner",))
     return {
         job_id: entry
-        for (job_id, entry), who in zip(running.items(), owners, strict=True)
-        if (who or "") == owner
+        for (job_id, entry), row in zip(running.items(), rows, strict=True)
+        if (row["owner"] or "") == owner
     }
 
 

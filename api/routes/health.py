@@ -9,22 +9,47 @@ A failed check is never reused, so Redis going down shows within `FRESH_S`.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from api.deps import State
 from api.errors import RETRY_AFTER_S
 from shared.redis_io import REDIS_ERRORS
-from worker.heartbeat import STALE_AFTER_S, workers_key
+from shared.schemas import ErrorDetail
+from shared.workers import WorkerStore
 
 router = APIRouter(tags=["health"])
 
 FRESH_S = 0.5
 
 
-@router.get("/healthz", responses={503: {"description": "Redis is down"}})
+class Health(BaseModel):
+    """Redis answers; `no_workers` while no worker is online (jobs then wait in the queue)."""
+
+    status: Literal["ok", "no_workers"]
+    redis: bool
+    workers: int = Field(description="workers online (each a pool of processes)")
+    shm_domain: str = Field(description="this API's shm domain")
+
+
+class HealthDown(BaseModel):
+    """Redis does not answer."""
+
+    status: Literal["unavailable"]
+    redis: bool
+    workers: None
+    error: ErrorDetail
+
+
+@router.get(
+    "/healthz",
+    summary="Check that the API and Redis answer",
+    response_model=Health,
+    responses={503: {"description": "Redis is down", "model": HealthDown}},
+)
 async def healthz(state: State) -> Any:
     """200 while Redis answers (even with no worker online: jobs then wait in the queue)."""
     settings = state.settings
@@ -33,9 +58,7 @@ async def healthz(state: State) -> Any:
         if cached is not None and time.monotonic() - cached[0] < FRESH_S:
             workers = cached[1]
         else:  # one round trip: the count proves Redis answers, no PING needed
-            workers = await state.redis.zcount(
-                workers_key(settings), time.time() - STALE_AFTER_S, "+inf"
-            )
+            workers = await WorkerStore(state.redis, settings).count_online()
             state.last_good_health = (time.monotonic(), workers)
     except REDIS_ERRORS:
         state.last_good_health = None

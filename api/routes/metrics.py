@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import State
 from shared.metrics import DURATION_BUCKETS, Snapshot, count_array_bytes, read_snapshot
 from shared.redis_io import REDIS_ERRORS
-from worker.heartbeat import STALE_AFTER_S
+from shared.workers import STALE_AFTER_S
 
 log = logging.getLogger("forklift.api")
 

@@ -26,6 +26,7 @@ from shared.arrays import pool
 from shared.arrays.replicas import sweep_replicas
 from shared.arrays.segments import list_segments, unlink_own
 from shared.arrays.store import ArrayStore
+from shared.jobstore import JobStore
 from shared.settings import Settings
 
 log = logging.getLogger("forklift.janitor")
@@ -56,7 +57,7 @@ class SweepReport:
 
 def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> SweepReport | None:
     """One pass; None when another process of this domain holds the janitor lock."""
-    lock = settings.key("janitor", settings.shm_domain)
+    lock = settings.keys.janitor(settings.shm_domain)
     ttl = max(1, int(settings.janitor_interval))
     if not force and not client.set(lock, "1", nx=True, ex=ttl):
         return None
@@ -104,7 +105,7 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
     sweep_replicas(client, settings)  # copies of other domains' arrays
     report.bytes_in_use = store.recount(unledgered)
     report.pool_trimmed = pool.trim(settings, idle_s=max(POOL_IDLE_S, settings.janitor_interval))
-    client.zremrangebyscore(settings.key("jobs"), 0, now - settings.job_ttl)
+    JobStore(client, settings).trim_index(now - settings.job_ttl)
     if report.expired or report.orphan_segments or report.orphan_records:
         log.info(
             "janitor: freed %d expired, unlinked %d orphan segments, dropped %d orphan records",

@@ -29,7 +29,7 @@ import numpy as np
 import redis
 
 from shared.jobstore import JobStore
-from shared.metrics import queue_keys
+from shared.keys import queue_keys
 from shared.settings import Settings
 from tests import stack
 from tests.http_api import FINAL, submit, upload, wait
@@ -299,7 +299,7 @@ def test_revoked_jobs_end_cancelled_and_release_their_inputs() -> None:
         assert wait(http, blocker)["status"] == "cancelled"
 
         # Revoked with terminate while running: the child is killed, the record ends.
-        from worker.app import create_app
+        from shared.celery_app import create_app
 
         running = submit(http, "inspect_input", inputs={"a": a}, hold=30.0)
         wait_status(lc, running, "running")

@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import redis
 
-from api.topology import live_domains
 from shared.arrays.replicas import TOKEN_HEADER, ReplicaStore, read_stats
 from shared.arrays.store import ArrayStore
 from shared.schemas import ArrayRef
 from shared.settings import Settings
+from shared.workers import WorkerStore
 from tests import stack
 from tests.http_api import load_npy, submit, upload, wait
 
@@ -116,9 +116,9 @@ def _start_b(env: dict[str, str], port: int, name: str) -> stack.Proc:
 
 
 def _worker_info(client: redis.Redis, settings: Settings, name: str) -> dict | None:
-    for member in client.zrange(settings.key("workers"), 0, -1):
+    for member in client.zrange(settings.keys.workers, 0, -1):
         if member.startswith(f"{name}@"):
-            raw = client.get(settings.key("worker", member))
+            raw = client.get(settings.keys.worker(member))
             return json.loads(raw) if raw else None
     return None
 
@@ -282,7 +282,9 @@ def test_without_a_workers_b_pulls_once_and_reuses_its_copy(cluster: Cluster) ->
     x_id = cluster.arrays["x"]
     cluster.worker_a.stop()
     stack.wait_until(
-        lambda: cluster.a.shm_domain not in live_domains(cluster.redis, cluster.settings),
+        lambda: (
+            cluster.a.shm_domain not in WorkerStore(cluster.redis, cluster.settings).live_domains()
+        ),
         15,
         interval=0.2,
         what="A's worker to leave the heartbeats",
@@ -385,7 +387,7 @@ def test_pull_without_the_internal_token_fails_clearly_and_leaves_nothing(
     replicas = ReplicaStore(client, here)
     assert not client.exists(replicas.key(array_id))
     assert client.scard(replicas.index_key) == 0
-    assert int(client.get(here.key("shm_bytes", "here")) or 0) == 0
+    assert int(client.get(here.keys.shm_bytes("here")) or 0) == 0
     assert replicas.segment_name(array_id) not in stack.segments(here.shm_prefix)
     owner.drop(array_id)
     client.close()

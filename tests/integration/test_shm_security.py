@@ -65,7 +65,7 @@ class Secure:
         )
 
     def counter(self) -> int:
-        return int(self.redis.get(self.settings.key("shm_bytes", self.settings.shm_domain)) or 0)
+        return int(self.redis.get(self.settings.keys.shm_bytes(self.settings.shm_domain)) or 0)
 
     def sweep(self) -> janitor.SweepReport:
         """One janitor pass, the API's own code, run here to control when it happens."""
@@ -242,7 +242,7 @@ def test_a_slow_download_survives_delete_and_reuse(secure: Secure, route: str) -
         stack.wait_until(
             lambda: segment not in stack.segments(secure.prefix), 20, what="segment freed"
         )
-        assert not secure.redis.exists(secure.settings.key("array", array_id))
+        assert not secure.redis.exists(secure.settings.keys.array(array_id))
         for newcomer in newcomers:
             assert a.get(f"/arrays/{newcomer}/meta").status_code == 200
             _delete(a, newcomer)
@@ -509,7 +509,7 @@ def test_client_segments_must_be_the_stacks_own_at_commit(secure: Secure) -> Non
 def _truth(secure: Secure) -> int:
     """Bytes the domain holds: array segments in /dev/shm plus reservations without one."""
     held = 0
-    for key in secure.redis.scan_iter(secure.settings.key("array", "*")):
+    for key in secure.redis.scan_iter(secure.settings.keys.array("*")):
         nbytes, segment = secure.redis.hmget(key, "nbytes", "segment")
         if nbytes is None:
             continue
@@ -660,12 +660,12 @@ def test_the_counter_stays_exact_under_concurrent_reserves_recounts_and_drops(
 def test_a_recount_adopts_arrays_from_before_the_ledger(secure: Secure) -> None:
     """Records made by a version without the ledger are counted by the next recount."""
     assert secure.counter() == 0
-    ledger = secure.settings.key("shm_ledger", secure.settings.shm_domain)
+    ledger = secure.settings.keys.shm_ledger(secure.settings.shm_domain)
     with secure.client(KEY_A) as a:
         meta = upload(a, np.ones(4 * MiB // 8))
         # What an older stack left: the record and its segment, no ledger entry, not counted.
         assert secure.redis.hdel(ledger, meta["id"]) == 1
-        secure.redis.decrby(secure.settings.key("shm_bytes", secure.settings.shm_domain), 4 * MiB)
+        secure.redis.decrby(secure.settings.keys.shm_bytes(secure.settings.shm_domain), 4 * MiB)
         assert secure.counter() == 0
         secure.sweep()
         assert secure.counter() == 4 * MiB
@@ -680,7 +680,7 @@ def test_a_download_whose_lease_was_lost_ends_short(secure: Secure) -> None:
     original = np.arange(8 * MiB, dtype=np.float64)
     with secure.client(KEY_A) as a:
         array_id = streamed_upload(a, original)["id"]
-        readers = secure.settings.key("readers", array_id)
+        readers = secure.settings.keys.readers(array_id)
         with a.stream("GET", f"/arrays/{array_id}", timeout=120) as response:
             stream = response.iter_raw(1 << 16)
             got = len(next(stream))

@@ -1,0 +1,74 @@
+"""The Celery app, as configuration (like Celery's `proj/celery.py`): both sides build it here.
+
+The API publishes with its own app from `create_app` (`api/enqueue.py`); the worker's process
+(`worker/app.py`) pins BLAS threads first, builds one and adds the module of its task. Nothing
+here imports NumPy or the worker, so importing the API leaves the process as it was.
+"""
+
+from __future__ import annotations
+
+import math
+
+from celery import Celery
+
+from shared.settings import Settings, get_settings
+
+TASK_NAME = "forklift.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    """Celery settings derived from forklift's; kept apart so tests can read them."""
+    hard_limit = settings.job_time_limit + settings.job_kill_grace
+    # With late acks, Redis redelivers a message unacked for longer than the visibility
+    # timeout. Keep it above the hard limit so a long job is never run twice; the margin is
+    # how long the job of a vanished worker (SIGKILL, power loss) waits to be delivered again.
+    visibility = math.ceil(hard_limit + settings.redelivery_margin)
+    transport: dict[str, object] = {
+        "visibility_timeout": visibility,
+        # kombu sweeps for such messages every interval x throttle seconds (default 10 x 10);
+        # sweep every interval instead, so redelivery follows the timeout closely.
+        "unacked_restore_interval": max(1, min(10, visibility // 4)),
+        "unacked_restore_throttle": 1,
+    }
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_soft_time_limit": settings.job_time_limit,
+        "task_time_limit": hard_limit,
+        "task_default_queue": settings.queue,
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_max_tasks_per_child": settings.max_tasks_per_child or None,
+        # Off by default: each event is one more Redis publish per job. Flower switches them
+        # on at runtime (its `enable_events` control command); FORKLIFT_CELERY_EVENTS=true
+        # keeps them on from the start.
+        "worker_send_task_events": settings.celery_events,
+        "task_send_sent_event": settings.celery_events,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from forklift's settings (publishers and workers alike)."""
+    settings = settings or get_settings()
+    app = Celery("forklift", set_as_current=True)
+    app.conf.update(celery_config(settings))
+    return app
