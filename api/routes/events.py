@@ -80,6 +80,7 @@ async def _stream(state: AppState, job_id: str, first: JobRecord) -> AsyncIterat
 
 @router.get(
     "/{job_id}/events",
+    summary="Follow a job's events",
     response_class=StreamingResponse,
     responses={
         200: {

@@ -13,13 +13,18 @@ from shared.schemas import TaskInfo
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
 
-@router.get("", response_model=list[TaskInfo])
+@router.get("", summary="List the tasks", response_model=list[TaskInfo])
 async def list_tasks() -> Any:
     """Every job this stack runs, with its params' JSON schema and its array inputs."""
     return [spec.describe() for spec in all_jobs()]
 
 
-@router.get("/{name}", response_model=TaskInfo)
+@router.get(
+    "/{name}",
+    summary="Describe a task",
+    response_model=TaskInfo,
+    responses={404: {"description": "unknown task"}},
+)
 async def describe_task(name: str) -> Any:
     spec = get_job(name)
     if spec is None:
