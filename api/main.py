@@ -12,7 +12,7 @@ from typing import Any
 from anyio import to_thread
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, openapi
 from api.deps import AppState
 from api.enqueue import publish
 from api.events import JobEventHub
@@ -167,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="CPU-heavy Python and NumPy jobs behind an HTTP API",
         version="0.1.0",
         lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
     )
     # Inner to outer: body cap, body deadline, per-key counts, open-API guard, metrics.
     app.add_middleware(
@@ -179,7 +180,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(KeyLimitMiddleware, settings=settings)
     app.add_middleware(OpenBindGuard, settings=settings)
-    errors.install(app, secured=bool(settings.api_keys))
+    errors.install(app)
+    openapi.curate(app, secured=bool(settings.api_keys))
     for module in (jobs, events, shm, arrays, tasks, health, dashboard, cluster, internal):
         app.include_router(module.router)
     metrics.install(app)  # /metrics, and the outermost middleware: times every request
