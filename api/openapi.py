@@ -118,8 +118,13 @@ def _curate_operation(path: str, method: str, op: dict[str, Any], secured: bool)
 
 
 def curate(app: FastAPI, secured: bool) -> None:
-    """Install the curated document as `app.openapi` (built once, on first request)."""
-    build = app.openapi
+    """Install the curated document as `app.openapi` (built once, on first request).
+
+    Built from FastAPI's own generator, whatever `app.openapi` was before.
+    """
+
+    def build() -> dict[str, Any]:
+        return FastAPI.openapi(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
