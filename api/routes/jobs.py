@@ -17,6 +17,7 @@ from api.arrays_io import free_arrays, npy_response
 from api.deps import AppState, Owner, State, load_job
 from api.enqueue import enqueue_many
 from api.errors import ApiError, not_found
+from api.openapi import LOCATION
 from shared.arrays.store import ArrayRecord
 from shared.jobstore import JobRecord
 from shared.registry import InputError, LimitError, get_job
@@ -143,9 +144,13 @@ async def _submit(state: AppState, jobs: list[_Prepared], owner: str) -> list[Jo
 
 @router.post(
     "",
+    summary="Submit a job",
     status_code=202,
     response_model=JobView,
-    responses={404: {"description": "unknown array"}, 422: {"description": "invalid job"}},
+    responses={
+        202: {"description": "queued; `Location` is the job's path", "headers": LOCATION},
+        422: {"description": "unknown task, bad params, inputs or timeout, unknown array"},
+    },
 )
 async def submit_job(body: JobSubmission, state: State, owner: Owner, response: Response) -> Any:
     """Validate a job, queue it, and answer at once with its id (`Location: /jobs/{id}`)."""
@@ -157,6 +162,7 @@ async def submit_job(body: JobSubmission, state: State, owner: Owner, response: 
 
 @router.post(
     "/batch",
+    summary="Submit many jobs at once",
     status_code=202,
     response_model=JobBatchView,
     responses={422: {"description": "an invalid job: none is queued"}},
@@ -175,7 +181,12 @@ async def submit_jobs(body: JobBatch, state: State, owner: Owner) -> Any:
     return JobBatchView(jobs=await _submit(state, prepared, owner))
 
 
-@router.post("/wait", response_model=JobBatchView, responses={404: {"description": "unknown job"}})
+@router.post(
+    "/wait",
+    summary="Wait for many jobs",
+    response_model=JobBatchView,
+    responses={404: {"description": "unknown job"}},
+)
 async def wait_for_jobs(body: JobWait, state: State, owner: Owner) -> Any:
     """Long-poll many jobs at once: answers when all (or, with `any`, one) have ended, or
     after `wait` seconds, with every job's current view in the order asked."""
@@ -236,7 +247,12 @@ async def _wait_for_end(state: AppState, job_id: str, owner: str, wait: float) -
     return record
 
 
-@router.get("/{job_id}", response_model=JobView, responses={404: {"description": "unknown job"}})
+@router.get(
+    "/{job_id}",
+    summary="Get a job's status",
+    response_model=JobView,
+    responses={404: {"description": "unknown job"}},
+)
 async def get_job_status(
     job_id: str,
     state: State,
@@ -252,6 +268,7 @@ async def get_job_status(
 
 @router.get(
     "/{job_id}/result",
+    summary="Get a job's result",
     responses={
         200: {
             "description": "the JSON result, or the .npy stream of an array result",
@@ -285,6 +302,7 @@ async def get_job_result(
 
 @router.delete(
     "/{job_id}",
+    summary="Cancel a job",
     response_model=JobView,
     responses={404: {"description": "unknown job"}, 409: {"description": "already ended"}},
 )
