@@ -73,6 +73,17 @@ def test_secrets_dir_supplies_keys_and_tokens(tmp_path: Path) -> None:
     assert [k.get_secret_value() for k in over.api_keys] == ["e1"]
 
 
+def test_kubernetes_secret_volume_layout(tmp_path: Path) -> None:
+    """A mounted Secret: each key a symlink through `..data` to a timestamped folder."""
+    version = tmp_path / "..2026_12_02_01_00_00.000000001"
+    version.mkdir()
+    (version / "forklift_api_keys").write_text("k8s-key")
+    (tmp_path / "..data").symlink_to(version.name)
+    (tmp_path / "forklift_api_keys").symlink_to("..data/forklift_api_keys")
+    settings = Settings.from_env({"FORKLIFT_SECRETS_DIR": str(tmp_path)})
+    assert [k.get_secret_value() for k in settings.api_keys] == ["k8s-key"]
+
+
 def test_a_named_secrets_dir_must_exist(tmp_path: Path) -> None:
     with pytest.raises(SettingsFileError, match="FORKLIFT_SECRETS_DIR"):
         Settings.from_env({"FORKLIFT_SECRETS_DIR": str(tmp_path / "missing")})
