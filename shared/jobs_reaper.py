@@ -199,7 +199,7 @@ class _Pass:
         return routing_key == queue or routing_key.startswith(queue + ".")
 
     def read_unacked(self) -> None:
-        entries = self.client.hgetall(UNACKED)
+        entries = {str(k): str(v) for k, v in self.client.hgetall(UNACKED).items()}
         if not entries:
             return
         tags = list(entries)
@@ -295,7 +295,7 @@ class _Pass:
         if stale:
             pipe.hdel(key, *stale)
         if self.suspects:
-            pipe.hset(key, mapping=self.suspects)
+            pipe.hset(key, items=[x for pair in self.suspects.items() for x in pair])
         pipe.execute()
         self.report.suspects = len(self.suspects)
 
@@ -303,9 +303,9 @@ class _Pass:
 
     def free(self, array_ids: list[str]) -> None:
         for array_id in array_ids:
-            segment = self.arrays.drop(array_id)
-            if segment:
-                pool.release(segment, self.settings)
+            dropped = self.arrays.drop(array_id)
+            if dropped:
+                pool.release(dropped.segment, self.settings, owner=dropped.owner)
 
     def queue_list(self, message: _Message) -> str:
         """The list kombu's `_do_restore_message` pushes to: the bound queue (priority 0)."""
@@ -399,16 +399,16 @@ class _Pass:
     # --- the pass ------------------------------------------------------------------------
 
     def run(self) -> ReapReport:
-        self.old_suspects = {
-            k: v for k, v in self.client.hgetall(self.settings.keys.reaper).items() if k[:2] == "s:"
-        }
+        kept = self.client.hgetall(self.settings.keys.reaper)
+        self.old_suspects = {str(k): str(v) for k, v in kept.items() if str(k)[:2] == "s:"}
         self.read_workers()
         self.read_unacked()
         old = self.now - self.lost_after
-        live = set(
-            self.client.zrangebyscore(self.jobs.live_key, "-inf", old, start=0, num=MAX_EXAMINED)
+        oldest = self.client.zrangebyscore(
+            self.jobs.live_key, "-inf", old, start=0, num=MAX_EXAMINED
         )
-        running = self.client.hkeys(self.settings.keys.metrics_running)
+        live = {str(job_id) for job_id in oldest}
+        running = [str(k) for k in self.client.hkeys(self.settings.keys.metrics_running)]
         job_ids = list(dict.fromkeys([*live, *running, *self.unacked]))
         records = self.read_records(job_ids)
 
@@ -441,7 +441,8 @@ class _Pass:
                     queued[job_id] = rec
             else:  # ended
                 stale = message is not None and message.since < old
-                if stale and not self.held_by_live_worker(job_id) and self.drop(message):
+                held = self.held_by_live_worker(job_id)
+                if stale and message is not None and not held and self.drop(message):
                     self.report.dropped_acks.append(job_id)
                 if rec["released"]:
                     if job_id in live:

@@ -380,8 +380,8 @@ class JobStore:
         that the job's worker still holds it); `token` names this attempt: only its holder may
         finish the record, and a call retried after a lost reply is recognised.
         """
-        args = [repr(time.time()), hostname, pid, domain, self.settings.job_max_attempts]
-        args += [self.metrics, node, token or uuid.uuid4().hex]
+        args: list[str | int | float] = [repr(time.time()), hostname, pid, domain]
+        args += [self.settings.job_max_attempts, self.metrics, node, token or uuid.uuid4().hex]
         args += [self.keys.array_prefix, self.settings.janitor_interval]
         args += [self.settings.job_ttl]
         keys = [self.key(job_id), self.events_channel, self.live_key]

@@ -8,7 +8,10 @@ place keeps reading what the old code wrote), so a name changes only on purpose.
 Lua scripts take their keys in `KEYS`. A few scripts must derive keys from ids they only learn
 while running (a job's input arrays, the running-jobs sweep, the live-worker read, a domain's
 replicas); those get the family's prefix in `ARGV` instead: the `*_prefix` properties below
-(e.g. `array_prefix` + id == `array(id)`).
+(e.g. `array_prefix` + id == `array(id)`). The job scripts also get `metrics_prefix` rather
+than the metrics keys themselves: the throughput slot's name comes from the script's clock, and
+one Lua function (`shared/metrics.py:LUA_JOB_ENDED`) bumps them for five scripts whose `KEYS`
+differ.
 
 Celery's own keys (the queue lists, kombu's unacked bookkeeping) are named by Celery and kombu
 from the queue names in `shared/settings.py`; `queue_keys` spells the lists of one queue.
@@ -115,7 +118,7 @@ class Keys:
         return self._k("shm_ledger", "")
 
     def register(self, array_id: str) -> str:
-        """string (with TTL): an open `POST /arrays/register` reservation; `api/routes/shm.py`."""
+        """string (with TTL): an open `POST /arrays/register` reservation; RegistrationStore."""
         return self._k("register", array_id)
 
     def registered_bytes(self, owner: str) -> str:

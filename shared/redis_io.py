@@ -9,7 +9,7 @@ written once.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
@@ -19,8 +19,6 @@ from shared.settings import Settings
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-MaybeAwaitable = T | Awaitable[T]
 
 AnyRedis = redis.Redis | aioredis.Redis
 

@@ -94,7 +94,8 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
         elif not ledgered:
             unledgered.append(array_id)
 
-    for array_id in client.zrange(store.expiry_key, 0, -1):
+    expiring = [str(i) for i in client.zrange(store.expiry_key, 0, -1)]
+    for array_id in expiring:
         if array_id in present:
             continue
         domain, created_at = client.hmget(store.key(array_id), "domain", "created_at")
