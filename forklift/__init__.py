@@ -1,14 +1,20 @@
-"""forklift's Python client: sync (`Client`) and asyncio (`AsyncClient`), on httpx.
+"""forklift, the library: the Python client (`Client`, `AsyncClient`) and the job decorator.
 
     from forklift import Client
-    with Client("http://127.0.0.1:8000") as fl:
+    with Client() as fl:                       # FORKLIFT_URL, FORKLIFT_API_KEY, or the local stack
         print(fl.submit("fib", n=30).result())
 
-See docs/client.md for the reference and the `forklift` command line.
+    from forklift import AsyncClient
+    async with AsyncClient() as fl:
+        print(await fl.submit("fib", n=30).result())
+
+Jobs are written with `@job` (and `ArraySpec` for array inputs): docs/jobs.md. The client's
+reference is docs/client.md; `AsyncClient` is written by hand (forklift/_async/) and `Client`
+generated from it (forklift/_sync/, by `python -m forklift._unasync`).
 """
 
-from forklift._async.client import AsyncClient, AsyncJob
-from forklift._sync.client import Client, Job
+from forklift._async.client import AsyncClient, AsyncJob, async_as_completed
+from forklift._sync.client import Client, Job, as_completed
 from forklift.errors import (
     ForkliftError,
     InvalidRequest,
@@ -21,9 +27,13 @@ from forklift.errors import (
     Unavailable,
 )
 from forklift.handles import ArrayHandle
+from shared.registry import ArraySpec, job
+from shared.schemas import ArrayInput, JobStatus, JobView, Progress, TaskInfo
 
 __all__ = [
     "ArrayHandle",
+    "ArrayInput",
+    "ArraySpec",
     "AsyncClient",
     "AsyncJob",
     "Client",
@@ -33,8 +43,15 @@ __all__ = [
     "JobCancelled",
     "JobError",
     "JobFailed",
+    "JobStatus",
+    "JobView",
     "NotFound",
+    "Progress",
     "ServerError",
+    "TaskInfo",
     "Timeout",
     "Unavailable",
+    "as_completed",
+    "async_as_completed",
+    "job",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,13 +22,30 @@ from forklift.errors import (
     retry_after,
 )
 from forklift.handles import ArrayHandle
+from shared.schemas import ArrayInput, JobStatus, JobView
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+URL_ENV, API_KEY_ENV = "FORKLIFT_URL", "FORKLIFT_API_KEY"
 USER_AGENT = "forklift-client/0.1"
 POLL_S = 30.0  # one long-poll; the server caps it at FORKLIFT_MAX_WAIT (60 s by default)
 SSE_READ_S = 45.0  # the server sends a keep-alive every 15 s
 SHM_THRESHOLD = 1 << 20  # auto mode registers arrays at least this big
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def resolve_url(url: str | None) -> str:
+    """`url`, else `FORKLIFT_URL`, else the local stack (an empty value means unset)."""
+    return (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """`api_key`, else `FORKLIFT_API_KEY`, else none (an open stack)."""
+    return api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def is_final(view: JobView | None) -> bool:
+    """The job has ended (a final view never changes again)."""
+    return view is not None and view.status.is_final
 
 
 def headers_for(api_key: str | None) -> dict[str, str]:
@@ -66,6 +84,8 @@ def split_arguments(arguments: Mapping[str, Any]) -> Arguments:
     for name, value in arguments.items():
         if isinstance(value, ArrayHandle):
             out.handles[name] = value.id
+        elif isinstance(value, ArrayInput):
+            out.handles[name] = value.array
         elif isinstance(value, np.ndarray):
             out.arrays[name] = value
         else:
@@ -120,13 +140,13 @@ def array_metas(value: Any) -> list[dict[str, Any]]:
     return found
 
 
-def raise_for_outcome(job_id: str, view: dict[str, Any]) -> None:
-    """JobFailed / JobCancelled for a job that ended without a result."""
-    status = view.get("status")
-    if status == "failed":
-        raise JobFailed(view.get("error") or "the job failed", job_id=job_id, view=view)
-    if status == "cancelled":
-        raise JobCancelled(view.get("error") or "the job was cancelled", job_id=job_id, view=view)
+def outcome_error(view: JobView) -> JobFailed | JobCancelled | None:
+    """The JobFailed / JobCancelled of a job that ended without a result, else None."""
+    if view.status == JobStatus.failed:
+        return JobFailed(view.error or "the job failed", job_id=view.id, view=view)
+    if view.status == JobStatus.cancelled:
+        return JobCancelled(view.error or "the job was cancelled", job_id=view.id, view=view)
+    return None
 
 
 class Deadline:

@@ -7,14 +7,19 @@ ForkliftError                 base; .message, .code, .status, .detail
 │   └── Unavailable           503, or the server could not be reached
 ├── JobError                  the job ended without a result; .job_id, .view
 │   ├── JobFailed             it raised (or timed out); .message is the server's error
-│   └── JobCancelled          it was cancelled
+│   └── JobCancelled          it was cancelled (also concurrent.futures.CancelledError)
 └── Timeout                   waiting took longer than the timeout given (also TimeoutError)
+
+The two "also"s let code written for `concurrent.futures` catch what it expects.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import CancelledError
 from typing import Any
+
+from shared.schemas import JobView
 
 
 class ForkliftError(Exception):
@@ -57,18 +62,17 @@ class Unavailable(ServerError):
 class JobError(ForkliftError):
     """The job ended without a result."""
 
-    def __init__(self, message: str, *, job_id: str, view: dict[str, Any] | None = None) -> None:
-        status = view.get("status") if view else None
-        super().__init__(message, code=f"job_{status}" if status else None)
+    def __init__(self, message: str, *, job_id: str, view: JobView | None = None) -> None:
+        super().__init__(message, code=f"job_{view.status.value}" if view else None)
         self.job_id = job_id
-        self.view = view or {}
+        self.view = view
 
 
 class JobFailed(JobError):
     """The job raised; `message` is the server's error text, e.g. 'ValueError: ...'."""
 
 
-class JobCancelled(JobError):
+class JobCancelled(JobError, CancelledError):
     """The job was cancelled before it finished."""
 
 

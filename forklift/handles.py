@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
+from shared.schemas import ArrayInput, ArrayMeta
 
-@dataclass(frozen=True)
-class ArrayHandle:
-    """A server-side array by id, with its metadata. Pass it to `submit` to reuse it."""
 
-    id: str
-    shape: tuple[int, ...]
-    dtype: str
-    order: str = "C"
-    nbytes: int = 0
-    domain: str = ""
-    segment: str = ""
-    created_at: float = 0.0
-    expires_at: float = 0.0
+class ArrayHandle(ArrayMeta):
+    """A server-side array: its `ArrayMeta` (id, shape, dtype, ...). Pass it to `submit` to
+    reuse the array; `str(handle)` is its id. An array known only by its id is passed as
+    `ArrayInput(array=id)`."""
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> ArrayHandle:
+    def from_meta(cls, meta: Mapping[str, Any]) -> ArrayHandle:
         """From the server's array metadata (`ArrayMeta`, or a job's `{"array": meta}`)."""
-        return cls(
-            id=str(meta["id"]),
-            shape=tuple(int(d) for d in meta.get("shape", ())),
-            dtype=str(meta.get("dtype", "")),
-            order=str(meta.get("order", "C")),
-            nbytes=int(meta.get("nbytes", 0)),
-            domain=str(meta.get("domain", "")),
-            segment=str(meta.get("segment", "")),
-            created_at=float(meta.get("created_at", 0.0)),
-            expires_at=float(meta.get("expires_at", 0.0)),
-        )
+        return cls.model_validate(meta)
 
     def __str__(self) -> str:
         return self.id
 
 
-def array_id(ref: ArrayHandle | str) -> str:
-    return ref.id if isinstance(ref, ArrayHandle) else str(ref)
+def array_id(ref: ArrayHandle | ArrayInput | str) -> str:
+    if isinstance(ref, ArrayHandle):
+        return ref.id
+    if isinstance(ref, ArrayInput):
+        return ref.array
+    return str(ref)

@@ -9,10 +9,12 @@ allow_pickle=False)` semantics), allocates the array once and copies each chunk 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -53,7 +55,7 @@ def npy_chunks(arr: np.ndarray, chunk_size: int = CHUNK) -> Iterator[bytes | mem
     if arr.nbytes == 0:
         return
     if arr.flags.c_contiguous or arr.flags.f_contiguous:
-        flat = memoryview(arr.ravel(order="K").view(np.uint8))
+        flat = arr.ravel(order="K").view(np.uint8).data
         for start in range(0, len(flat), chunk_size):
             yield flat[start : start + chunk_size]
         return
@@ -62,19 +64,30 @@ def npy_chunks(arr: np.ndarray, chunk_size: int = CHUNK) -> Iterator[bytes | mem
     rows = max(1, chunk_size // max(row_bytes, 1))
     for start in range(0, arr.shape[0], rows):
         block = np.ascontiguousarray(arr[start : start + rows])
-        yield memoryview(block.reshape(-1).view(np.uint8))
+        yield block.reshape(-1).view(np.uint8).data
 
 
-async def anpy_chunks(arr: np.ndarray, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+async def async_npy_chunks(
+    arr: np.ndarray, chunk_size: int = CHUNK
+) -> AsyncIterator[bytes | memoryview]:
     """npy_chunks for httpx.AsyncClient (which wants an async iterable)."""
     for chunk in npy_chunks(arr, chunk_size):
-        yield chunk  # type: ignore[misc]
+        yield chunk
 
 
 def file_chunks(path: str | os.PathLike[str], chunk_size: int = CHUNK) -> Iterator[bytes]:
     """A .npy file as it is on disk (already the wire format), read a chunk at a time."""
     with Path(path).open("rb") as f:
         while chunk := f.read(chunk_size):
+            yield chunk
+
+
+async def async_file_chunks(
+    path: str | os.PathLike[str], chunk_size: int = CHUNK
+) -> AsyncIterator[bytes]:
+    """file_chunks for httpx.AsyncClient: each read in a thread, off the event loop."""
+    with Path(path).open("rb") as f:
+        while chunk := await asyncio.to_thread(f.read, chunk_size):
             yield chunk
 
 
@@ -107,7 +120,7 @@ class NpyReader:
                     raise ForkliftError("the server sent a .npy header over 64 KiB")
                 return
             self._flat = np.empty(self.header.nbytes, dtype=np.uint8)
-            self._buffer = memoryview(self._flat)
+            self._buffer = self._flat.data
             rest = bytes(self._prefix[self.header.header_len :])
             self._prefix = bytearray()
             self._write(rest)
@@ -135,9 +148,10 @@ class NpyReader:
         if self._buffer is not None:
             self._buffer.release()
             self._buffer = None
+        order: Literal["C", "F"] = "F" if header.order == "F" else "C"
         if math.prod(header.shape) == 0:
-            return np.empty(header.shape, dtype=header.dtype, order=header.order)
-        return self._flat.view(header.dtype).reshape(header.shape, order=header.order)
+            return np.empty(header.shape, dtype=header.dtype, order=order)
+        return self._flat.view(header.dtype).reshape(header.shape, order=order)
 
 
 def read_npy(chunks: Iterable[bytes]) -> np.ndarray:

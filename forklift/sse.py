@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forklift.errors import error_from_response
+from shared.schemas import JobView, Progress
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,19 @@ class SseParser:
         return None
 
 
-def event_item(name: str, data: str) -> dict[str, Any] | None:
-    """The dict a client yields for one event: `{"event": name, **data}`; error events raise."""
+def event_item(name: str, data: str) -> JobView | Progress | None:
+    """What a client yields for one event: the `JobView` of a `status` event, the `Progress`
+    of a `progress` one; None for what it does not know; an `error` event raises."""
     try:
-        payload = json.loads(data)
+        payload: Any = json.loads(data)
     except ValueError:
         return None
     if name == "error":
         raise error_from_response(404, data.encode())
     if not isinstance(payload, dict):
         return None
-    return {"event": name, **payload}
+    if name == "status":
+        return JobView.model_validate(payload)
+    if name == "progress" and isinstance(payload.get("progress"), dict):
+        return Progress.model_validate(payload["progress"])
+    return None

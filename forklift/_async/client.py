@@ -1,38 +1,72 @@
-"""The asyncio client: `AsyncClient`, `AsyncJob`; the same methods as `Client`, awaited.
+"""The asyncio client, `AsyncClient` and `AsyncJob`: forklift's one hand-written client.
 
-async with AsyncClient("http://127.0.0.1:8000") as fl:
-    job = await fl.submit("matmul", a=x, b=y)
-    c = await job.result(timeout=60)
-    async for event in job.events(): ...
+    async with AsyncClient() as fl:                    # FORKLIFT_URL, FORKLIFT_API_KEY
+        c = await fl.submit("matmul", a=x, b=y).result(timeout=60)
+
+Jobs are futures. `submit` returns an `AsyncJob` at once, as `Executor.submit` returns a
+`Future`: the submission (uploading the ndarray arguments, then `POST /jobs`) runs as a task
+on the running loop, and every method of the job awaits it first, raising its error if it
+failed; `await job` waits for the submission alone and gives the job back. Hence
+`await fl.submit(...).result()` in one expression, and `[fl.submit(...) for ...]` submits
+side by side. The job's methods follow `concurrent.futures.Future`: `done()`, `running()`,
+`cancelled()`, `result(timeout)`, `exception(timeout)`, `cancel()` (a bool) and
+`add_done_callback(fn)`; here those that ask the server are coroutines.
+`async_as_completed(jobs, timeout)` yields jobs as they end. Views are the API's pydantic
+models (`JobView`, `Progress`, `TaskInfo`), array handles its `ArrayMeta`.
+
+The blocking client (`forklift/_sync/client.py`: `Client`, `Job`, `as_completed`) is generated
+from this file by `python -m forklift._unasync`, as httpcore generates its `_sync` from its
+`_async`: edit here, regenerate, and tests/unit/test_client_generated.py passes again. The
+generator renames (`AsyncX` → `X`, `async_x` → `x`, `aread` → `read`...) and drops `async`
+and `await`; so this source spells the async member of each `forklift._concurrency` pair, and
+keeps what only asyncio has between `# unasync: async-only` and `# unasync: end`. There,
+`submit` has already run when it returns, raising the submission's error itself.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import logging
 import os
+import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
+from concurrent.futures import InvalidStateError
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-import anyio
 import httpx
 import numpy as np
 
 from forklift import common
+from forklift._concurrency import (
+    AsyncPending,
+    AsyncWatcher,
+    async_offload,
+    async_sleep,
+    async_watch,
+)
 from forklift.common import Backoff, Deadline, worth_retrying
 from forklift.errors import (
     ForkliftError,
     InvalidRequest,
+    JobCancelled,
     JobError,
+    JobFailed,
     NotFound,
     ServerError,
     Unavailable,
     error_from_response,
 )
 from forklift.handles import ArrayHandle, array_id
-from forklift.npy_stream import CHUNK, NPY, NpyReader, anpy_chunks, npy_length
+from forklift.npy_stream import (
+    CHUNK,
+    NPY,
+    NpyReader,
+    async_file_chunks,
+    async_npy_chunks,
+    npy_length,
+)
 from forklift.same_host import (
     RecycledSegmentUnavailable,
     discard_segment,
@@ -43,101 +77,289 @@ from forklift.same_host import (
 from forklift.sse import SseParser, event_item
 from shared.arrays import mappings
 from shared.arrays.segments import ShmFullError
+from shared.schemas import ArrayInput, JobBatchView, JobStatus, JobView, Progress, TaskInfo
 
-MAP_CONCURRENCY = 32
+log = logging.getLogger("forklift")
+
+ArrayOrId = ArrayHandle | ArrayInput | str  # an array by handle, by `{"array": id}` or by id
 
 
 class AsyncJob:
-    """A submitted job; `await job.result()` waits for it, `job.events()` follows it live."""
+    """A job on the server, followed as a `concurrent.futures.Future` follows a call.
+
+    `result()` waits for it and gives its value, `events()` follows it live, `view` is the
+    `JobView` last seen (None before the first answer).
+    """
 
     def __init__(
-        self, client: AsyncClient, job_id: str, task: str | None = None, view: dict | None = None
+        self,
+        client: AsyncClient,
+        job_id: str | None = None,
+        *,
+        task: str | None = None,
+        view: JobView | None = None,
+        submission: AsyncPending[JobView] | None = None,
     ) -> None:
         self.client = client
-        self.id = job_id
-        self.task = task or (view or {}).get("task")
-        self.view: dict[str, Any] = view or {}
+        self.task = task or (view.task if view else None)
+        self._id = job_id or (view.id if view else None)
+        self._view = view
+        self._submission = submission
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[AsyncJob], object]] = []
+        self._called_back = False
+        self._watcher: AsyncWatcher | None = None
 
     def __repr__(self) -> str:
-        return f"<AsyncJob {self.id} {self.task} {self.view.get('status', '?')}>"
+        status = self._view.status.value if self._view else "?"
+        return f"<AsyncJob {self._id or '(submitting)'} {self.task} {status}>"
 
-    async def status(self) -> dict[str, Any]:
-        self.view = await self.client._get_json(f"/jobs/{self.id}", retry=True)
-        return self.view
+    @property
+    def id(self) -> str:
+        """The job's id, known once its submission is through."""
+        self._take_submission()
+        if self._id is None:
+            raise InvalidStateError(f"the {self.task} job has no id until it is submitted")
+        return self._id
+
+    @property
+    def view(self) -> JobView | None:
+        self._take_submission()
+        return self._view
+
+    def _take_submission(self) -> None:
+        if self._submission is not None and (view := self._submission.peek()) is not None:
+            self._seen(view)
+            self._submission = None
+
+    def _seen(self, view: JobView) -> None:
+        self._view, self._id = view, view.id
+        self.task = self.task or view.task
+
+    async def _submitted(self) -> str:
+        """The job's id once its submission is through; the submission's error if it failed."""
+        if self._submission is not None:
+            self._seen(await self._submission.get())
+            self._submission = None
+        return self.id
+
+    # unasync: async-only
+    def __await__(self) -> Generator[Any, None, AsyncJob]:
+        """`job = await fl.submit(...)`: the job once submitted (nothing more is waited for)."""
+        return self._self().__await__()
+
+    async def _self(self) -> AsyncJob:
+        await self._submitted()
+        return self
+
+    # unasync: end
+
+    async def status(self) -> JobView:
+        """The job as the server sees it now (status, progress, timings, error, result)."""
+        job_id = await self._submitted()
+        view = JobView.model_validate(await self.client._get_json(f"/jobs/{job_id}", retry=True))
+        self._seen(view)
+        return view
+
+    async def _latest(self) -> JobView:
+        """The final view if it is known already (it never changes again), else `status()`."""
+        view = self.view
+        return view if common.is_final(view) and view is not None else await self.status()
 
     async def done(self) -> bool:
-        return (await self.status())["status"] in common.FINAL
+        """True once the job has ended: succeeded, failed or cancelled."""
+        view = await self._latest()
+        return view.status.is_final
 
-    async def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Until the job ends (long-polls, retrying through outages); its final view."""
+    async def running(self) -> bool:
+        view = await self._latest()
+        return view.status == JobStatus.running
+
+    async def cancelled(self) -> bool:
+        view = await self._latest()
+        return view.status == JobStatus.cancelled
+
+    async def wait(self, timeout: float | None = None) -> JobView:
+        """Until the job ends; its final view (no exception for failed jobs).
+
+        Long-polls `GET /jobs/{id}?wait=S`, retrying with backoff through connection errors
+        and 503s. Raises `Timeout` when `timeout` seconds pass first.
+        """
+        job_id = await self._submitted()
         deadline = Deadline(timeout)
-        while True:
+        view = self.view
+        while view is None or not view.status.is_final:
             wait = deadline.poll()
-            view = await self.client._get_json(
-                f"/jobs/{self.id}",
-                params={"wait": round(wait, 3)},
-                timeout=self.client.timeout + wait,
-                retry=True,
-                deadline=deadline,
+            view = JobView.model_validate(
+                await self.client._get_json(
+                    f"/jobs/{job_id}",
+                    params={"wait": round(wait, 3)},
+                    timeout=self.client.timeout + wait,
+                    retry=True,
+                    deadline=deadline,
+                )
             )
-            self.view = view
-            if view["status"] in common.FINAL:
-                return view
-            if deadline.expired():
-                raise deadline.timeout_error(f"job {self.id}")
+            self._seen(view)
+            if not view.status.is_final and deadline.expired():
+                raise deadline.timeout_error(f"job {job_id}")
+        return view
 
     async def result(self, timeout: float | None = None, *, download: bool = True) -> Any:
-        """The JSON value or ndarray; JobFailed / JobCancelled / Timeout otherwise."""
+        """Wait, then the job's JSON value, or an ndarray for an array result.
+
+        Raises `JobFailed` (with the server's error text), `JobCancelled` or `Timeout`.
+        With `download=False`, array results come back as `ArrayHandle`s to pass on.
+        """
         view = await self.wait(timeout)
-        common.raise_for_outcome(self.id, view)
-        return await self.client._materialize(self, view.get("result"), download)
+        error = common.outcome_error(view)
+        if error is not None:
+            raise error
+        return await self.client._materialize(view, download)
 
-    async def cancel(self) -> dict[str, Any]:
-        self.view = (await self.client._request("DELETE", f"/jobs/{self.id}")).json()
-        return self.view
+    async def exception(self, timeout: float | None = None) -> JobFailed | None:
+        """Wait, then the job's `JobFailed` if it failed, None if it succeeded; a cancelled
+        job raises `JobCancelled`, as `Future.exception` raises `CancelledError`."""
+        error = common.outcome_error(await self.wait(timeout))
+        if isinstance(error, JobCancelled):
+            raise error
+        return error
 
-    async def events(self, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Live state and progress, as `Job.events` (an async iterator)."""
+    async def cancel(self) -> bool:
+        """Cancel the job, a running one interrupted: True if it is now cancelled, False if
+        it had already succeeded or failed."""
+        job_id = await self._submitted()
+        try:
+            response = await self.client._request("DELETE", f"/jobs/{job_id}")
+        except InvalidRequest as exc:
+            if exc.status != 409:  # 409: it has already ended
+                raise
+            view = await self.status()
+            return view.status == JobStatus.cancelled
+        self._seen(JobView.model_validate(response.json()))
+        return True
+
+    def add_done_callback(self, fn: Callable[[AsyncJob], object]) -> None:
+        """Call `fn(job)` once the job has ended, as `Future.add_done_callback` does: now if
+        it is known to have ended, else from a watcher that long-polls the job (a task on
+        the running loop; a daemon thread for `Client`). If the waiting itself fails (the
+        server stays away), `fn` is called all the same and `result()` raises why.
+        Exceptions raised by `fn` are logged and ignored."""
+        with self._lock:
+            now = self._called_back or common.is_final(self.view)
+            if not now:
+                self._callbacks.append(fn)
+                if self._watcher is None:
+                    self._watcher = async_watch(self.wait, self._run_callbacks)
+        if now:
+            self._call(fn)
+
+    def _run_callbacks(self) -> None:
+        with self._lock:
+            callbacks, self._callbacks, self._called_back = self._callbacks, [], True
+        for fn in callbacks:
+            self._call(fn)
+
+    def _call(self, fn: Callable[[AsyncJob], object]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            log.exception("the done callback of %r raised", self)
+
+    async def events(self, timeout: float | None = None) -> AsyncIterator[JobView | Progress]:
+        """Live state and progress: a `JobView` for each change of state (the first is the
+        current one, the last the final one) and a `Progress` for each progress report.
+        Reconnects after connection errors (the current state is then sent again)."""
+        job_id = await self._submitted()
         deadline = Deadline(timeout)
         backoff = Backoff(self.client.retry_window)
         http_timeout = httpx.Timeout(self.client.timeout, read=common.SSE_READ_S)
         while True:
             try:
                 async with self.client._http.stream(
-                    "GET", f"/jobs/{self.id}/events", timeout=http_timeout
+                    "GET", f"/jobs/{job_id}/events", timeout=http_timeout
                 ) as response:
                     if response.status_code >= 400:
                         await response.aread()
-                        await asyncio.sleep(backoff.after_error_response(response, deadline))
+                        await async_sleep(backoff.after_error_response(response, deadline))
                         continue
                     parser = SseParser()
                     async for line in response.aiter_lines():
                         event = parser.feed(line)
                         if event is None:
                             if deadline.expired():
-                                raise deadline.timeout_error(f"job {self.id}")
+                                raise deadline.timeout_error(f"job {job_id}")
                             continue
                         backoff.reset()
                         item = event_item(event.event, event.data)
                         if item is None:
                             continue
-                        if item["event"] == "status":
-                            self.view = {k: v for k, v in item.items() if k != "event"}
+                        if isinstance(item, JobView):
+                            self._seen(item)
                         yield item
-                        if item.get("status") in common.FINAL:
+                        if isinstance(item, JobView) and item.status.is_final:
                             return
                         if deadline.expired():
-                            raise deadline.timeout_error(f"job {self.id}")
+                            raise deadline.timeout_error(f"job {job_id}")
             except httpx.TransportError as exc:
-                await asyncio.sleep(backoff.next_delay(f"event stream lost: {exc}", deadline))
+                await async_sleep(backoff.next_delay(f"event stream lost: {exc}", deadline))
+
+
+async def async_as_completed(
+    jobs: Iterable[AsyncJob], timeout: float | None = None
+) -> AsyncIterator[AsyncJob]:
+    """The jobs as they end, like `concurrent.futures.as_completed`: first those known to
+    have ended, then each as `POST /jobs/wait` with `any` reports it. Raises `Timeout` (a
+    TimeoutError) when `timeout` seconds pass first. The jobs come from one client; past
+    the first `common.BATCH` (long-polled), the rest are looked at between the polls."""
+    deadline = Deadline(timeout)
+    pending: dict[str, AsyncJob] = {}
+    for job in jobs:
+        pending.setdefault(await job._submitted(), job)
+    clients = {id(job.client) for job in pending.values()}
+    if len(clients) > 1:
+        raise ValueError("as_completed: the jobs come from more than one client")
+    for job_id, job in list(pending.items()):
+        if common.is_final(job.view):
+            del pending[job_id]
+            yield job
+    while pending:
+        client = next(iter(pending.values())).client
+        ids = list(pending)
+        views: list[JobView] = []
+        for later in common.chunks(ids[common.BATCH :]):
+            views += await client._wait_views(later, 0, any_ended=True)
+        if not any(view.status.is_final for view in views):
+            views += await client._wait_views(
+                ids[: common.BATCH], deadline.poll(), any_ended=True, deadline=deadline
+            )
+        for view in views:
+            job = pending[view.id]
+            job._seen(view)
+            if view.status.is_final:
+                del pending[view.id]
+                yield job
+        if pending and deadline.expired():
+            raise deadline.timeout_error(f"{len(pending)} job(s)")
 
 
 class AsyncClient:
-    """The asyncio twin of `Client` (same arguments, same methods, awaited)."""
+    """A forklift client on httpx: arrays in and out, jobs submitted and awaited.
+
+    `url`: the API (else `FORKLIFT_URL`, else http://127.0.0.1:8000); `api_key`: one of the
+    stack's FORKLIFT_API_KEYS, sent as a Bearer token (else `FORKLIFT_API_KEY`);
+    `timeout`: seconds for one ordinary request (long-polls add their wait);
+    `free_on_close`: when the client closes (or its `with` block ends), delete every array
+    it uploaded with `put_array` and every array result it fetched;
+    `shared_memory`: True registers arrays through shared memory (same host only), False
+    always uploads over HTTP, None (default) registers arrays of 1 MiB or more when the
+    server is in this process's shm domain;
+    `retry_window`: how long idempotent calls retry through connection errors, 503s and
+    429s with Retry-After (a per-key limit of the server; past the window, raised as is).
+    """
 
     def __init__(
         self,
-        url: str = common.DEFAULT_URL,
+        url: str | None = None,
         api_key: str | None = None,
         *,
         timeout: float = 30.0,
@@ -146,20 +368,22 @@ class AsyncClient:
         retry_window: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = common.resolve_url(url)
         self.timeout = timeout
         self.free_on_close = free_on_close
         self.shared_memory = shared_memory
         self.retry_window = retry_window
         self._http = httpx.AsyncClient(
             base_url=self.url,
-            headers=common.headers_for(api_key),
+            headers=common.headers_for(common.resolve_api_key(api_key)),
             timeout=timeout,
             transport=transport,
         )
         self._owned: dict[str, None] = {}
         self._shm_info: dict[str, Any] | None = None
         self._shm_checked = False
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -179,10 +403,9 @@ class AsyncClient:
             await self._http.aclose()
             mappings.sweep()  # kept mappings of segments freed meanwhile (submit's inputs)
 
-    close = aclose
-
     @property
     def owned_arrays(self) -> list[str]:
+        """Ids of the arrays this client uploaded or fetched as results and still holds."""
         return list(self._owned)
 
     # -- HTTP -----------------------------------------------------------------------------
@@ -196,6 +419,8 @@ class AsyncClient:
         deadline: Deadline | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
+        """One call; idempotent ones (`retry`) go on through connection errors, 503s and
+        429s with Retry-After (a per-key limit)."""
         deadline = deadline or Deadline(None)
         backoff = Backoff(self.retry_window)
         while True:
@@ -205,19 +430,21 @@ class AsyncClient:
                 reason = f"cannot reach {self.url}: {type(exc).__name__}: {exc}"
                 if not retry:
                     raise Unavailable(reason, code="unreachable") from exc
-                await asyncio.sleep(backoff.next_delay(reason, deadline))
+                await async_sleep(backoff.next_delay(reason, deadline))
                 continue
             if retry and worth_retrying(response):  # 503, or 429 with Retry-After
-                await asyncio.sleep(backoff.after_error_response(response, deadline))
+                await async_sleep(backoff.after_error_response(response, deadline))
                 continue
             if response.status_code >= 400:
                 raise error_from_response(response.status_code, response.content, response.headers)
             return response
 
     async def _get_json(self, path: str, **kwargs: Any) -> Any:
-        return (await self._request("GET", path, **kwargs)).json()
+        response = await self._request("GET", path, **kwargs)
+        return response.json()
 
-    async def _stream_to(self, path: str, sink: Callable[[bytes], Any]) -> httpx.Headers:
+    async def _stream_to(self, path: str, sink: Callable[[bytes], object]) -> httpx.Headers:
+        """GET `path` and feed each body chunk to `sink`; retried until the body starts."""
         deadline = Deadline(None)
         backoff = Backoff(self.retry_window)
         while True:
@@ -225,14 +452,14 @@ class AsyncClient:
                 async with self._http.stream("GET", path) as response:
                     if response.status_code >= 400:
                         await response.aread()
-                        await asyncio.sleep(backoff.after_error_response(response, deadline))
+                        await async_sleep(backoff.after_error_response(response, deadline))
                         continue
                     async for chunk in response.aiter_raw(CHUNK):
                         sink(chunk)
                     return response.headers
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 reason = f"cannot reach {self.url}: {exc}"
-                await asyncio.sleep(backoff.next_delay(reason, deadline))
+                await async_sleep(backoff.next_delay(reason, deadline))
             except httpx.TransportError as exc:
                 raise Unavailable(f"download of {path} broke off: {exc}") from exc
 
@@ -246,9 +473,14 @@ class AsyncClient:
     async def put_array(
         self, arr: Any, ttl: float | None = None, *, shared_memory: bool | None = None
     ) -> ArrayHandle:
-        """As `Client.put_array`; the shared-memory copy runs in a thread."""
+        """Store an array on the server; its handle (pass it to `submit`, or `get_array`).
+
+        Over HTTP the `.npy` encoding is streamed from the array's own buffer (no encoded
+        copy). Through shared memory (same host) the array is copied once into a segment
+        this process creates and the API adopts. `ttl`: seconds (at most the server's).
+        """
         arr = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
-        npy_length(arr)
+        npy_length(arr)  # refuses unsupported dtypes before any I/O
         mode = self.shared_memory if shared_memory is None else shared_memory
         if mode is True or (mode is None and arr.nbytes >= common.SHM_THRESHOLD):
             info = await self._same_domain_info(required=mode is True)
@@ -267,29 +499,25 @@ class AsyncClient:
             "POST",
             "/arrays",
             params={"ttl": ttl} if ttl else None,
-            content=anpy_chunks(arr),
+            content=async_npy_chunks(arr),
             headers={"Content-Type": NPY, "Content-Length": str(npy_length(arr))},
         )
         return self._track(ArrayHandle.from_meta(response.json()))
 
     async def put_file(self, path: str | os.PathLike[str], ttl: float | None = None) -> ArrayHandle:
+        """Upload a `.npy` file as it is on disk (streamed; the server checks it)."""
         size = Path(path).stat().st_size
-
-        async def chunks() -> AsyncIterator[bytes]:
-            async with await anyio.open_file(path, "rb") as f:
-                while chunk := await f.read(CHUNK):
-                    yield chunk
-
         response = await self._request(
             "POST",
             "/arrays",
             params={"ttl": ttl} if ttl else None,
-            content=chunks(),
+            content=async_file_chunks(path),
             headers={"Content-Type": NPY, "Content-Length": str(size)},
         )
         return self._track(ArrayHandle.from_meta(response.json()))
 
     async def shm_info(self) -> dict[str, Any] | None:
+        """The server's `{"shm_prefix", "shm_domain", ...}`, or None if it has no such route."""
         if not self._shm_checked:
             try:
                 self._shm_info = await self._get_json("/arrays/register/info", retry=True)
@@ -306,14 +534,13 @@ class AsyncClient:
             return None
         if info.get("shm_domain") != local_domain() and not required:
             return None
-        return info
+        return info  # required and another domain: the server refuses it with its reason
 
     async def _register(
         self, arr: np.ndarray, ttl: float | None, info: dict[str, Any]
     ) -> ArrayHandle:
         """Reserve, fill, commit; a recycled segment this process cannot open: once more, fresh."""
-        # let go of kept mappings of segments freed since the last put
-        await asyncio.to_thread(mappings.sweep)
+        await async_offload(mappings.sweep)  # kept mappings of segments freed since the last put
         handle = await self._register_once(arr, ttl, info, recycle=True)
         if handle is None:
             handle = await self._register_once(arr, ttl, info, recycle=False)
@@ -324,17 +551,15 @@ class AsyncClient:
         self, arr: np.ndarray, ttl: float | None, info: dict[str, Any], *, recycle: bool
     ) -> ArrayHandle | None:
         name, ident, body = registration(arr, ttl, info["shm_prefix"], recycle=recycle)
-        reservation = (
-            await self._request(
-                "POST",
-                "/arrays/register",
-                content=common.encode_json(body),
-                headers=common.JSON_HEADERS,
-            )
-        ).json()
-        recycled = bool(reservation.get("created"))
+        reservation = await self._request(
+            "POST",
+            "/arrays/register",
+            content=common.encode_json(body),
+            headers=common.JSON_HEADERS,
+        )
+        recycled = bool(reservation.json().get("created"))
         try:
-            await asyncio.to_thread(fill_segment, name, arr, recycled=recycled)
+            await async_offload(fill_segment, name, arr, recycled=recycled)
             response = await self._request("POST", f"/arrays/register/{ident}/commit")
         except RecycledSegmentUnavailable:
             await self._abandon_registration(name, ident, recycled=True)
@@ -364,10 +589,12 @@ class AsyncClient:
         self._owned[handle.id] = None
         return handle
 
-    async def get_array(self, ref: ArrayHandle | str) -> np.ndarray:
+    async def get_array(self, ref: ArrayOrId) -> np.ndarray:
+        """Download an array (streamed into one freshly allocated ndarray)."""
         return await self._download(f"/arrays/{array_id(ref)}")
 
-    async def save_array(self, ref: ArrayHandle | str, path: str | os.PathLike[str]) -> Path:
+    async def save_array(self, ref: ArrayOrId, path: str | os.PathLike[str]) -> Path:
+        """Download an array's `.npy` bytes straight into a file (bit-exact, any size)."""
         target = Path(path)
         if target.exists() and not target.is_file():  # /dev/null, a pipe: write as it is
             with target.open("wb") as f:
@@ -383,15 +610,16 @@ class AsyncClient:
             partial.unlink(missing_ok=True)
         return target
 
-    async def write_array(self, ref: ArrayHandle | str, fileobj: Any) -> None:
-        """Stream an array's `.npy` bytes into a binary file object (written synchronously)."""
+    async def write_array(self, ref: ArrayOrId, fileobj: IO[bytes]) -> None:
+        """Stream an array's `.npy` bytes into a binary file object."""
         await self._stream_to(f"/arrays/{array_id(ref)}", fileobj.write)
 
-    async def array_meta(self, ref: ArrayHandle | str) -> ArrayHandle:
+    async def array_meta(self, ref: ArrayOrId) -> ArrayHandle:
         meta = await self._get_json(f"/arrays/{array_id(ref)}/meta", retry=True)
         return ArrayHandle.from_meta(meta)
 
-    async def delete_array(self, ref: ArrayHandle | str) -> bool:
+    async def delete_array(self, ref: ArrayOrId) -> bool:
+        """Free an array: True if freed now, False if freed when the jobs using it end."""
         ident = array_id(ref)
         try:
             response = await self._request("DELETE", f"/arrays/{ident}")
@@ -400,39 +628,41 @@ class AsyncClient:
             raise
         self._owned.pop(ident, None)
         if response.status_code == 204:  # a segment this process mapped may be unlinked now
-            await asyncio.to_thread(mappings.sweep)
+            await async_offload(mappings.sweep)
         return response.status_code == 204
 
     # -- jobs -----------------------------------------------------------------------------
 
-    async def submit(
+    def submit(
         self, task: str, arguments: Mapping[str, Any] | None = None, /, **kwargs: Any
     ) -> AsyncJob:
-        return await self.submit_job(task, {**(arguments or {}), **kwargs})
+        """Submit a job: ndarrays are uploaded, `ArrayHandle`s (or `ArrayInput(array=id)`)
+        reused, the rest are params; the job's handle.
 
-    async def submit_job(
+        `fl.submit("matmul", a=x, b=y)` or `fl.submit("fib", {"n": 30})`. Arrays uploaded
+        here are freed by the server as soon as the job ends.
+        """
+        return self.submit_job(task, {**(arguments or {}), **kwargs})
+
+    def submit_job(
         self, task: str, arguments: Mapping[str, Any], *, time_limit: float | None = None
     ) -> AsyncJob:
-        temps: list[str] = []
-        try:
-            return await self._submit(task, arguments, time_limit, {}, temps)
-        finally:
-            await self._release(temps)
+        """`submit` with the arguments as one mapping and an optional lower time limit."""
+        submission = AsyncPending(self._submit(task, arguments, time_limit))
+        return AsyncJob(self, task=task, submission=submission)
 
     async def _submit(
-        self,
-        task: str,
-        arguments: Mapping[str, Any],
-        time_limit: float | None,
-        uploaded: dict[int, tuple[np.ndarray, str]],
-        temps: list[str],
-    ) -> AsyncJob:
-        body = await self._body(task, arguments, time_limit, uploaded, temps)
-        response = await self._request(
-            "POST", "/jobs", content=common.encode_json(body), headers=common.JSON_HEADERS
-        )
-        view = response.json()
-        return AsyncJob(self, view["id"], task, view)
+        self, task: str, arguments: Mapping[str, Any], time_limit: float | None
+    ) -> JobView:
+        temps: list[str] = []
+        try:
+            body = await self._body(task, arguments, time_limit, {}, temps)
+            response = await self._request(
+                "POST", "/jobs", content=common.encode_json(body), headers=common.JSON_HEADERS
+            )
+            return JobView.model_validate(response.json())
+        finally:
+            await self._release(temps)
 
     async def _body(
         self,
@@ -449,13 +679,14 @@ class AsyncClient:
             known = uploaded.get(id(arr))
             if known is None:
                 handle = await self.put_array(arr)
-                self._owned.pop(handle.id, None)
+                self._owned.pop(handle.id, None)  # freed with the job, not by close()
                 temps.append(handle.id)
                 known = uploaded[id(arr)] = (arr, handle.id)
             inputs[name] = known[1]
         return common.submission_body(task, split.params, inputs, time_limit)
 
     async def _release(self, temps: list[str]) -> None:
+        """Ask the server to free uploads made for jobs: at once, or when those jobs end."""
         for ident in temps:
             with contextlib.suppress(ForkliftError, httpx.HTTPError):
                 await self._request("DELETE", f"/arrays/{ident}")
@@ -468,8 +699,12 @@ class AsyncClient:
         timeout: float | None = None,
         return_exceptions: bool = False,
     ) -> list[Any]:
-        """Submit every job (`POST /jobs/batch`), then wait for all of them together
-        (`POST /jobs/wait`); results in input order."""
+        """Submit one job per mapping of arguments (`POST /jobs/batch`), then wait for all
+        of them (`POST /jobs/wait`); results in input order.
+
+        The same ndarray object appearing in several mappings is uploaded once. A failed job
+        raises its JobFailed/JobCancelled (or, with `return_exceptions`, takes its place).
+        """
         jobs: list[AsyncJob] = []
         temps: list[str] = []
         uploaded: dict[int, tuple[np.ndarray, str]] = {}
@@ -482,7 +717,8 @@ class AsyncClient:
                     content=common.encode_json({"jobs": chunk}),
                     headers=common.JSON_HEADERS,
                 )
-                jobs.extend(AsyncJob(self, v["id"], task, v) for v in response.json()["jobs"])
+                views = JobBatchView.model_validate(response.json()).jobs
+                jobs.extend(AsyncJob(self, task=task, view=view) for view in views)
         except BaseException:
             for job in jobs:
                 with contextlib.suppress(ForkliftError, httpx.HTTPError):
@@ -491,69 +727,81 @@ class AsyncClient:
         finally:
             await self._release(temps)
         await self._wait_all(jobs, Deadline(timeout))
-        limit = asyncio.Semaphore(MAP_CONCURRENCY)
-
-        async def one(job: AsyncJob) -> Any:
-            async with limit:
-                try:
-                    common.raise_for_outcome(job.id, job.view)
-                    return await self._materialize(job, job.view.get("result"), True)
-                except JobError as exc:
-                    if return_exceptions:
-                        return exc
+        results: list[Any] = []
+        for job in jobs:
+            try:
+                results.append(await job.result(0))
+            except JobError as exc:
+                if not return_exceptions:
                     raise
+                results.append(exc)
+        return results
 
-        return list(await asyncio.gather(*(one(job) for job in jobs)))
+    async def _wait_views(
+        self,
+        ids: list[str],
+        wait: float,
+        *,
+        any_ended: bool = False,
+        deadline: Deadline | None = None,
+    ) -> list[JobView]:
+        """`POST /jobs/wait`: the views of `ids` once all have ended (with `any_ended`, one
+        has), or after `wait` seconds."""
+        body = {"ids": ids, "wait": round(wait, 3), "any": any_ended}
+        response = await self._request(
+            "POST",
+            "/jobs/wait",
+            content=common.encode_json(body),
+            headers=common.JSON_HEADERS,
+            timeout=self.timeout + wait,
+            retry=True,
+            deadline=deadline,
+        )
+        return JobBatchView.model_validate(response.json()).jobs
 
     async def _wait_all(self, jobs: list[AsyncJob], deadline: Deadline) -> None:
-        """Long-poll many jobs per request (`POST /jobs/wait`) until all have ended."""
-        pending = {job.id: job for job in jobs if job.view.get("status") not in common.FINAL}
+        """Long-poll many jobs per request until all have ended."""
+        pending = {job.id: job for job in jobs if not common.is_final(job.view)}
         while pending:
             wait = deadline.poll()
             for chunk in common.chunks(list(pending)):
-                response = await self._request(
-                    "POST",
-                    "/jobs/wait",
-                    content=common.encode_json({"ids": chunk, "wait": round(wait, 3)}),
-                    headers=common.JSON_HEADERS,
-                    timeout=self.timeout + wait,
-                    retry=True,
-                    deadline=deadline,
-                )
-                for view in response.json()["jobs"]:
-                    pending[view["id"]].view = view
-                    if view["status"] in common.FINAL:
-                        del pending[view["id"]]
+                for view in await self._wait_views(chunk, wait, deadline=deadline):
+                    pending[view.id]._seen(view)
+                    if view.status.is_final:
+                        del pending[view.id]
             if pending and deadline.expired():
                 raise deadline.timeout_error(f"{len(pending)} job(s)")
 
     def job(self, job_id: str) -> AsyncJob:
+        """A handle on an existing job by id (nothing is fetched yet)."""
         return AsyncJob(self, job_id)
 
-    async def _materialize(self, job: AsyncJob, value: Any, download: bool) -> Any:
+    async def _materialize(self, view: JobView, download: bool) -> Any:
+        """A succeeded job's result with its arrays downloaded (or as handles)."""
+        value = view.result
         if common.is_array_ref(value):
             handle = self._track(ArrayHandle.from_meta(value["array"]))
-            return await self._download(f"/jobs/{job.id}/result") if download else handle
-        metas = common.array_metas(value)
-        if not metas:
-            return value
-        fetched: dict[str, Any] = {}
-        for meta in metas:
+            return await self._download(f"/jobs/{view.id}/result") if download else handle
+        fetched: dict[str, np.ndarray | ArrayHandle] = {}
+        for meta in common.array_metas(value):
             handle = self._track(ArrayHandle.from_meta(meta))
             fetched[handle.id] = await self.get_array(handle) if download else handle
         return common.map_arrays(value, lambda meta: fetched[str(meta["id"])])
 
     # -- the rest -------------------------------------------------------------------------
 
-    async def tasks(self) -> list[dict[str, Any]]:
-        return await self._get_json("/tasks", retry=True)
+    async def tasks(self) -> list[TaskInfo]:
+        """Every task the stack runs, with its params' JSON schema and array inputs."""
+        infos = await self._get_json("/tasks", retry=True)
+        return [TaskInfo.model_validate(info) for info in infos]
 
-    async def task(self, name: str) -> dict[str, Any]:
-        return await self._get_json(f"/tasks/{name}", retry=True)
+    async def task(self, name: str) -> TaskInfo:
+        return TaskInfo.model_validate(await self._get_json(f"/tasks/{name}", retry=True))
 
     async def health(self) -> dict[str, Any]:
+        """`GET /healthz` (a 503 body is returned, not raised: it says what is down)."""
         try:
             response = await self._http.get("/healthz")
         except httpx.TransportError as exc:
             raise Unavailable(f"cannot reach {self.url}: {exc}", code="unreachable") from exc
-        return response.json()
+        return dict(response.json())

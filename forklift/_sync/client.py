@@ -1,29 +1,44 @@
-"""The blocking client: `Client`, `Job`. `forklift._async` has the same API with `await`.
+"""The blocking client: `Client`, `Job`, `as_completed`.
 
-with Client("http://127.0.0.1:8000") as fl:
-    job = fl.submit("matmul", a=x, b=y)        # ndarrays are uploaded for you
-    c = job.result(timeout=60)                 # long-polls; an ndarray or a JSON value
+GENERATED from forklift/_async/client.py by `python -m forklift._unasync`: do not edit this
+file. Edit the async client (its docstring says how the two differ), then run that command
+again; `--check` (and tests/unit/test_client_generated.py) tells whether this file is current.
+
+    with Client() as fl:                           # FORKLIFT_URL, FORKLIFT_API_KEY
+        job = fl.submit("matmul", a=x, b=y)        # returns once submitted
+        c = job.result(timeout=60)                 # long-polls; an ndarray or a JSON value
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import time
+import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import InvalidStateError
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import numpy as np
 
 from forklift import common
+from forklift._concurrency import (
+    Pending,
+    Watcher,
+    offload,
+    sleep,
+    watch,
+)
 from forklift.common import Backoff, Deadline, worth_retrying
 from forklift.errors import (
     ForkliftError,
     InvalidRequest,
+    JobCancelled,
     JobError,
+    JobFailed,
     NotFound,
     ServerError,
     Unavailable,
@@ -48,51 +63,121 @@ from forklift.same_host import (
 from forklift.sse import SseParser, event_item
 from shared.arrays import mappings
 from shared.arrays.segments import ShmFullError
+from shared.schemas import ArrayInput, JobBatchView, JobStatus, JobView, Progress, TaskInfo
+
+log = logging.getLogger("forklift")
+
+ArrayOrId = ArrayHandle | ArrayInput | str  # an array by handle, by `{"array": id}` or by id
 
 
 class Job:
-    """A submitted job. `result()` waits for it; `events()` follows it live."""
+    """A job on the server, followed as a `concurrent.futures.Future` follows a call.
+
+    `result()` waits for it and gives its value, `events()` follows it live, `view` is the
+    `JobView` last seen (None before the first answer).
+    """
 
     def __init__(
-        self, client: Client, job_id: str, task: str | None = None, view: dict | None = None
+        self,
+        client: Client,
+        job_id: str | None = None,
+        *,
+        task: str | None = None,
+        view: JobView | None = None,
+        submission: Pending[JobView] | None = None,
     ) -> None:
         self.client = client
-        self.id = job_id
-        self.task = task or (view or {}).get("task")
-        self.view: dict[str, Any] = view or {}
+        self.task = task or (view.task if view else None)
+        self._id = job_id or (view.id if view else None)
+        self._view = view
+        self._submission = submission
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Job], object]] = []
+        self._called_back = False
+        self._watcher: Watcher | None = None
 
     def __repr__(self) -> str:
-        return f"<Job {self.id} {self.task} {self.view.get('status', '?')}>"
+        status = self._view.status.value if self._view else "?"
+        return f"<Job {self._id or '(submitting)'} {self.task} {status}>"
 
-    def status(self) -> dict[str, Any]:
+    @property
+    def id(self) -> str:
+        """The job's id, known once its submission is through."""
+        self._take_submission()
+        if self._id is None:
+            raise InvalidStateError(f"the {self.task} job has no id until it is submitted")
+        return self._id
+
+    @property
+    def view(self) -> JobView | None:
+        self._take_submission()
+        return self._view
+
+    def _take_submission(self) -> None:
+        if self._submission is not None and (view := self._submission.peek()) is not None:
+            self._seen(view)
+            self._submission = None
+
+    def _seen(self, view: JobView) -> None:
+        self._view, self._id = view, view.id
+        self.task = self.task or view.task
+
+    def _submitted(self) -> str:
+        """The job's id once its submission is through; the submission's error if it failed."""
+        if self._submission is not None:
+            self._seen(self._submission.get())
+            self._submission = None
+        return self.id
+
+    def status(self) -> JobView:
         """The job as the server sees it now (status, progress, timings, error, result)."""
-        self.view = self.client._get_json(f"/jobs/{self.id}", retry=True)
-        return self.view
+        job_id = self._submitted()
+        view = JobView.model_validate(self.client._get_json(f"/jobs/{job_id}", retry=True))
+        self._seen(view)
+        return view
+
+    def _latest(self) -> JobView:
+        """The final view if it is known already (it never changes again), else `status()`."""
+        view = self.view
+        return view if common.is_final(view) and view is not None else self.status()
 
     def done(self) -> bool:
-        return self.status()["status"] in common.FINAL
+        """True once the job has ended: succeeded, failed or cancelled."""
+        view = self._latest()
+        return view.status.is_final
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the job ends; its final view (no exception for failed jobs).
+    def running(self) -> bool:
+        view = self._latest()
+        return view.status == JobStatus.running
+
+    def cancelled(self) -> bool:
+        view = self._latest()
+        return view.status == JobStatus.cancelled
+
+    def wait(self, timeout: float | None = None) -> JobView:
+        """Until the job ends; its final view (no exception for failed jobs).
 
         Long-polls `GET /jobs/{id}?wait=S`, retrying with backoff through connection errors
         and 503s. Raises `Timeout` when `timeout` seconds pass first.
         """
+        job_id = self._submitted()
         deadline = Deadline(timeout)
-        while True:
+        view = self.view
+        while view is None or not view.status.is_final:
             wait = deadline.poll()
-            view = self.client._get_json(
-                f"/jobs/{self.id}",
-                params={"wait": round(wait, 3)},
-                timeout=self.client.timeout + wait,
-                retry=True,
-                deadline=deadline,
+            view = JobView.model_validate(
+                self.client._get_json(
+                    f"/jobs/{job_id}",
+                    params={"wait": round(wait, 3)},
+                    timeout=self.client.timeout + wait,
+                    retry=True,
+                    deadline=deadline,
+                )
             )
-            self.view = view
-            if view["status"] in common.FINAL:
-                return view
-            if deadline.expired():
-                raise deadline.timeout_error(f"job {self.id}")
+            self._seen(view)
+            if not view.status.is_final and deadline.expired():
+                raise deadline.timeout_error(f"job {job_id}")
+        return view
 
     def result(self, timeout: float | None = None, *, download: bool = True) -> Any:
         """Wait, then the job's JSON value, or an ndarray for an array result.
@@ -101,57 +186,140 @@ class Job:
         With `download=False`, array results come back as `ArrayHandle`s to pass on.
         """
         view = self.wait(timeout)
-        common.raise_for_outcome(self.id, view)
-        return self.client._materialize(self, view.get("result"), download)
+        error = common.outcome_error(view)
+        if error is not None:
+            raise error
+        return self.client._materialize(view, download)
 
-    def cancel(self) -> dict[str, Any]:
-        """Cancel the job (a running one is interrupted); InvalidRequest if it already ended."""
-        self.view = self.client._request("DELETE", f"/jobs/{self.id}").json()
-        return self.view
+    def exception(self, timeout: float | None = None) -> JobFailed | None:
+        """Wait, then the job's `JobFailed` if it failed, None if it succeeded; a cancelled
+        job raises `JobCancelled`, as `Future.exception` raises `CancelledError`."""
+        error = common.outcome_error(self.wait(timeout))
+        if isinstance(error, JobCancelled):
+            raise error
+        return error
 
-    def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Live state and progress: dicts like `{"event": "status", **job_view}` or
-        `{"event": "progress", "status": "running", "progress": {"fraction", "note"}}`,
-        starting with the current state and ending after the final one. Reconnects after
-        connection errors (the current state is then sent again)."""
+    def cancel(self) -> bool:
+        """Cancel the job, a running one interrupted: True if it is now cancelled, False if
+        it had already succeeded or failed."""
+        job_id = self._submitted()
+        try:
+            response = self.client._request("DELETE", f"/jobs/{job_id}")
+        except InvalidRequest as exc:
+            if exc.status != 409:  # 409: it has already ended
+                raise
+            view = self.status()
+            return view.status == JobStatus.cancelled
+        self._seen(JobView.model_validate(response.json()))
+        return True
+
+    def add_done_callback(self, fn: Callable[[Job], object]) -> None:
+        """Call `fn(job)` once the job has ended, as `Future.add_done_callback` does: now if
+        it is known to have ended, else from a watcher that long-polls the job (a task on
+        the running loop; a daemon thread for `Client`). If the waiting itself fails (the
+        server stays away), `fn` is called all the same and `result()` raises why.
+        Exceptions raised by `fn` are logged and ignored."""
+        with self._lock:
+            now = self._called_back or common.is_final(self.view)
+            if not now:
+                self._callbacks.append(fn)
+                if self._watcher is None:
+                    self._watcher = watch(self.wait, self._run_callbacks)
+        if now:
+            self._call(fn)
+
+    def _run_callbacks(self) -> None:
+        with self._lock:
+            callbacks, self._callbacks, self._called_back = self._callbacks, [], True
+        for fn in callbacks:
+            self._call(fn)
+
+    def _call(self, fn: Callable[[Job], object]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            log.exception("the done callback of %r raised", self)
+
+    def events(self, timeout: float | None = None) -> Iterator[JobView | Progress]:
+        """Live state and progress: a `JobView` for each change of state (the first is the
+        current one, the last the final one) and a `Progress` for each progress report.
+        Reconnects after connection errors (the current state is then sent again)."""
+        job_id = self._submitted()
         deadline = Deadline(timeout)
         backoff = Backoff(self.client.retry_window)
         http_timeout = httpx.Timeout(self.client.timeout, read=common.SSE_READ_S)
         while True:
             try:
                 with self.client._http.stream(
-                    "GET", f"/jobs/{self.id}/events", timeout=http_timeout
+                    "GET", f"/jobs/{job_id}/events", timeout=http_timeout
                 ) as response:
                     if response.status_code >= 400:
                         response.read()
-                        time.sleep(backoff.after_error_response(response, deadline))
+                        sleep(backoff.after_error_response(response, deadline))
                         continue
                     parser = SseParser()
                     for line in response.iter_lines():
                         event = parser.feed(line)
                         if event is None:
                             if deadline.expired():
-                                raise deadline.timeout_error(f"job {self.id}")
+                                raise deadline.timeout_error(f"job {job_id}")
                             continue
                         backoff.reset()
                         item = event_item(event.event, event.data)
                         if item is None:
                             continue
-                        if item["event"] == "status":
-                            self.view = {k: v for k, v in item.items() if k != "event"}
+                        if isinstance(item, JobView):
+                            self._seen(item)
                         yield item
-                        if item.get("status") in common.FINAL:
+                        if isinstance(item, JobView) and item.status.is_final:
                             return
                         if deadline.expired():
-                            raise deadline.timeout_error(f"job {self.id}")
+                            raise deadline.timeout_error(f"job {job_id}")
             except httpx.TransportError as exc:
-                time.sleep(backoff.next_delay(f"event stream lost: {exc}", deadline))
+                sleep(backoff.next_delay(f"event stream lost: {exc}", deadline))
+
+
+def as_completed(jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
+    """The jobs as they end, like `concurrent.futures.as_completed`: first those known to
+    have ended, then each as `POST /jobs/wait` with `any` reports it. Raises `Timeout` (a
+    TimeoutError) when `timeout` seconds pass first. The jobs come from one client; past
+    the first `common.BATCH` (long-polled), the rest are looked at between the polls."""
+    deadline = Deadline(timeout)
+    pending: dict[str, Job] = {}
+    for job in jobs:
+        pending.setdefault(job._submitted(), job)
+    clients = {id(job.client) for job in pending.values()}
+    if len(clients) > 1:
+        raise ValueError("as_completed: the jobs come from more than one client")
+    for job_id, job in list(pending.items()):
+        if common.is_final(job.view):
+            del pending[job_id]
+            yield job
+    while pending:
+        client = next(iter(pending.values())).client
+        ids = list(pending)
+        views: list[JobView] = []
+        for later in common.chunks(ids[common.BATCH :]):
+            views += client._wait_views(later, 0, any_ended=True)
+        if not any(view.status.is_final for view in views):
+            views += client._wait_views(
+                ids[: common.BATCH], deadline.poll(), any_ended=True, deadline=deadline
+            )
+        for view in views:
+            job = pending[view.id]
+            job._seen(view)
+            if view.status.is_final:
+                del pending[view.id]
+                yield job
+        if pending and deadline.expired():
+            raise deadline.timeout_error(f"{len(pending)} job(s)")
 
 
 class Client:
     """A forklift client on httpx: arrays in and out, jobs submitted and awaited.
 
-    `url`: the API; `api_key`: one of the stack's FORKLIFT_API_KEYS (sent as a Bearer token);
+    `url`: the API (else `FORKLIFT_URL`, else http://127.0.0.1:8000); `api_key`: one of the
+    stack's FORKLIFT_API_KEYS, sent as a Bearer token (else `FORKLIFT_API_KEY`);
     `timeout`: seconds for one ordinary request (long-polls add their wait);
     `free_on_close`: when the client closes (or its `with` block ends), delete every array
     it uploaded with `put_array` and every array result it fetched;
@@ -164,7 +332,7 @@ class Client:
 
     def __init__(
         self,
-        url: str = common.DEFAULT_URL,
+        url: str | None = None,
         api_key: str | None = None,
         *,
         timeout: float = 30.0,
@@ -173,14 +341,14 @@ class Client:
         retry_window: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = common.resolve_url(url)
         self.timeout = timeout
         self.free_on_close = free_on_close
         self.shared_memory = shared_memory
         self.retry_window = retry_window
         self._http = httpx.Client(
             base_url=self.url,
-            headers=common.headers_for(api_key),
+            headers=common.headers_for(common.resolve_api_key(api_key)),
             timeout=timeout,
             transport=transport,
         )
@@ -235,19 +403,20 @@ class Client:
                 reason = f"cannot reach {self.url}: {type(exc).__name__}: {exc}"
                 if not retry:
                     raise Unavailable(reason, code="unreachable") from exc
-                time.sleep(backoff.next_delay(reason, deadline))
+                sleep(backoff.next_delay(reason, deadline))
                 continue
             if retry and worth_retrying(response):  # 503, or 429 with Retry-After
-                time.sleep(backoff.after_error_response(response, deadline))
+                sleep(backoff.after_error_response(response, deadline))
                 continue
             if response.status_code >= 400:
                 raise error_from_response(response.status_code, response.content, response.headers)
             return response
 
     def _get_json(self, path: str, **kwargs: Any) -> Any:
-        return self._request("GET", path, **kwargs).json()
+        response = self._request("GET", path, **kwargs)
+        return response.json()
 
-    def _stream_to(self, path: str, sink: Any) -> httpx.Headers:
+    def _stream_to(self, path: str, sink: Callable[[bytes], object]) -> httpx.Headers:
         """GET `path` and feed each body chunk to `sink`; retried until the body starts."""
         deadline = Deadline(None)
         backoff = Backoff(self.retry_window)
@@ -256,13 +425,14 @@ class Client:
                 with self._http.stream("GET", path) as response:
                     if response.status_code >= 400:
                         response.read()
-                        time.sleep(backoff.after_error_response(response, deadline))
+                        sleep(backoff.after_error_response(response, deadline))
                         continue
                     for chunk in response.iter_raw(CHUNK):
                         sink(chunk)
                     return response.headers
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                time.sleep(backoff.next_delay(f"cannot reach {self.url}: {exc}", deadline))
+                reason = f"cannot reach {self.url}: {exc}"
+                sleep(backoff.next_delay(reason, deadline))
             except httpx.TransportError as exc:
                 raise Unavailable(f"download of {path} broke off: {exc}") from exc
 
@@ -341,7 +511,7 @@ class Client:
 
     def _register(self, arr: np.ndarray, ttl: float | None, info: dict[str, Any]) -> ArrayHandle:
         """Reserve, fill, commit; a recycled segment this process cannot open: once more, fresh."""
-        mappings.sweep()  # let go of kept mappings of segments freed since the last put
+        offload(mappings.sweep)  # kept mappings of segments freed since the last put
         handle = self._register_once(arr, ttl, info, recycle=True)
         if handle is None:
             handle = self._register_once(arr, ttl, info, recycle=False)
@@ -357,10 +527,10 @@ class Client:
             "/arrays/register",
             content=common.encode_json(body),
             headers=common.JSON_HEADERS,
-        ).json()
-        recycled = bool(reservation.get("created"))
+        )
+        recycled = bool(reservation.json().get("created"))
         try:
-            fill_segment(name, arr, recycled=recycled)
+            offload(fill_segment, name, arr, recycled=recycled)
             response = self._request("POST", f"/arrays/register/{ident}/commit")
         except RecycledSegmentUnavailable:
             self._abandon_registration(name, ident, recycled=True)
@@ -390,11 +560,11 @@ class Client:
         self._owned[handle.id] = None
         return handle
 
-    def get_array(self, ref: ArrayHandle | str) -> np.ndarray:
+    def get_array(self, ref: ArrayOrId) -> np.ndarray:
         """Download an array (streamed into one freshly allocated ndarray)."""
         return self._download(f"/arrays/{array_id(ref)}")
 
-    def save_array(self, ref: ArrayHandle | str, path: str | os.PathLike[str]) -> Path:
+    def save_array(self, ref: ArrayOrId, path: str | os.PathLike[str]) -> Path:
         """Download an array's `.npy` bytes straight into a file (bit-exact, any size)."""
         target = Path(path)
         if target.exists() and not target.is_file():  # /dev/null, a pipe: write as it is
@@ -411,14 +581,15 @@ class Client:
             partial.unlink(missing_ok=True)
         return target
 
-    def write_array(self, ref: ArrayHandle | str, fileobj: Any) -> None:
+    def write_array(self, ref: ArrayOrId, fileobj: IO[bytes]) -> None:
         """Stream an array's `.npy` bytes into a binary file object."""
         self._stream_to(f"/arrays/{array_id(ref)}", fileobj.write)
 
-    def array_meta(self, ref: ArrayHandle | str) -> ArrayHandle:
-        return ArrayHandle.from_meta(self._get_json(f"/arrays/{array_id(ref)}/meta", retry=True))
+    def array_meta(self, ref: ArrayOrId) -> ArrayHandle:
+        meta = self._get_json(f"/arrays/{array_id(ref)}/meta", retry=True)
+        return ArrayHandle.from_meta(meta)
 
-    def delete_array(self, ref: ArrayHandle | str) -> bool:
+    def delete_array(self, ref: ArrayOrId) -> bool:
         """Free an array: True if freed now, False if freed when the jobs using it end."""
         ident = array_id(ref)
         try:
@@ -428,7 +599,7 @@ class Client:
             raise
         self._owned.pop(ident, None)
         if response.status_code == 204:  # a segment this process mapped may be unlinked now
-            mappings.sweep()
+            offload(mappings.sweep)
         return response.status_code == 204
 
     # -- jobs -----------------------------------------------------------------------------
@@ -436,10 +607,11 @@ class Client:
     def submit(
         self, task: str, arguments: Mapping[str, Any] | None = None, /, **kwargs: Any
     ) -> Job:
-        """Submit a job: ndarrays are uploaded, `ArrayHandle`s reused, the rest are params.
+        """Submit a job: ndarrays are uploaded, `ArrayHandle`s (or `ArrayInput(array=id)`)
+        reused, the rest are params; the job's handle.
 
-        `client.submit("matmul", a=x, b=y)` or `client.submit("fib", {"n": 30})`. Arrays
-        uploaded here are freed by the server as soon as the job ends.
+        `fl.submit("matmul", a=x, b=y)` or `fl.submit("fib", {"n": 30})`. Arrays uploaded
+        here are freed by the server as soon as the job ends.
         """
         return self.submit_job(task, {**(arguments or {}), **kwargs})
 
@@ -447,23 +619,19 @@ class Client:
         self, task: str, arguments: Mapping[str, Any], *, time_limit: float | None = None
     ) -> Job:
         """`submit` with the arguments as one mapping and an optional lower time limit."""
+        submission = Pending(self._submit(task, arguments, time_limit))
+        return Job(self, task=task, submission=submission)
+
+    def _submit(self, task: str, arguments: Mapping[str, Any], time_limit: float | None) -> JobView:
         temps: list[str] = []
         try:
-            return self._submit(task, arguments, time_limit, {}, temps)
+            body = self._body(task, arguments, time_limit, {}, temps)
+            response = self._request(
+                "POST", "/jobs", content=common.encode_json(body), headers=common.JSON_HEADERS
+            )
+            return JobView.model_validate(response.json())
         finally:
             self._release(temps)
-
-    def _submit(
-        self,
-        task: str,
-        arguments: Mapping[str, Any],
-        time_limit: float | None,
-        uploaded: dict[int, tuple[np.ndarray, str]],
-        temps: list[str],
-    ) -> Job:
-        body = common.encode_json(self._body(task, arguments, time_limit, uploaded, temps))
-        view = self._request("POST", "/jobs", content=body, headers=common.JSON_HEADERS).json()
-        return Job(self, view["id"], task, view)
 
     def _body(
         self,
@@ -500,7 +668,8 @@ class Client:
         timeout: float | None = None,
         return_exceptions: bool = False,
     ) -> list[Any]:
-        """Submit one job per mapping of arguments, then wait; results in input order.
+        """Submit one job per mapping of arguments (`POST /jobs/batch`), then wait for all
+        of them (`POST /jobs/wait`); results in input order.
 
         The same ndarray object appearing in several mappings is uploaded once. A failed job
         raises its JobFailed/JobCancelled (or, with `return_exceptions`, takes its place).
@@ -511,11 +680,14 @@ class Client:
         try:
             bodies = [self._body(task, args, None, uploaded, temps) for args in iterable]
             for chunk in common.chunks(bodies):
-                content = common.encode_json({"jobs": chunk})
-                reply = self._request(
-                    "POST", "/jobs/batch", content=content, headers=common.JSON_HEADERS
-                ).json()
-                jobs.extend(Job(self, view["id"], task, view) for view in reply["jobs"])
+                response = self._request(
+                    "POST",
+                    "/jobs/batch",
+                    content=common.encode_json({"jobs": chunk}),
+                    headers=common.JSON_HEADERS,
+                )
+                views = JobBatchView.model_validate(response.json()).jobs
+                jobs.extend(Job(self, task=task, view=view) for view in views)
         except BaseException:
             for job in jobs:
                 with contextlib.suppress(ForkliftError, httpx.HTTPError):
@@ -527,33 +699,45 @@ class Client:
         results: list[Any] = []
         for job in jobs:
             try:
-                common.raise_for_outcome(job.id, job.view)
-                results.append(self._materialize(job, job.view.get("result"), True))
+                results.append(job.result(0))
             except JobError as exc:
                 if not return_exceptions:
                     raise
                 results.append(exc)
         return results
 
+    def _wait_views(
+        self,
+        ids: list[str],
+        wait: float,
+        *,
+        any_ended: bool = False,
+        deadline: Deadline | None = None,
+    ) -> list[JobView]:
+        """`POST /jobs/wait`: the views of `ids` once all have ended (with `any_ended`, one
+        has), or after `wait` seconds."""
+        body = {"ids": ids, "wait": round(wait, 3), "any": any_ended}
+        response = self._request(
+            "POST",
+            "/jobs/wait",
+            content=common.encode_json(body),
+            headers=common.JSON_HEADERS,
+            timeout=self.timeout + wait,
+            retry=True,
+            deadline=deadline,
+        )
+        return JobBatchView.model_validate(response.json()).jobs
+
     def _wait_all(self, jobs: list[Job], deadline: Deadline) -> None:
-        """Long-poll many jobs per request (`POST /jobs/wait`) until all have ended."""
-        pending = {job.id: job for job in jobs if job.view.get("status") not in common.FINAL}
+        """Long-poll many jobs per request until all have ended."""
+        pending = {job.id: job for job in jobs if not common.is_final(job.view)}
         while pending:
             wait = deadline.poll()
             for chunk in common.chunks(list(pending)):
-                reply = self._request(
-                    "POST",
-                    "/jobs/wait",
-                    content=common.encode_json({"ids": chunk, "wait": round(wait, 3)}),
-                    headers=common.JSON_HEADERS,
-                    timeout=self.timeout + wait,
-                    retry=True,
-                    deadline=deadline,
-                ).json()
-                for view in reply["jobs"]:
-                    pending[view["id"]].view = view
-                    if view["status"] in common.FINAL:
-                        del pending[view["id"]]
+                for view in self._wait_views(chunk, wait, deadline=deadline):
+                    pending[view.id]._seen(view)
+                    if view.status.is_final:
+                        del pending[view.id]
             if pending and deadline.expired():
                 raise deadline.timeout_error(f"{len(pending)} job(s)")
 
@@ -561,25 +745,27 @@ class Client:
         """A handle on an existing job by id (nothing is fetched yet)."""
         return Job(self, job_id)
 
-    def _materialize(self, job: Job, value: Any, download: bool) -> Any:
+    def _materialize(self, view: JobView, download: bool) -> Any:
+        """A succeeded job's result with its arrays downloaded (or as handles)."""
+        value = view.result
         if common.is_array_ref(value):
             handle = self._track(ArrayHandle.from_meta(value["array"]))
-            return self._download(f"/jobs/{job.id}/result") if download else handle
-
-        def fetch(meta: dict[str, Any]) -> Any:
+            return self._download(f"/jobs/{view.id}/result") if download else handle
+        fetched: dict[str, np.ndarray | ArrayHandle] = {}
+        for meta in common.array_metas(value):
             handle = self._track(ArrayHandle.from_meta(meta))
-            return self.get_array(handle) if download else handle
-
-        return common.map_arrays(value, fetch)
+            fetched[handle.id] = self.get_array(handle) if download else handle
+        return common.map_arrays(value, lambda meta: fetched[str(meta["id"])])
 
     # -- the rest -------------------------------------------------------------------------
 
-    def tasks(self) -> list[dict[str, Any]]:
+    def tasks(self) -> list[TaskInfo]:
         """Every task the stack runs, with its params' JSON schema and array inputs."""
-        return self._get_json("/tasks", retry=True)
+        infos = self._get_json("/tasks", retry=True)
+        return [TaskInfo.model_validate(info) for info in infos]
 
-    def task(self, name: str) -> dict[str, Any]:
-        return self._get_json(f"/tasks/{name}", retry=True)
+    def task(self, name: str) -> TaskInfo:
+        return TaskInfo.model_validate(self._get_json(f"/tasks/{name}", retry=True))
 
     def health(self) -> dict[str, Any]:
         """`GET /healthz` (a 503 body is returned, not raised: it says what is down)."""
@@ -587,4 +773,4 @@ class Client:
             response = self._http.get("/healthz")
         except httpx.TransportError as exc:
             raise Unavailable(f"cannot reach {self.url}: {exc}", code="unreachable") from exc
-        return response.json()
+        return dict(response.json())

@@ -1,16 +1,25 @@
-"""The Python client, the same-host registration, job events and the CLI, on the real stack."""
+"""The Python client, the same-host registration, job events and the CLI, on the real stack.
+
+The client tests take the `client` (or `make_client`) fixture and run twice: with the
+generated `Client`, and with the hand-written `AsyncClient` behind tests/clients.py's facade.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -18,19 +27,24 @@ import pytest
 
 from forklift import (
     ArrayHandle,
+    ArrayInput,
     AsyncClient,
     Client,
     InvalidRequest,
     JobCancelled,
     JobFailed,
+    JobView,
     NotFound,
+    Progress,
     Timeout,
     Unavailable,
+    async_as_completed,
 )
 from forklift.same_host import discard_segment, local_domain
 from shared.arrays import mappings
 from shared.arrays.segments import create_segment, segment_path
 from tests import stack
+from tests.clients import KINDS, completed, on_http, open_client
 from tests.conftest import Stack
 from tests.http_api import digest, download_digest
 
@@ -59,9 +73,27 @@ def no_leftovers(live: Stack) -> Iterator[None]:
     )
 
 
+MakeClient = Callable[..., AbstractContextManager[Client]]
+
+
+@pytest.fixture(params=KINDS)
+def client_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def client(live: Stack) -> Iterator[Client]:
-    with Client(live.url, free_on_close=True, timeout=30) as fl:
+def make_client(client_kind: str) -> MakeClient:
+    """`make_client(url, **options)`: a client of this test's kind, as a context manager."""
+
+    def make(url: str | None, **options: Any) -> AbstractContextManager[Client]:
+        return open_client(client_kind, url, **options)
+
+    return make
+
+
+@pytest.fixture
+def client(live: Stack, make_client: MakeClient) -> Iterator[Client]:
+    with make_client(live.url, free_on_close=True, timeout=30) as fl:
         yield fl
 
 
@@ -106,29 +138,125 @@ def test_matmul_result_equals_numpy(client: Client) -> None:
     result = job.result(timeout=60)
     assert isinstance(result, np.ndarray) and result.shape == (30, 20)
     assert np.allclose(result, x @ y)
-    assert job.status()["status"] == "succeeded"
+    assert job.status().status == "succeeded"
     # the result array is the client's to free (free_on_close); the inputs went with the job
     assert len(client.owned_arrays) == 1
 
 
-def test_async_client_matmul_and_map(live: Stack) -> None:
+def test_async_client_in_an_event_loop_that_stays_free(live: Stack) -> None:
+    """What an async app does: `await fl.submit(...).result()` in one expression, jobs
+    submitted side by side, callbacks on the loop; the loop runs on meanwhile."""
     rng = np.random.default_rng(2)
     x, y = rng.random((30, 40)), rng.random((40, 20))
 
-    async def main() -> tuple[np.ndarray, list[int], list[dict]]:
-        async with AsyncClient(live.url, free_on_close=True) as fl:
-            job = await fl.submit("matmul", a=x, b=y)
-            product = await job.result(timeout=60)
-            numbers = await fl.map("fib", [{"n": n} for n in (5, 1, 20, 3)], timeout=60)
-            sleeper = await fl.submit("sleep", seconds=0.5)
-            events = [event async for event in sleeper.events(timeout=60)]
-            return product, numbers, events
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        ticks = 0
 
-    product, numbers, events = asyncio.run(main())
-    assert np.allclose(product, x @ y)
-    assert numbers == [5, 1, 6765, 2]
-    assert events[-1]["event"] == "status" and events[-1]["status"] == "succeeded"
-    assert any(event["event"] == "progress" for event in events)
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        async with AsyncClient(live.url, free_on_close=True) as fl:
+            out["product"] = await fl.submit("matmul", a=x, b=y).result(timeout=60)
+            before = ticks
+            out["slept"] = await fl.submit("sleep", seconds=1.0).result(timeout=60)
+            out["ticks"] = ticks - before
+            out["numbers"] = await fl.map("fib", [{"n": n} for n in (5, 1, 20, 3)], timeout=60)
+
+            jobs = [fl.submit("fib", n=n) for n in (20, 10, 15)]  # submitted side by side
+            with pytest.raises(concurrent.futures.InvalidStateError):
+                _ = jobs[0].id  # no id until the submission is through
+            out["ended"] = {job.id async for job in async_as_completed(jobs, timeout=60)}
+            out["ids"] = {job.id for job in jobs}
+            out["values"] = [await job.result() for job in jobs]
+
+            sleeper = await fl.submit("sleep", seconds=0.5)  # awaiting the job: submitted
+            called = asyncio.Event()
+            sleeper.add_done_callback(lambda job: called.set())
+            out["events"] = [event async for event in sleeper.events(timeout=60)]
+            await asyncio.wait_for(called.wait(), 30)
+
+            with pytest.raises(InvalidRequest):
+                await fl.submit("fib", n=1000)  # the submission's error, at the await
+            refused = fl.submit("fib", n=1000)
+            with pytest.raises(InvalidRequest):
+                await refused.result()  # ... or at the first method awaited
+        ticker.cancel()
+        return out
+
+    out = asyncio.run(main())
+    assert np.allclose(out["product"], x @ y)
+    assert out["slept"] == 1.0 and out["ticks"] > 20, "the loop was blocked while waiting"
+    assert out["numbers"] == [5, 1, 6765, 2]
+    assert out["ended"] == out["ids"] and out["values"] == [6765, 55, 610]
+    events = out["events"]
+    assert isinstance(events[-1], JobView) and events[-1].status == "succeeded"
+    assert any(isinstance(event, Progress) for event in events)
+
+
+def test_jobs_follow_the_future_protocol(client: Client) -> None:
+    quick = client.submit("fib", n=20)
+    assert quick.result(timeout=60) == 6765
+    assert quick.done() is True and quick.running() is False and quick.cancelled() is False
+    assert quick.exception() is None
+    assert quick.cancel() is False, "a job that has ended cannot be cancelled"
+
+    failed = client.submit("boom", message="no")
+    error = failed.exception(timeout=60)
+    assert isinstance(error, JobFailed) and str(error) == "ValueError: no"
+
+    slow = client.submit("sleep", seconds=30)
+    assert slow.done() is False
+    seen: list[str] = []
+    called = threading.Event()
+    slow.add_done_callback(lambda job: (seen.append(job.id), called.set()))
+    assert slow.cancel() is True
+    assert slow.cancel() is True, "cancelled already: still True, as Future.cancel"
+    assert called.wait(30) and seen == [slow.id]
+    assert slow.cancelled() is True and slow.done() is True
+    with pytest.raises(JobCancelled):
+        slow.exception()
+    with pytest.raises(concurrent.futures.CancelledError):  # JobCancelled is one
+        slow.result()
+    late: list[object] = []
+    slow.add_done_callback(late.append)  # ended already: called at once
+    assert len(late) == 1
+
+
+def test_as_completed_yields_jobs_in_the_order_they_end(client: Client) -> None:
+    jobs = [client.submit("sleep", seconds=s) for s in (1.2, 0.1, 0.6)]
+    started = time.monotonic()
+    ended = list(completed([*jobs, jobs[0]], timeout=60))  # a job given twice comes once
+    assert len(ended) == 3 and {job.id for job in ended} == {job.id for job in jobs}
+    finished = [job.view.finished_at for job in ended if job.view]
+    assert finished == sorted(finished)
+    assert time.monotonic() - started < 30
+
+    stuck = client.submit("sleep", seconds=30)
+    with pytest.raises(Timeout):
+        list(completed([stuck], timeout=0.5))
+    assert stuck.cancel() is True
+
+
+def test_the_client_reads_forklift_url_and_api_key(
+    live: Stack, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FORKLIFT_URL", live.url)
+    monkeypatch.setenv("FORKLIFT_API_KEY", "key-from-the-environment")
+    with make_client(None) as fl:
+        assert fl.url == live.url
+        assert fl._http.headers["authorization"] == "Bearer key-from-the-environment"
+        assert fl.submit("fib", n=10).result(timeout=60) == 55  # the stack is open
+    monkeypatch.setenv("FORKLIFT_URL", "")  # empty means unset
+    monkeypatch.delenv("FORKLIFT_API_KEY")
+    with make_client(None) as fl, make_client("http://elsewhere:9/", api_key="k") as other:
+        assert fl.url == "http://127.0.0.1:8000" and "authorization" not in fl._http.headers
+        assert other.url == "http://elsewhere:9"
+        assert other._http.headers["authorization"] == "Bearer k"
 
 
 def test_map_returns_fifty_results_in_order(client: Client) -> None:
@@ -145,7 +273,7 @@ def test_map_uploads_a_shared_array_once(client: Client, live: Stack) -> None:
         if request.method == "POST" and request.url.path in ("/arrays", "/arrays/register"):
             uploads.append(request.url.path)
 
-    client._http.event_hooks["request"].append(count)
+    on_http(client, "request", count)
     results = client.map("sum", [{"a": data}] * 5 + [{"a": data, "axis": 0}], timeout=60)
     assert results == [int(data.sum())] * 6
     assert len(uploads) == 1
@@ -155,7 +283,7 @@ def test_typed_errors_carry_the_servers_message(client: Client) -> None:
     with pytest.raises(JobFailed) as failed:
         client.submit("boom", message="it broke").result(timeout=60)
     assert str(failed.value) == "ValueError: it broke"
-    assert failed.value.view["status"] == "failed"
+    assert failed.value.view is not None and failed.value.view.status == "failed"
 
     with pytest.raises(InvalidRequest) as invalid:
         client.submit("fib", n=1000)
@@ -169,7 +297,7 @@ def test_typed_errors_carry_the_servers_message(client: Client) -> None:
     job = client.submit("sleep", seconds=30)
     with pytest.raises(Timeout):
         job.result(timeout=0.5)
-    assert job.cancel()["status"] == "cancelled"
+    assert job.cancel() is True
     with pytest.raises(JobCancelled):
         job.result(timeout=30)
 
@@ -196,9 +324,9 @@ def test_arrays_round_trip_over_http_in_any_layout(client: Client) -> None:
         client.put_array(np.array(["text"]))
 
 
-def test_close_frees_uploads_and_array_results(live: Stack) -> None:
+def test_close_frees_uploads_and_array_results(live: Stack, make_client: MakeClient) -> None:
     x = np.arange(12.0).reshape(3, 4)
-    with Client(live.url, free_on_close=True) as fl:
+    with make_client(live.url, free_on_close=True) as fl:
         kept = fl.put_array(x, shared_memory=False)
         total = fl.submit("sum", a=kept, axis=0).result(timeout=60)
         made = fl.owned_arrays
@@ -216,7 +344,9 @@ def test_close_frees_uploads_and_array_results(live: Stack) -> None:
 
 
 @pytest.mark.slow
-def test_512_mib_array_registered_through_shared_memory(live: Stack) -> None:
+def test_512_mib_array_registered_through_shared_memory(
+    live: Stack, make_client: MakeClient
+) -> None:
     n = 512 * 2**20 // 8
     x = np.arange(n, dtype=np.float64)
     bodies: list[tuple[str, int]] = []
@@ -225,8 +355,8 @@ def test_512_mib_array_registered_through_shared_memory(live: Stack) -> None:
         size = int(request.headers.get("content-length", 0))
         bodies.append((f"{request.method} {request.url.path}", size))
 
-    with Client(live.url, free_on_close=True, timeout=60) as fl:
-        fl._http.event_hooks["request"].append(record)
+    with make_client(live.url, free_on_close=True, timeout=60) as fl:
+        on_http(fl, "request", record)
         before = api_bytes_read(live)
         handle = fl.put_array(x, shared_memory=True)
         read = api_bytes_read(live) - before
@@ -251,14 +381,14 @@ def test_512_mib_array_registered_through_shared_memory(live: Stack) -> None:
 
 
 def test_same_host_put_recycles_a_pooled_segment(
-    live: Stack, monkeypatch: pytest.MonkeyPatch
+    live: Stack, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the pool on, a put gets a freed segment back (same inode, its mapping kept)."""
     env = dict(live.env, FORKLIFT_SHM_POOL_BYTES=str(64 << 20))
     api, url = stack.start_api(env)
     pool_prefix = f"{live.shm_prefix}pool_"
     try:
-        with Client(url, free_on_close=True) as fl, httpx.Client(base_url=url) as http:
+        with make_client(url, free_on_close=True) as fl, httpx.Client(base_url=url) as http:
             monkeypatch.delenv("FORKLIFT_SHM_DOMAIN", raising=False)  # derived, as the stack's
             assert fl.shm_info()["shm_domain"] == local_domain(), "the stack runs on this host"
             x = np.arange(1 << 20, dtype=np.float64)  # 8 MiB: worth pooling
@@ -316,8 +446,8 @@ def test_same_host_put_recycles_a_pooled_segment(
                 raise PermissionError(13, "Permission denied", name)
 
             paths: list[str] = []
-            fl._http.event_hooks["request"].append(
-                lambda request: paths.append(f"{request.method} {request.url.path}")
+            on_http(
+                fl, "request", lambda request: paths.append(f"{request.method} {request.url.path}")
             )
             with monkeypatch.context() as patch:
                 patch.setattr(mappings, "attach", refuse)
@@ -340,9 +470,7 @@ def test_auto_mode_registers_big_arrays_and_uploads_small_ones(
     monkeypatch.delenv("FORKLIFT_SHM_DOMAIN", raising=False)  # derived, as the stack's
     assert client.shm_info()["shm_domain"] == local_domain(), "the stack runs on this host"
     paths: list[str] = []
-    client._http.event_hooks["request"].append(
-        lambda request: paths.append(f"{request.method} {request.url.path}")
-    )
+    on_http(client, "request", lambda request: paths.append(f"{request.method} {request.url.path}"))
     big = np.linspace(0, 1, 2**18)  # 2 MiB
     small = np.arange(10.0)
     assert np.array_equal(client.get_array(client.put_array(big)), big)
@@ -442,9 +570,9 @@ def test_register_refuses_forged_names_and_leaves_nothing(live: Stack, http: htt
 
 
 def test_client_refused_registration_unlinks_its_segment(
-    live: Stack, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+    live: Stack, http: httpx.Client, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with Client(live.url, free_on_close=True) as fl:
+    with make_client(live.url, free_on_close=True) as fl:
         sent: list[tuple[str, str, str]] = []  # (method, path, segment existing at the time)
 
         def watch(request: httpx.Request) -> None:
@@ -454,7 +582,7 @@ def test_client_refused_registration_unlinks_its_segment(
                 assert not segment_path(segment).exists(), "created before it was reserved"
             sent.append((request.method, request.url.path, segment))
 
-        fl._http.event_hooks["request"].append(watch)
+        on_http(fl, "request", watch)
         with monkeypatch.context() as patch:  # as if the client ran on another host
             patch.setenv("FORKLIFT_SHM_DOMAIN", "elsewhere")
             with pytest.raises(InvalidRequest, match="not in this shm domain"):
@@ -479,11 +607,11 @@ def test_client_refused_registration_unlinks_its_segment(
             if request.url.path.endswith("/commit") or request.method == "DELETE":
                 raise httpx.ConnectError("the API went away", request=request)
 
-        fl._http.event_hooks["request"].append(unreachable)
+        reachable_again = on_http(fl, "request", unreachable)
         sent.clear()
         with pytest.raises(Unavailable, match="cannot reach"):
             fl.put_array(np.ones(1000), shared_memory=True)
-        fl._http.event_hooks["request"].remove(unreachable)
+        reachable_again()
         segment = next(seg for _, path, seg in sent if path == "/arrays/register")
         ident = segment.removeprefix(live.shm_prefix)
         assert [m for m, _, _ in sent] == ["POST", "POST", "DELETE"], sent
@@ -499,14 +627,15 @@ def test_client_refused_registration_unlinks_its_segment(
 def test_event_stream_delivers_increasing_progress_and_the_final_state(client: Client) -> None:
     job = client.submit("sleep", seconds=1.5)
     events = list(job.events(timeout=60))
-    assert events[0]["event"] == "status" and events[0]["status"] in ("queued", "running")
-    fractions = [e["progress"]["fraction"] for e in events if e["event"] == "progress"]
+    assert isinstance(events[0], JobView) and events[0].status in ("queued", "running")
+    fractions = [e.fraction for e in events if isinstance(e, Progress)]
     assert len(fractions) >= 5
     assert fractions == sorted(fractions) and fractions[-1] > fractions[0]
     last = events[-1]
-    assert last["event"] == "status" and last["status"] == "succeeded"
-    assert last["result"] == 1.5
-    assert [e["status"] for e in events].count("succeeded") == 1
+    assert isinstance(last, JobView) and last.status == "succeeded"
+    assert last.result == 1.5
+    views = [e for e in events if isinstance(e, JobView)]
+    assert [view.status for view in views].count("succeeded") == 1
 
 
 def test_event_stream_over_raw_http(live: Stack, http: httpx.Client) -> None:
@@ -529,7 +658,7 @@ def run_cli(live: Stack, *args: str, cwd: Path | None = None) -> subprocess.Comp
     env = {**os.environ, "FORKLIFT_URL": live.url}
     env.pop("FORKLIFT_API_KEY", None)
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "forklift", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -617,7 +746,9 @@ def test_cli_cancel(live: Stack) -> None:
 def test_array_handle_reuse(client: Client) -> None:
     x = np.arange(20.0)
     handle = client.put_array(x, shared_memory=False)
-    assert isinstance(handle, ArrayHandle)
+    assert isinstance(handle, ArrayHandle) and str(handle) == handle.id
+    assert handle.shape == (20,) and np.dtype(handle.dtype) == x.dtype and handle.nbytes == 160
+    assert client.array_meta(handle.id) == handle
     first = client.submit("sum", a=handle).result(timeout=60)
-    second = client.submit("max", a=handle).result(timeout=60)
+    second = client.submit("max", a=ArrayInput(array=handle.id)).result(timeout=60)  # by id
     assert (first, second) == (190.0, 19.0)

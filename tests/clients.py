@@ -1,0 +1,113 @@
+"""Both clients under one test: `Client` as it is, `AsyncClient` behind a blocking facade.
+
+A test written against `Client` runs twice (the `client_kind` fixture): once with the
+generated sync client, once with the hand-written async one driven through an anyio portal
+(an event loop in a thread), so the same assertions cover both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, cast
+
+import httpx
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from forklift import AsyncClient, AsyncJob, Client, Job, as_completed, async_as_completed
+
+KINDS = ("sync", "async")
+
+
+class Blocking:
+    """An `AsyncClient` or `AsyncJob` called from sync code: coroutines run on the portal's
+    loop, a returned `AsyncJob` is awaited (submitted, as `Client.submit` returns once the
+    job is) and wrapped, async iterators become iterators."""
+
+    def __init__(self, target: object, portal: BlockingPortal) -> None:
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "portal", portal)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.target, name)
+        if inspect.ismethod(value):
+            return functools.partial(self._call, value)
+        return self._wrap(value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        setattr(self.target, name, value)
+
+    def __repr__(self) -> str:
+        return f"Blocking({self.target!r})"
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self._wrap(self.portal.call(functools.partial(_invoke, method, args, kwargs)))
+
+    def _wrap(self, value: Any) -> Any:
+        if isinstance(value, AsyncJob):
+            return Blocking(value, self.portal)
+        if isinstance(value, AsyncIterator):
+            return _iterate(value, self.portal)
+        return value
+
+
+async def _invoke(method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    value = method(*args, **kwargs)  # on the loop: `submit` starts its task here
+    if inspect.isawaitable(value):  # a coroutine, or an AsyncJob: awaited, it is submitted
+        return await value
+    return value
+
+
+def _iterate(items: AsyncIterator[Any], portal: BlockingPortal) -> Iterator[Any]:
+    while True:
+        try:
+            item = portal.call(items.__anext__)
+        except StopAsyncIteration:
+            return
+        yield Blocking(item, portal) if isinstance(item, AsyncJob) else item
+
+
+@contextlib.contextmanager
+def open_client(kind: str, url: str, **kwargs: Any) -> Iterator[Client]:
+    """A `Client`, or an `AsyncClient` behind `Blocking` (typed as the `Client` it acts as)."""
+    if kind == "sync":
+        with Client(url, **kwargs) as fl:
+            yield fl
+        return
+    with start_blocking_portal() as portal:
+        target = AsyncClient(url, **kwargs)
+        try:
+            yield cast(Client, Blocking(target, portal))
+        finally:
+            portal.call(target.aclose)
+
+
+def completed(jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
+    """`as_completed` for either kind of job."""
+    jobs = list(jobs)
+    if not jobs or not isinstance(jobs[0], Blocking):
+        yield from as_completed(jobs, timeout)
+        return
+    portal = cast(Blocking, jobs[0]).portal
+    targets = [cast(Blocking, job).target for job in jobs]
+
+    async def start() -> AsyncIterator[AsyncJob]:
+        return async_as_completed(targets, timeout)
+
+    yield from _iterate(portal.call(start), portal)
+
+
+def on_http(client: Client, event: str, hook: Callable[[Any], object]) -> Callable[[], None]:
+    """Add an httpx event hook (`request` or `response`) to either kind of client; the
+    function that removes it again."""
+    http = client._http
+    added: Callable[[Any], object] = hook
+    if isinstance(http, httpx.AsyncClient):
+
+        async def added(item: Any) -> None:
+            hook(item)
+
+    http.event_hooks[event].append(added)
+    return lambda: http.event_hooks[event].remove(added)
