@@ -14,26 +14,52 @@ import httpx
 import pytest
 import redis
 
-from shared.metrics import queue_keys
+from forklift import testing
+from shared.keys import queue_keys
 from shared.settings import Settings
 from tests import stack
 
 
 @dataclass
 class Stack:
-    env: dict[str, str]
-    url: str
+    """The session's stack (forklift.testing's), with a Redis client on its database."""
+
+    running: testing.Stack
     redis: redis.Redis
-    worker: stack.Proc
-    api: stack.Proc
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.running.env
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    # Tests may replace the stack's processes (restart a worker): the harness stops the
+    # current ones and every one it started.
+    @property
+    def worker(self) -> stack.Proc:
+        return self.running.worker
+
+    @worker.setter
+    def worker(self, proc: stack.Proc) -> None:
+        self.running.worker = proc
+
+    @property
+    def api(self) -> stack.Proc:
+        return self.running.api
+
+    @api.setter
+    def api(self, proc: stack.Proc) -> None:
+        self.running.api = proc
 
     @property
     def shm_prefix(self) -> str:
-        return self.env["FORKLIFT_SHM_PREFIX"]
+        return self.running.shm_prefix
 
     @property
     def key_prefix(self) -> str:
-        return self.env["FORKLIFT_KEY_PREFIX"]
+        return self.running.key_prefix
 
     def queue_lengths(self) -> int:
         """Messages waiting in this stack's queues: its own and its shm domain's (only those:
@@ -57,26 +83,22 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def live(redis_url: str) -> Iterator[Stack]:
-    env = stack.stack_env(redis_url, FORKLIFT_JANITOR_INTERVAL="2")
-    before = stack.segments(env["FORKLIFT_SHM_PREFIX"])
-    worker, api, url = stack.start_worker_and_api(env, "main", concurrency=2)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    running = Stack(env=env, url=url, redis=client, worker=worker, api=api)
-    try:
-        yield running
-    finally:
-        # Tests may replace the stack's processes (restart a worker): stop the current ones.
-        running.api.stop()
-        running.worker.stop()
-        worker.stop()
-        stray = stack.processes_with_env("FORKLIFT_KEY_PREFIX", env["FORKLIFT_KEY_PREFIX"])
-        for pid in stray:
-            os.kill(pid, 9)
-        assert not stray, f"the test session left processes running: {sorted(stray)}"
-        left = stack.segments(env["FORKLIFT_SHM_PREFIX"]) - before
-        for name in left:
-            (stack.Path("/dev/shm") / name).unlink(missing_ok=True)
-        assert not left, f"the test session leaked shared-memory segments: {sorted(left)}"
+    harness = testing.running_stack(
+        stack.JOB_MODULES,
+        redis_url=redis_url,
+        env={"FORKLIFT_JANITOR_INTERVAL": "2"},
+        supervisor=stack.SUPERVISOR,
+    )
+    with harness as running:
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            yield Stack(running=running, redis=client)
+        finally:
+            client.close()
+    assert not running.stray_pids, f"the test session left processes running: {running.stray_pids}"
+    assert not running.leaked_segments, (
+        f"the test session leaked shared-memory segments: {running.leaked_segments}"
+    )
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import redis
 import yaml
 
 from api.exposure import refused
+from forklift.supervisor import Supervisor, descendants
 from shared.settings import Settings
 from tests import stack
 from tests.containers.engine import compose_binary
@@ -365,16 +366,6 @@ def _all_gone(pids: set[int], timeout: float = 10) -> set[int]:
     return {p for p in pids if stack.pid_alive(p)}
 
 
-def _tree(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        for child in stack.children_of(todo.pop()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -463,12 +454,17 @@ def _launcher_env(**extra: str) -> dict[str, str]:
 
 
 def _start_launcher(
-    env: dict[str, str], redis_port: int, global_options: tuple[str, ...] = ()
+    env: dict[str, str],
+    redis_port: int,
+    global_options: tuple[str, ...] = (),
+    cwd: Path | None = None,
 ) -> tuple[stack.Proc, str]:
+    """`forklift up` from the repository (or from `cwd`: the installed package), once ready."""
     port = stack.free_port()
-    argv = [sys.executable, "-m", "shared.cli", *global_options, "up", "--port", str(port),
+    argv = [sys.executable, "-m", "forklift", *global_options, "up", "--port", str(port),
             "--redis-port", str(redis_port), "--workers", "2", "--stop-timeout", "20"]  # fmt: skip
-    proc = stack.spawn("forklift-up", argv, env)
+    spawner = stack.SUPERVISOR if cwd is None else Supervisor(cwd=cwd, log_dir=stack.LOG_DIR)
+    proc = spawner.spawn("forklift-up", argv, env)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -483,7 +479,7 @@ def _start_launcher(
 def _interrupt(proc: stack.Proc) -> tuple[int, set[int]]:
     """SIGINT to the launcher alone (as Ctrl-C would reach it); its exit code and the pids
     it had started that are still alive afterwards."""
-    started = _tree(proc.pid)
+    started = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGINT)
     try:
         code = proc.popen.wait(40)
@@ -509,7 +505,7 @@ def test_forklift_up_embedded_redis_job_and_clean_sigint() -> None:
             assert reply.status_code == 201, reply.text
         assert stack.segments(prefix), "the upload should have made a segment"
 
-        started = _tree(proc.pid)
+        started = descendants(proc.pid)
         cmdlines = {pid: _cmdline(pid) for pid in started}
         assert any("redis-server" in c for c in cmdlines.values()), cmdlines
         assert any("uvicorn" in c for c in cmdlines.values()), cmdlines
@@ -531,10 +527,17 @@ def test_forklift_up_embedded_redis_job_and_clean_sigint() -> None:
             (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
-def test_forklift_up_uses_a_redis_that_answers_and_leaves_shm_alone() -> None:
+def test_forklift_up_uses_a_redis_that_answers_leaves_shm_alone_and_reads_dotenv(
+    tmp_path: Path,
+) -> None:
     redis_proc, redis_url = stack.start_redis()
     redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     env = _launcher_env()
+    # ./.env of the directory it runs in: it fills what the environment leaves unset (the shm
+    # domain, seen in /healthz), and the environment wins where both set one (the key prefix).
+    (tmp_path / ".env").write_text(
+        "FORKLIFT_SHM_DOMAIN=fromdotenv\nFORKLIFT_KEY_PREFIX=not-this-one\n"
+    )
     # A segment under this stack's prefix that is not the launcher's to delete: on a shared
     # Redis, other stacks' segments may look like this.
     foreign = Path("/dev/shm") / f"{env['FORKLIFT_SHM_PREFIX']}someone_else"
@@ -543,10 +546,13 @@ def test_forklift_up_uses_a_redis_that_answers_and_leaves_shm_alone() -> None:
     try:
         # Global options stand before any command, `up` included (it ignores the client ones).
         options = ("--url", "http://127.0.0.1:9", "--api-key", "unused", "--json")
-        proc, url = _start_launcher(env, redis_port, options)
+        proc, url = _start_launcher(env, redis_port, options, cwd=tmp_path)
         assert _workers_online(redis_url, env["FORKLIFT_KEY_PREFIX"]) >= 1
+        assert "settings: .env" in proc.log()
+        assert "in shm domain fromdotenv" in proc.log()
+        assert httpx.get(f"{url}/healthz", timeout=5).json()["shm_domain"] == "fromdotenv"
         _run_fib(url)
-        started = _tree(proc.pid)
+        started = descendants(proc.pid)
         assert not any("redis-server" in _cmdline(p) for p in started)
         code, started = _interrupt(proc)
         assert code == 0, proc.log()[-3000:]

@@ -27,7 +27,7 @@ import redis
 
 from api.arrays_io import ALLOCATE_AHEAD, ALLOCATION_BLOCK
 from api.exposure import EXIT_REFUSED
-from forklift import Client, InvalidRequest
+from forklift import Client, InvalidRequest, JobView
 from shared.arrays.npy import build_header
 from shared.arrays.segments import create_segment, segment_path
 from shared.arrays.store import ArrayStore
@@ -533,7 +533,7 @@ def test_the_client_waits_out_a_per_key_limit(redis_url: str) -> None:
         assert "FORKLIFT_KEY_MAX_WAITS" in refused.value.message
         assert seen == [429, 429]  # tried again after Retry-After, then out of patience
         seen.clear()
-        views: list[dict] = []
+        views: list[JobView] = []
         with Client(api.url) as patient:
             patient._http.event_hooks["response"].append(record)
             waiter = threading.Thread(target=lambda: views.append(patient.job(job).wait(60)))
@@ -542,7 +542,7 @@ def test_the_client_waits_out_a_per_key_limit(redis_url: str) -> None:
             assert http.delete(f"/jobs/{held_job}").status_code == 200  # ends the held poll
             waiter.join(60)
         holder.join(60)
-        assert [view["status"] for view in views] == ["cancelled"]
+        assert [view.status for view in views] == ["cancelled"]
         assert seen[0] == 429 and seen[-1] == 200, seen
         assert answers == [200]
 
@@ -692,7 +692,7 @@ def test_network_bind_starts_when_allowed_or_keyed(redis_url: str, extra: dict[s
 def test_launcher_refuses_an_open_network_bind_before_starting_anything(redis_url: str) -> None:
     env = stack.stack_env(redis_url)
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "up", "--host", "0.0.0.0", "--port", "1"],
+        [sys.executable, "-m", "forklift", "up", "--host", "0.0.0.0", "--port", "1"],
         env=env,
         capture_output=True,
         text=True,

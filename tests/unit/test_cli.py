@@ -1,29 +1,45 @@
-"""The `forklift` command as installed: its help lists every command, `--version` answers."""
+"""The `forklift` command as installed: its help lists every command, `--version` answers,
+usage errors exit 2, the client options stand before or after a command, and the shell
+completion click generates completes the commands."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from shared.client.cli import COMMANDS
+from forklift.cli import CLIENT_COMMANDS, cli
 
 FORKLIFT = Path(sys.executable).with_name("forklift")
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(FORKLIFT), *argv], capture_output=True, text=True, timeout=60, check=False
+        [str(FORKLIFT), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
+
+
+def _listed(help_text: str) -> set[str]:
+    section = help_text.split("Commands:", 1)[1].split("\n\n", 1)[0]
+    return set(re.findall(r"^  (\w+)\s", section, re.M))
 
 
 def test_help_lists_up_with_every_other_command() -> None:
     done = _run("--help")
     assert done.returncode == 0, done.stderr
-    listed = set(re.findall(r"^    (\w+)\s", done.stdout, re.M))
-    assert listed == {"up", *COMMANDS}, done.stdout
+    assert _listed(done.stdout) == {"up", "completion", *CLIENT_COMMANDS}, done.stdout
+    assert set(CLIENT_COMMANDS) == {
+        "submit", "wait", "status", "cancel", "put", "get", "delete", "tasks",
+    }  # fmt: skip
+    assert set(cli.commands) == {"up", "completion", *CLIENT_COMMANDS}
 
 
 def test_version_is_the_installed_distribution() -> None:
@@ -35,11 +51,45 @@ def test_version_is_the_installed_distribution() -> None:
 def test_global_options_stand_before_up() -> None:
     done = _run("--url", "http://127.0.0.1:9", "--json", "up", "--help")
     assert done.returncode == 0, done.stderr
-    assert "usage: forklift up" in done.stdout
+    assert "Usage: forklift up" in done.stdout
     assert "--redis-port" in done.stdout
+    assert "--env-file" in done.stdout
 
 
 def test_a_usage_error_exits_2() -> None:
     done = _run("up", "--no-such-option")
     assert done.returncode == 2
-    assert "unrecognized arguments: --no-such-option" in done.stderr
+    assert "No such option '--no-such-option'" in done.stderr
+    unknown = _run("frobnicate")
+    assert unknown.returncode == 2
+    assert "No such command 'frobnicate'" in unknown.stderr
+
+
+def test_client_options_before_or_after_the_command_and_from_the_environment() -> None:
+    # Nothing listens on these ports: each run fails to connect, and says where it tried.
+    env_url, top_url, sub_url = (f"http://127.0.0.1:{port}" for port in (9, 7, 5))
+    env = {"FORKLIFT_URL": env_url}
+    cases = [
+        ((), env_url),
+        (("--url", top_url), top_url),
+        (("--url", top_url, "tasks", "--url", sub_url), sub_url),
+    ]
+    for options, expected in cases:
+        argv = [*options, "tasks"] if "tasks" not in options else list(options)
+        done = _run(*argv, "--retry-for", "0", env=env)
+        assert done.returncode == 4, done.stderr
+        assert "cannot reach" in done.stderr and expected in done.stderr, (argv, done.stderr)
+
+
+def test_shell_completion_completes_the_commands() -> None:
+    script = _run("completion", "bash")
+    assert script.returncode == 0, script.stderr
+    assert "_FORKLIFT_COMPLETE=bash_complete" in script.stdout
+    # What the script asks the command for when the user types `forklift su<TAB>`.
+    done = _run(
+        env={"_FORKLIFT_COMPLETE": "bash_complete", "COMP_WORDS": "forklift su", "COMP_CWORD": "1"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["plain,submit"]
+    for shell in ("zsh", "fish"):
+        assert _run("completion", shell).returncode == 0
