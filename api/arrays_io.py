@@ -1,7 +1,8 @@
 """Array bytes in and out of shared memory for the API, without blocking the event loop.
 
 Uploads are written chunk by chunk into the segment as they arrive (the whole array never
-exists as one Python `bytes`); downloads stream the `.npy` header and then the segment.
+exists as one Python `bytes`), through the array write lifecycle (shared/arrays/lifecycle.py:
+nothing is left of a failed upload); downloads stream the `.npy` header and then the segment.
 
 A download holds a read lease on its array (shared/arrays/store.py) from before it maps the
 segment until its response ends, renewed while it runs: deleting or expiring the array meanwhile
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import anyio
 import numpy as np
@@ -29,15 +30,10 @@ from starlette.types import Receive, Scope, Send
 from api.deps import AppState
 from api.errors import ApiError, not_found
 from api.remote import proxy_array
-from shared.arrays import mappings, pool
+from shared.arrays import lifecycle, mappings
+from shared.arrays.lifecycle import ArrayWrite
 from shared.arrays.npy import NpyFormatError, NpyHeader, build_header, parse_header
-from shared.arrays.segments import (
-    Segment,
-    ShmFullError,
-    allocate_pages,
-    create_segment,
-    unlink_segment,
-)
+from shared.arrays.segments import Segment, allocate_pages
 from shared.arrays.store import READ_LEASE_S, ArrayRecord
 from shared.schemas import is_id
 
@@ -49,19 +45,6 @@ ALLOCATE_AHEAD = 4 * ALLOCATION_BLOCK
 MAX_HEADER = 65536
 
 NPY_MEDIA_TYPE = "application/x-npy"
-
-
-async def free_arrays(state: AppState, array_ids: list[str]) -> None:
-    """Drop records and release their segments (renaming or unlinking one is not free).
-
-    An array a download still reads is not dropped now: its last reader does it.
-    """
-    for array_id in array_ids:
-        dropped = await state.arrays.drop(array_id)
-        if dropped:
-            await to_thread.run_sync(
-                lambda d=dropped: pool.release(d.segment, state.settings, owner=d.owner)
-            )
 
 
 async def load_array(state: AppState, array_id: str, owner: str) -> ArrayRecord:
@@ -88,7 +71,7 @@ async def npy_response(state: AppState, array_id: str, owner: str, *, head: bool
     if head:
         return Response(status_code=200, headers=headers, media_type=NPY_MEDIA_TYPE)
     if record.domain != state.settings.shm_domain:  # another host's: stream it from its API
-        return await proxy_array(state, record, header, headers, NPY_MEDIA_TYPE)
+        return await proxy_array(state.settings, record, header, headers, NPY_MEDIA_TYPE)
     return await leased_stream(state, record, owner, header, headers, NPY_MEDIA_TYPE)
 
 
@@ -123,7 +106,7 @@ async def leased_stream(
 async def end_read(state: AppState, array_id: str, token: str) -> None:
     """Give a read lease back; the last reader of an array deleted meanwhile frees it."""
     if await state.arrays.end_read(array_id, token):
-        await free_arrays(state, [array_id])
+        await lifecycle.free_async(state.arrays, [array_id])
 
 
 class LeasedStream(StreamingResponse):
@@ -193,16 +176,6 @@ async def stream_segment(
             segment.close()
 
 
-@dataclass
-class Upload:
-    """One upload in flight: header known, record reserved, segment being filled."""
-
-    header: NpyHeader
-    array_id: str
-    segment: Segment | None = None
-    written: int = 0
-
-
 async def _read_header(stream: AsyncIterator[bytes]) -> tuple[NpyHeader, bytes]:
     prefix = bytearray()
     async for chunk in stream:
@@ -242,38 +215,25 @@ async def ingest(
             f"Content-Length is {declared} but the array needs {total} bytes"
             f" ({header.dtype.str}, shape {header.shape})",
         )
-    if header.nbytes > state.settings.max_upload_bytes:
-        raise ApiError(
-            413,
-            "too_large",
-            f"the array has {header.nbytes} bytes; the limit is"
-            f" {state.settings.max_upload_bytes} (FORKLIFT_MAX_UPLOAD_BYTES)",
-        )
-    upload = Upload(header=header, array_id=uuid.uuid4().hex)
-    used = await state.arrays.reserve(
-        upload.array_id, header.shape, header.dtype.str, header.order, header.nbytes, owner
-    )
-    if used is not None:
-        raise ApiError(
-            507,
-            "shm_full",
-            f"shared memory is full: {header.nbytes} more bytes would pass the cap of"
-            f" {state.settings.shm_limit_bytes} ({used} in use); delete arrays or wait",
-        )
-    try:
+    lifecycle.check_size(header.nbytes, state.settings)
+    async with lifecycle.writing_async(
+        state.arrays,
+        uuid.uuid4().hex,
+        header.shape,
+        header.dtype.str,
+        header.order,
+        header.nbytes,
+        owner,
+        ttl=ttl,
+    ) as write:
         # Per key: bytes its uploads in flight reserve (429 past FORKLIFT_KEY_MAX_UPLOAD_BYTES).
         release_quota = state.limits.take(owner, "upload_bytes", header.nbytes)
         try:
-            await _fill(state, upload, first, stream)
+            await _fill(write, first, stream)
         finally:
             release_quota()
-    except BaseException:
-        await _abandon(state, upload)
-        raise
-    await state.arrays.commit(upload.array_id, ttl)
-    record = await state.arrays.get(upload.array_id)
-    assert record is not None
-    return record
+    assert write.record is not None
+    return write.record
 
 
 class _PageAllocator:
@@ -302,9 +262,7 @@ class _PageAllocator:
         try:
             for start in range(0, size, ALLOCATION_BLOCK):
                 with self._turn:
-                    self._turn.wait_for(
-                        lambda s=start: self.stopped or s < self.wanted + ALLOCATE_AHEAD
-                    )
+                    self._turn.wait_for(functools.partial(self._may_allocate, start))
                 if self.stopped:
                     return
                 allocate_pages(self.segment, start, start + ALLOCATION_BLOCK)
@@ -314,6 +272,9 @@ class _PageAllocator:
             self.error = exc
             self._loop.call_soon_threadsafe(self._progress.set)
 
+    def _may_allocate(self, start: int) -> bool:
+        return self.stopped or start < self.wanted + ALLOCATE_AHEAD
+
     async def wait_for(self, end: int) -> None:
         if end > self.wanted:
             with self._turn:
@@ -321,9 +282,7 @@ class _PageAllocator:
                 self._turn.notify()
         while self.ready < end:
             if self.error is not None:
-                if isinstance(self.error, ShmFullError):
-                    raise ApiError(507, "shm_full", "shared memory is full (/dev/shm has no room)")
-                raise self.error
+                raise self.error  # ShmFullError when /dev/shm has no room: a 507
             self._progress.clear()
             await self._progress.wait()
 
@@ -335,27 +294,19 @@ class _PageAllocator:
             await self._task
 
 
-async def _fill(
-    state: AppState, upload: Upload, first: bytes, stream: AsyncIterator[bytes]
-) -> None:
-    nbytes = upload.header.nbytes
-    name = state.arrays.segment_name(upload.array_id)
-    upload.segment = await to_thread.run_sync(pool.claim, name, nbytes, state.settings)
-    sparse = upload.segment is None and nbytes > ALLOCATION_BLOCK
-    try:
-        if upload.segment is None:
-            upload.segment = await to_thread.run_sync(
-                lambda: create_segment(name, nbytes, allocate=not sparse)
-            )
-    except ShmFullError:
-        raise ApiError(507, "shm_full", "shared memory is full (/dev/shm has no room)") from None
-    allocator = _PageAllocator(upload.segment) if sparse else None
-    buffer = upload.segment.buffer
+async def _fill(write: ArrayWrite, first: bytes, stream: AsyncIterator[bytes]) -> None:
+    """Copy the body into the write's segment as it arrives; a new large segment gets its
+    pages allocated in a thread, ahead of the bytes."""
+    nbytes = write.nbytes
+    segment = await to_thread.run_sync(lambda: write.open(sparse_above=ALLOCATION_BLOCK))
+    allocator = _PageAllocator(segment) if write.sparse else None
+    buffer = segment.buffer
+    written = 0
     try:
         chunk: bytes = first
         while True:
             if chunk:
-                end = upload.written + len(chunk)
+                end = written + len(chunk)
                 if end > nbytes:
                     raise ApiError(
                         400,
@@ -364,8 +315,8 @@ async def _fill(
                     )
                 if allocator is not None:
                     await allocator.wait_for(end)
-                buffer[upload.written : end] = chunk
-                upload.written = end
+                buffer[written:end] = chunk
+                written = end
             try:
                 chunk = await anext(stream)
             except StopAsyncIteration:
@@ -376,21 +327,9 @@ async def _fill(
         del buffer
         if allocator is not None:
             await allocator.close()
-    if upload.written != nbytes:
+    if written != nbytes:
         raise ApiError(
             400,
             "truncated",
-            f"truncated upload: got {upload.written} of {nbytes} data bytes",
+            f"truncated upload: got {written} of {nbytes} data bytes",
         )
-    upload.segment.close()
-    upload.segment = None
-
-
-async def _abandon(state: AppState, upload: Upload) -> None:
-    """A failed upload: its segment may hold a previous owner's bytes (recycled) or a partial
-    array, so it is unlinked, never pooled."""
-    if upload.segment is not None:
-        with contextlib.suppress(BufferError):
-            upload.segment.close()
-    await state.arrays.drop(upload.array_id)
-    await to_thread.run_sync(unlink_segment, state.arrays.segment_name(upload.array_id))

@@ -1,7 +1,9 @@
 """One JSON error shape for every failure: `{"error": {"code", "message", "detail"}}`.
 
 Clients (and people reading curl output) get a message they can act on; the API never
-answers with a stack trace. Redis or broker outages become 503 with `Retry-After`.
+answers with a stack trace. Redis or broker outages become 503 with `Retry-After`. The
+domain errors of `shared/` (shared memory full, an array too large, another domain's array
+unreadable) carry no HTTP: `DOMAIN_ERRORS` says which answer each becomes, in one handler.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.arrays.lifecycle import ArrayTooLarge
+from shared.arrays.replicas import PullError
+from shared.arrays.segments import ShmFullError
 from shared.redis_io import REDIS_ERRORS
-from shared.schemas import ErrorBody
 
 log = logging.getLogger("forklift.api")
 
@@ -40,6 +44,15 @@ class ApiError(Exception):
         self.message = message
         self.detail = detail
         self.headers = headers
+
+
+# Domain error -> (status, code); a PullError names its own code (why the owner's API could
+# not be read).
+DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    ShmFullError: (507, "shm_full"),
+    ArrayTooLarge: (413, "too_large"),
+    PullError: (502, "owner_refused"),
+}
 
 
 def not_found(kind: str, ident: str) -> ApiError:
@@ -82,88 +95,21 @@ def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: e[k] for k in keep if k in e} for e in errors]
 
 
-_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
-# Operations counted per key by api.limits.KeyLimitMiddleware (429 past a limit).
-_KEY_LIMITED = {
-    ("post", "/arrays"),
-    ("get", "/jobs/{job_id}"),
-    ("get", "/jobs/{job_id}/result"),
-    ("get", "/jobs/{job_id}/events"),
-    ("post", "/jobs/wait"),
-}
-_COMMON_ERRORS = {
-    "400": "malformed body (not JSON, a broken .npy, a length that does not add up)",
-    "401": "missing or unknown API key (when FORKLIFT_API_KEYS is set)",
-    "404": "no such id (or not the caller's: existence is not told)",
-    "408": "the request body stopped arriving (FORKLIFT_BODY_TIMEOUT)",
-    "413": "request body over its cap",
-    "422": "invalid request",
-    "429": "the key holds its limit of these requests already; retry after `Retry-After` s",
-    "503": "Redis or the broker is unavailable; retry after `Retry-After` seconds",
-}
-
-
-def _honest_openapi(app: FastAPI, secured: bool) -> None:
-    """Every error an operation can answer is in its schema, with the one error shape.
-
-    Security is what the running configuration asks: bearer keys on every keyed operation
-    when FORKLIFT_API_KEYS is set, none at all when the API runs open (a schema that demands
-    a token the API never checks is a lie clients and fuzzers act on).
-
-    FastAPI documents only the success and its own 422 (`{"detail": [...]}`, which forklift
-    never sends). Added per operation: 400/408/413 where there is a body, 401 and 503 where
-    the caller's key and Redis are involved, 404 where the path holds an id, 422 where
-    anything is validated; every 4xx/5xx answer is `ErrorBody`.
-    """
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = build()
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(error_schema.pop("$defs", {}))
-        components["ErrorBody"] = error_schema
-        if not secured:
-            schema.get("components", {}).pop("securitySchemes", None)
-        for path, item in schema.get("paths", {}).items():
-            for method, op in item.items():
-                if method not in ("get", "put", "post", "delete", "patch", "head"):
-                    continue
-                keyed = bool(op.get("security"))  # the route takes the caller's key
-                if not secured:
-                    op.pop("security", None)
-                codes = set()
-                if "requestBody" in op:
-                    codes |= {"400", "408", "413", "422"}
-                if op.get("parameters"):
-                    codes.add("422")
-                if "{" in path:
-                    codes.add("404")
-                if keyed:
-                    codes |= {"401", "503"} if secured else {"503"}
-                if (method, path) in _KEY_LIMITED:
-                    codes.add("429")
-                responses = op.setdefault("responses", {})
-                for code in sorted(codes):
-                    responses.setdefault(code, {"description": _COMMON_ERRORS[code]})
-                for code, response in responses.items():
-                    if code[0] in "45":
-                        response["content"] = {"application/json": {"schema": _ERROR_REF}}
-                        response.setdefault("description", _COMMON_ERRORS.get(code, "error"))
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def install(app: FastAPI, secured: bool = False) -> None:
-    _honest_openapi(app, secured)
+def install(app: FastAPI) -> None:
+    """Answer every failure with the one error shape (documented by `api.openapi`)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.detail, exc.headers)
+
+    async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+        status, code = DOMAIN_ERRORS[next(t for t in type(exc).__mro__ if t in DOMAIN_ERRORS)]
+        if isinstance(exc, PullError):
+            code = exc.code
+        return error_response(status, code, str(exc))
+
+    for domain_error in DOMAIN_ERRORS:
+        app.add_exception_handler(domain_error, _domain_error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

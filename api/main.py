@@ -32,7 +32,6 @@ from api.routes import (
     internal,
     jobs,
     metrics,
-    shm,
     tasks,
 )
 from api.topology import announce_domain
@@ -182,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(OpenBindGuard, settings=settings)
     errors.install(app)
     openapi.curate(app, secured=bool(settings.api_keys))
-    for module in (jobs, events, shm, arrays, tasks, health, dashboard, cluster, internal):
+    for module in (jobs, events, arrays, tasks, health, dashboard, cluster, internal):
         app.include_router(module.router)
     metrics.install(app)  # /metrics, and the outermost middleware: times every request
     return app

@@ -1,9 +1,10 @@
-"""Arrays held in another shm domain: read from the owner's API, never through Redis.
+"""Cross-host arrays, the API's side: serving this domain's arrays to other domains (the
+internal token check) and streaming another domain's array to a client.
 
-Every array record names the API of the domain that holds it (`api_url`, from that domain's
-FORKLIFT_API_INTERNAL_URL). `GET /arrays/{id}` on any API streams such an array from the owner's
-`GET /internal/arrays/{id}` (raw bytes, authenticated by FORKLIFT_INTERNAL_TOKEN) behind the
-`.npy` header it builds itself; the bytes pass through in chunks and are not stored here.
+The contract (the internal endpoint, its token, `PullError`) lives in shared/arrays/replicas.py.
+`GET /arrays/{id}` on any API streams an array of another domain from the owner's
+`GET /internal/arrays/{id}` behind the `.npy` header it builds itself; the bytes pass
+through in chunks and are not stored here.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import httpx
 from fastapi import Depends, Header
 from starlette.responses import Response, StreamingResponse
 
-from api.deps import AppState, State
+from api.deps import State
 from api.errors import ApiError, not_found
+from shared.arrays import replicas
 from shared.arrays.replicas import TOKEN_HEADER
 from shared.arrays.store import ArrayRecord
-
-CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 120.0
+from shared.settings import Settings
 
 
 async def _check_token(
@@ -45,48 +45,25 @@ InternalCaller = Annotated[None, Depends(_check_token)]
 
 
 async def proxy_array(
-    state: AppState, record: ArrayRecord, prefix: bytes, headers: dict[str, str], media_type: str
+    settings: Settings, record: ArrayRecord, prefix: bytes, headers: dict[str, str], media_type: str
 ) -> Response:
     """`prefix` (the `.npy` header) and then the array's bytes, streamed from its owner's API."""
-    where = f"array {record.id} lives in shm domain {record.domain}"
-    secret = state.settings.internal_token
-    if secret is None:
-        raise ApiError(
-            502,
-            "cross_domain_disabled",
-            f"{where}; reading it through this API needs FORKLIFT_INTERNAL_TOKEN (the same value"
-            " on every API and worker)",
-        )
-    if not record.api_url:
-        raise ApiError(
-            502,
-            "owner_unknown",
-            f"{where}, whose API did not record its address (FORKLIFT_API_INTERNAL_URL);"
-            " download it from that domain's API",
-        )
-    url = f"{record.api_url.rstrip('/')}/internal/arrays/{record.id}"
-    client = httpx.AsyncClient(timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+    source = replicas.source(record.id, record.domain, record.api_url, settings)
+    client = httpx.AsyncClient(timeout=replicas.timeout())
     try:
-        request = client.build_request(
-            "GET", url, headers={TOKEN_HEADER: secret.get_secret_value()}
+        upstream = await client.send(
+            client.build_request("GET", source.url, headers=source.headers), stream=True
         )
-        upstream = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         await client.aclose()
-        raise ApiError(
-            502, "owner_unreachable", f"{where}; its API ({record.api_url}) does not answer: {exc}"
-        ) from None
+        raise replicas.unreachable(record.id, source.url, exc) from None
     if upstream.status_code != 200:
         text = (await upstream.aread())[:300].decode(errors="replace")
         await upstream.aclose()
         await client.aclose()
         if upstream.status_code == 404 and "array_not_found" in text:
             raise not_found("array", record.id)
-        raise ApiError(
-            502,
-            "owner_refused",
-            f"{where}; its API answered {upstream.status_code}: {text}",
-        )
+        raise replicas.refused(record.id, upstream.status_code, text)
 
     async def body() -> AsyncIterator[bytes]:
         try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -33,7 +35,11 @@ FINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.can
 
 
 class ArrayRef(BaseModel):
-    """What a worker needs to attach an array: only names and numbers, never the bytes."""
+    """What a worker needs to attach an array: only names and numbers, never the bytes.
+
+    The base of the array family: `ArrayMeta` (what clients see) adds its times, and the
+    registry's `ArrayRecord` (shared/arrays/store.py) its owner and state.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -45,19 +51,24 @@ class ArrayRef(BaseModel):
     nbytes: int
     domain: str
 
+    def info(self) -> ArrayInfo:
+        """Shape and NumPy dtype, what input checks look at (`@job(check=)`)."""
+        return ArrayInfo(self.shape, np.dtype(self.dtype))
 
-class ArrayMeta(BaseModel):
+
+class ArrayMeta(ArrayRef):
     """An array as clients see it."""
 
-    id: str
-    shape: list[int]
-    dtype: str
-    order: str
-    nbytes: int
-    domain: str
-    segment: str
     created_at: float
     expires_at: float
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """An array's shape and dtype without its bytes: an ndarray's look for input checks."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
 
 
 class ArrayInput(BaseModel):

@@ -20,14 +20,15 @@ from typing import Any, TypeVar
 import numpy as np
 from billiard.exceptions import SoftTimeLimitExceeded
 
-from shared.arrays import mappings, pool
+from shared.arrays import lifecycle, mappings, replicas
 from shared.arrays.copying import copy_into
-from shared.arrays.segments import Segment, ShmFullError, ndarray_view, unlink_segment
+from shared.arrays.npy import check_dtype
+from shared.arrays.segments import Segment, ShmFullError, ndarray_view
 from shared.arrays.store import ArrayRecord
 from shared.redis_io import REDIS_ERRORS
 from shared.registry import get_job
 from shared.schemas import ArrayRef, JobStatus, TaskPayload
-from worker import cancel, remote
+from worker import cancel
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger("forklift.worker")
@@ -83,7 +84,7 @@ def run(payload: TaskPayload, node: str = "") -> str:
 def _free(rt: Runtime, array_ids: list[str]) -> None:
     """Free what a release made due; a failure leaves them to the janitor (they expire)."""
     try:
-        free_arrays(rt, array_ids)
+        lifecycle.free(rt.arrays, array_ids)
     except REDIS_ERRORS as exc:
         log.warning("freeing %d arrays failed (the janitor will): %s", len(array_ids), exc)
 
@@ -223,8 +224,8 @@ def attached(inputs: dict[str, ArrayRef], rt: Runtime) -> Iterator[dict[str, np.
         for name, ref in inputs.items():
             if ref.domain != rt.settings.shm_domain:  # another host's: use this domain's copy
                 try:
-                    ref = remote.local_ref(ref, rt)
-                except remote.PullError as exc:
+                    ref = replicas.local_ref(ref, rt.redis, rt.settings)
+                except replicas.PullError as exc:
                     raise JobFailure(f"input '{name}': {exc}") from None
             try:
                 segment = mappings.attach(ref.segment, ref.nbytes)
@@ -246,7 +247,7 @@ def encode_result(value: Any, rt: Runtime, payload: TaskPayload, created: list[s
     if isinstance(value, np.ndarray):
         record = store_ndarray(value, rt, owner=payload.owner, job=payload.job_id)
         created.append(record.id)
-        return {"array": record.meta().model_dump()}
+        return {"array": record.meta().model_dump(mode="json")}
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, complex):
@@ -272,38 +273,16 @@ def store_ndarray(arr: np.ndarray, rt: Runtime, *, owner: str, job: str = "") ->
 
     A pooled segment this child wrote into before is still mapped here: no page faults.
     """
-    from shared.arrays.npy import check_dtype
-
     dtype = check_dtype(arr.dtype.newbyteorder("=") if arr.dtype.byteorder == ">" else arr.dtype)
     order = "F" if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-    array_id = uuid.uuid4().hex
-    used = rt.arrays.reserve(array_id, arr.shape, dtype.str, order, arr.nbytes, owner, job)
-    if used is not None:
-        raise JobFailure(
-            f"shared memory full: the {arr.nbytes} byte result does not fit"
-            f" ({used} of {rt.settings.shm_limit_bytes} bytes in use)"
-        )
-    name = rt.arrays.segment_name(array_id)
     try:
-        segment = pool.claim(name, arr.nbytes, rt.settings) or mappings.create(name, arr.nbytes)
-        with segment:
-            target = ndarray_view(segment, dtype, arr.shape, order)
+        with lifecycle.writing(
+            rt.arrays, uuid.uuid4().hex, arr.shape, dtype.str, order, arr.nbytes, owner, job=job
+        ) as write:
+            target = ndarray_view(write.open(), dtype, arr.shape, order)
             copy_into(target, arr, casting="no" if arr.dtype == dtype else "equiv")
             del target
-    except BaseException as exc:
-        rt.arrays.drop(array_id)
-        unlink_segment(name)
-        if isinstance(exc, ShmFullError):
-            raise JobFailure("shared memory full: no room for the job's result") from exc
-        raise
-    rt.arrays.commit(array_id)
-    record = rt.arrays.get(array_id)
-    assert record is not None
-    return record
-
-
-def free_arrays(rt: Runtime, array_ids: list[str]) -> None:
-    for array_id in array_ids:
-        dropped = rt.arrays.drop(array_id)  # None while a download reads it: the reader frees
-        if dropped:
-            pool.release(dropped.segment, rt.settings, owner=dropped.owner)
+    except ShmFullError as exc:
+        raise JobFailure(f"the job's result: {exc}") from None
+    assert write.record is not None
+    return write.record

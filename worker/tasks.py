@@ -10,7 +10,7 @@ from celery.exceptions import Reject
 from celery.worker.request import Request
 
 from shared import logs
-from shared.arrays import pool
+from shared.arrays import lifecycle, pool
 from shared.celery_app import TASK_NAME
 from shared.registry import load_job_modules
 from shared.schemas import JobStatus, TaskPayload
@@ -46,7 +46,7 @@ class JobRequest(Request):
                 f"job {job_id} time limit",
                 MAIN_PROCESS_RETRY_S,
             )
-            runner.free_arrays(rt, due)
+            lifecycle.free(rt.arrays, due)
         except Exception as exc:  # the reaper ends it: its worker no longer holds it
             log.warning("job %s: could not record the time limit: %s", job_id, exc)
 
@@ -80,7 +80,7 @@ def _job_revoked(request: object = None, terminated: bool = False, **_: object) 
             f"job {job_id} revoked",
             MAIN_PROCESS_RETRY_S,
         )
-        runner.free_arrays(rt, due)
+        lifecycle.free(rt.arrays, due)
     except Exception as exc:  # the reaper ends it: its message is gone
         log.warning("job %s: could not record the revoke: %s", job_id, exc)
         return

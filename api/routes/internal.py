@@ -1,6 +1,7 @@
 """/internal: what the APIs and workers of other shm domains ask this domain's API for.
 
-Not for clients: every call must carry `X-Forklift-Internal-Token: <FORKLIFT_INTERNAL_TOKEN>`
+The serving end of the cross-host contract of shared/arrays/replicas.py. Not for clients:
+every call must carry `X-Forklift-Internal-Token: <FORKLIFT_INTERNAL_TOKEN>`
 (compared in constant time; without the setting these endpoints answer 404). Kept out of the
 OpenAPI schema.
 """
@@ -14,14 +15,14 @@ from api.arrays_io import leased_stream
 from api.deps import State
 from api.errors import ApiError, not_found
 from api.remote import InternalCaller
-from shared.arrays.replicas import stats_key
+from shared.arrays.replicas import ReplicaStore
 from shared.schemas import is_id
 
 router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False)
 
 
-@router.get("/arrays/{array_id}")
-async def internal_array(array_id: str, state: State, _: InternalCaller) -> Response:
+@router.get("/arrays/{array_id}", summary="Serve an array to another shm domain")
+async def serve_array(array_id: str, state: State, _: InternalCaller) -> Response:
     """The raw bytes of an array held in this domain (no `.npy` header), for another domain.
 
     No owner check: the caller checked the owner (an API) or holds a job that pins the array
@@ -42,8 +43,5 @@ async def internal_array(array_id: str, state: State, _: InternalCaller) -> Resp
     response = await leased_stream(
         state, record, None, b"", headers, media_type="application/octet-stream"
     )
-    pipe = state.redis.pipeline(transaction=False)
-    pipe.hincrby(stats_key(state.settings), f"served:{here}", 1)
-    pipe.hincrby(stats_key(state.settings), f"served_bytes:{here}", record.nbytes)
-    await pipe.execute()
+    await ReplicaStore(state.redis, state.settings).count_transfer("serve", record.nbytes)
     return response

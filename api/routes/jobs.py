@@ -8,16 +8,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api.arrays_io import free_arrays, npy_response
+from api.arrays_io import npy_response
 from api.deps import AppState, Owner, State, load_job
 from api.enqueue import enqueue_many
 from api.errors import ApiError, not_found
 from api.openapi import LOCATION
+from shared.arrays import lifecycle
 from shared.arrays.store import ArrayRecord
 from shared.jobstore import JobRecord
 from shared.registry import InputError, LimitError, get_job
@@ -33,12 +33,6 @@ from shared.schemas import (
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-
-
-@dataclass(frozen=True)
-class _ArrayInfo:
-    shape: tuple[int, ...]
-    dtype: np.dtype
 
 
 def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
@@ -92,7 +86,7 @@ async def _prepare(state: AppState, body: JobSubmission, owner: str) -> _Prepare
             raise ApiError(422, "unknown_array", f"input '{name}': no array with id '{array_id}'")
         refs[name] = record
     try:
-        infos = {n: _ArrayInfo(tuple(r.shape), np.dtype(r.dtype)) for n, r in refs.items()}
+        infos = {n: r.info() for n, r in refs.items()}
         spec.check_inputs(infos, params)
         spec.check_memory(infos, params, *state.settings.job_memory_budget)
     except LimitError as exc:
@@ -127,7 +121,7 @@ async def _undo(state: AppState, jobs: list[_Prepared]) -> None:
     for job in jobs:
         released = await state.jobs.release_inputs(job.job_id)
         await state.jobs.discard(job.job_id, job.body.task)
-        await free_arrays(state, released)
+        await lifecycle.free_async(state.arrays, released)
 
 
 async def _submit(state: AppState, jobs: list[_Prepared], owner: str) -> list[JobView]:
@@ -311,7 +305,7 @@ async def cancel_job(job_id: str, state: State, owner: Owner) -> Any:
     record = await load_job(state, job_id, owner)
     before = await state.jobs.cancel(job_id)
     if before == "queued":
-        await free_arrays(state, await state.jobs.release_inputs(job_id))
+        await lifecycle.free_async(state.arrays, await state.jobs.release_inputs(job_id))
     elif before != "running":
         raise ApiError(
             409, "job_finished", f"job already {record.status.value}", {"status": before}

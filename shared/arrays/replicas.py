@@ -1,8 +1,16 @@
-"""Replicas: another shm domain's arrays, copied into this domain once and freed with the original.
+"""Cross-host arrays: reading another shm domain's array from its owner's API, never through
+Redis; replicas, copied into this domain once and freed with the original.
+
+The contract between domains: every array record names the API of the domain that holds it
+(`api_url`, from that domain's FORKLIFT_API_INTERNAL_URL); that API serves the raw bytes at
+`GET <api_url>/internal/arrays/{id}` (no `.npy` header, `Content-Length` = nbytes) to callers
+that send `X-Forklift-Internal-Token: <FORKLIFT_INTERNAL_TOKEN>` (api/routes/internal.py).
+`source` builds that request, or says why it cannot be made (`PullError`). An API streams
+such an array to its client as it arrives (api/remote.py); a worker pulls it here, once.
 
 A worker that must run a job whose input lives in another shm domain (another host) pulls the
-array over HTTP from the owner's API (`GET /internal/arrays/{id}`, see `worker/remote.py`) into a
-segment of its own domain. Every child of every worker of that domain then attaches the copy,
+array (`local_ref`) into a segment of its own domain, chunk by chunk: the bytes never exist
+whole in the child's heap. Every child of every worker of that domain then attaches the copy,
 so an array crosses the network at most once per domain. Keys, under the stack's prefix:
 
     replica:<domain>:<id>   hash {segment, nbytes, state, token, created_at}; `pulling` while a
@@ -23,19 +31,91 @@ either commits a replica whose original still exists or finds its claim gone and
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import httpx
 import redis
 
-from shared.arrays.segments import list_segments, unlink_own
+from shared.arrays.lifecycle import SegmentWrite
+from shared.arrays.segments import (
+    ShmFullError,
+    list_segments,
+    segment_path,
+    unlink_own,
+    unlink_segment,
+)
 from shared.redis_io import AnyRedis, then
+from shared.schemas import ArrayRef
 from shared.settings import Settings
+
+log = logging.getLogger("forklift.replicas")
 
 TOKEN_HEADER = "X-Forklift-Internal-Token"
 REPLICA_SUFFIX = "_r"
+LOCK_TTL_S = 900.0  # longest a pull may take before another process may try again
+WAIT_POLL_S = 0.05
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 120.0
+
+
+class PullError(Exception):
+    """Another domain's array could not be read; the message is for the client. `code`
+    names the cause (the API answers 502 with it)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where and how to read another domain's array: its owner API's internal endpoint."""
+
+    url: str
+    headers: dict[str, str]
+
+
+def source(array_id: str, domain: str, api_url: str, settings: Settings) -> Source:
+    """The request that reads array `array_id` (held in `domain`) from its owner's API."""
+    where = f"array {array_id} lives in shm domain {domain}"
+    secret = settings.internal_token
+    if secret is None:
+        raise PullError(
+            "cross_domain_disabled",
+            f"{where}; reading it from {settings.shm_domain} needs FORKLIFT_INTERNAL_TOKEN"
+            " (the same value on every API and worker)",
+        )
+    if not api_url:
+        raise PullError(
+            "owner_unknown",
+            f"{where}, whose API did not record its address: set FORKLIFT_API_INTERNAL_URL"
+            " on that domain's API and workers",
+        )
+    return Source(
+        f"{api_url.rstrip('/')}/internal/arrays/{array_id}",
+        {TOKEN_HEADER: secret.get_secret_value()},
+    )
+
+
+def timeout() -> httpx.Timeout:
+    return httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+
+
+def unreachable(array_id: str, url: str, exc: Exception) -> PullError:
+    return PullError(
+        "owner_unreachable", f"cannot reach the API holding array {array_id} ({url}): {exc}"
+    )
+
+
+def refused(array_id: str, status: int, text: str) -> PullError:
+    return PullError("owner_refused", f"the owner's API refused array {array_id}: {status} {text}")
+
 
 # Outcome of a claim: {'ready', segment} | {'claimed', api_url} | {'wait'} | {'gone'}
 # | {'full', bytes-in-use}
@@ -150,26 +230,26 @@ class ReplicaStore:
         self.client = client
         self.settings = settings
         self.domain = domain or settings.shm_domain
-        self.index_key = settings.key("replicas", self.domain)
+        self.index_key = settings.keys.replicas(self.domain)
         self.stats_key = stats_key(settings)
         self._claim = client.register_script(_CLAIM)
         self._ready = client.register_script(_READY)
         self._forget = client.register_script(_FORGET)
 
     def key(self, array_id: str) -> str:
-        return self.settings.key("replica", self.domain, array_id)
+        return self.settings.keys.replica(self.domain, array_id)
 
     def segment_name(self, array_id: str) -> str:
         return f"{self.settings.shm_prefix}{array_id}{REPLICA_SUFFIX}"
 
     def _bytes_key(self) -> str:
-        return self.settings.key("shm_bytes", self.domain)
+        return self.settings.keys.shm_bytes(self.domain)
 
     def _ledger_key(self) -> str:
-        return self.settings.key("shm_ledger", self.domain)  # see store.py
+        return self.settings.keys.shm_ledger(self.domain)  # see store.py
 
     def _array_key(self, array_id: str) -> str:
-        return self.settings.key("array", array_id)
+        return self.settings.keys.array(array_id)
 
     def claim(self, array_id: str, nbytes: int, token: str, lock_ttl: float) -> Any:
         """The replica if ready; else the right to pull it (bytes reserved), or 'wait'."""
@@ -180,7 +260,7 @@ class ReplicaStore:
             self._array_key(array_id),
             self._ledger_key(),
         ]
-        args = [
+        args: list[str | int] = [
             array_id,
             self.segment_name(array_id),
             nbytes,
@@ -204,14 +284,131 @@ class ReplicaStore:
     def count(self, event: str, n: int = 1) -> Any:
         return self.client.hincrby(self.stats_key, f"{event}:{self.domain}", n)
 
+    def count_transfer(self, kind: Literal["pull", "serve"], nbytes: int) -> Any:
+        """One array of `nbytes` pulled into this domain, or served to another one."""
+        count, volume = ("pulls", "pulled_bytes") if kind == "pull" else ("served", "served_bytes")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(self.stats_key, f"{count}:{self.domain}", 1)
+        pipe.hincrby(self.stats_key, f"{volume}:{self.domain}", nbytes)
+        return pipe.execute()
+
+
+def local_ref(ref: ArrayRef, client: redis.Redis, settings: Settings) -> ArrayRef:
+    """`ref` itself when it lives here, else a reference to this domain's replica of it."""
+    if ref.domain == settings.shm_domain:
+        return ref
+    segment = ensure_replica(ref, client, settings)
+    return ref.model_copy(update={"segment": segment, "domain": settings.shm_domain})
+
+
+def ensure_replica(ref: ArrayRef, client: redis.Redis, settings: Settings) -> str:
+    """The name of this domain's replica of `ref`, pulling it first if nobody has."""
+    store = ReplicaStore(client, settings)
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + LOCK_TTL_S
+    while True:
+        claim = store.claim(ref.id, ref.nbytes, token, LOCK_TTL_S)
+        if claim.state == "ready":
+            if segment_path(claim.segment).exists():
+                store.count("hits")
+                return str(claim.segment)
+            # The record outlived its segment (/dev/shm wiped): forget it and pull again.
+            store.forget(ref.id, segment=claim.segment)
+            continue
+        if claim.state == "claimed":
+            return _pull(ref, store, token, claim.api_url)
+        if claim.state == "gone":
+            raise PullError("array_not_found", f"array {ref.id} is gone")
+        if claim.state == "full":
+            full = ShmFullError.over_cap(ref.nbytes, claim.bytes_in_use, settings.shm_limit_bytes)
+            raise PullError("shm_full", f"a copy of array {ref.id}: {full}")
+        if time.monotonic() > deadline:
+            raise PullError(
+                "pull_timeout", f"timed out waiting for another process to pull array {ref.id}"
+            )
+        time.sleep(WAIT_POLL_S)  # a sibling is pulling it
+
+
+def _pull(ref: ArrayRef, store: ReplicaStore, token: str, api_url: str) -> str:
+    """Stream the array into a new replica segment, then mark the replica ready: the
+    lifecycle's writer and abandon, with the replica record as the reservation."""
+    settings = store.settings
+    write = SegmentWrite(store.segment_name(ref.id), ref.nbytes, settings)
+    began = time.monotonic()
+    try:
+        request = source(ref.id, ref.domain, api_url, settings)
+        unlink_segment(write.name)  # left by a puller that died: we hold the claim now
+        try:
+            write.open()
+        except ShmFullError as exc:
+            raise PullError("shm_full", f"a copy of array {ref.id}: {exc}") from None
+        _stream_into(write, request, ref)
+        write.close()
+        if not store.mark_ready(ref.id, token):
+            raise PullError(
+                "array_not_found", f"array {ref.id} was freed while it was being pulled"
+            )
+    except BaseException:
+        store.forget(ref.id, token=token)
+        write.discard()
+        raise
+    elapsed = time.monotonic() - began
+    store.count_transfer("pull", ref.nbytes)
+    log.info(
+        "pulled array %s (%d bytes) from shm domain %s at %s in %.3f s",
+        ref.id,
+        ref.nbytes,
+        ref.domain,
+        api_url,
+        elapsed,
+    )
+    return write.name
+
+
+def _stream_into(write: SegmentWrite, request: Source, ref: ArrayRef) -> None:
+    assert write.segment is not None
+    buffer = write.segment.buffer
+    try:
+        with (
+            httpx.Client(timeout=timeout()) as http,
+            http.stream("GET", request.url, headers=request.headers) as r,
+        ):
+            if r.status_code != 200:
+                raise refused(ref.id, r.status_code, r.read()[:300].decode(errors="replace"))
+            declared = r.headers.get("content-length")
+            if declared is not None and int(declared) != ref.nbytes:
+                raise PullError(
+                    "owner_refused",
+                    f"the owner's API sent {declared} bytes for array {ref.id},"
+                    f" which has {ref.nbytes}",
+                )
+            written = 0
+            for chunk in r.iter_raw():
+                end = written + len(chunk)
+                if end > ref.nbytes:
+                    raise PullError(
+                        "owner_refused", f"the owner's API sent more than array {ref.id} holds"
+                    )
+                buffer[written:end] = chunk
+                written = end
+            if written != ref.nbytes:
+                raise PullError(
+                    "owner_refused",
+                    f"the owner's API sent {written} of the {ref.nbytes} bytes of array {ref.id}",
+                )
+    except httpx.HTTPError as exc:
+        raise unreachable(ref.id, request.url, exc) from None
+    finally:
+        del buffer
+
 
 def stats_key(settings: Settings) -> str:
-    return settings.key("replicas", "stats")
+    return settings.keys.replica_stats
 
 
 def read_stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
     """The counters as {"pulls:<domain>": n, ...} (sync client; for tests and tools)."""
-    return {k: int(v) for k, v in client.hgetall(stats_key(settings)).items()}
+    return {str(k): int(v) for k, v in client.hgetall(stats_key(settings)).items()}
 
 
 @dataclass
@@ -231,7 +428,7 @@ def sweep_replicas(client: redis.Redis, settings: Settings) -> ReplicaSweep:
     script = client.register_script(_SWEEP)
     reply = script(
         keys=[store.index_key, store._bytes_key(), store._ledger_key()],
-        args=[settings.key("replica", store.domain, ""), settings.key("array", "")],
+        args=[settings.keys.replica_prefix(store.domain), settings.keys.array_prefix],
     )
     recorded: set[str] = set()
     for i in range(0, len(reply), 4):

@@ -40,7 +40,22 @@ _populate_write_supported = True
 
 
 class ShmFullError(OSError):
-    """/dev/shm cannot hold the segment (ENOSPC/ENOMEM); the API answers 507."""
+    """Shared memory cannot take `nbytes` more: the domain's cap is reached, or /dev/shm
+    itself has no room (ENOSPC/ENOMEM). A domain error: the API answers 507 `shm_full`, a
+    job's result or a pull fails with this message. One message whatever the cause, which
+    `why` completes."""
+
+    def __init__(self, nbytes: int, why: str, code: int = errno.ENOSPC) -> None:
+        super().__init__(code, f"shared memory full: no room for {nbytes} more bytes ({why})")
+        self.nbytes = nbytes
+
+    @classmethod
+    def over_cap(cls, nbytes: int, used: int, limit: int) -> ShmFullError:
+        """The domain's reservations would pass FORKLIFT_SHM_LIMIT_BYTES."""
+        return cls(nbytes, f"{used} of the cap of {limit} in use; delete arrays or wait")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class ForeignFile(Exception):
@@ -208,9 +223,7 @@ def _allocate(fd: int, name: str, size: int, offset: int = 0) -> None:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.ENOMEM):
             raise ShmFullError(
-                exc.errno,
-                f"shared memory full: cannot allocate {size} bytes for segment {name} "
-                f"({_free_bytes()} bytes free in {SHM_DIR})",
+                size, f"segment {name}: {_free_bytes()} bytes free in {SHM_DIR}", exc.errno
             ) from None
         raise
 
@@ -371,6 +384,20 @@ def unlink_segment(name: str) -> bool:
     return True
 
 
+def unlink_reserved(name: str) -> None:
+    """Remove whatever of the stack's uid is under a name the stack reserved (a segment, a
+    client's file of a wrong mode, a hard link, a symlink: unlinking a name never touches
+    what it points to); another uid's file is logged and left to its owner."""
+    try:
+        info = os.lstat(segment_path(name))
+    except FileNotFoundError:
+        return
+    if info.st_uid != os.geteuid():
+        report_foreign(f"{name}: owned by uid {info.st_uid}, left to its owner")
+        return
+    unlink_segment(name)
+
+
 def unlink_own(name: str) -> bool:
     """Unlink `name` if it is a regular file of this uid (checked on its lstat); True if removed.
 
@@ -426,7 +453,8 @@ def ndarray_view(
             f"({len(segment.buffer)} bytes{', closed' if segment.closed else ''})"
         )
     flat = np.frombuffer(segment.buffer, dtype=dtype, count=math.prod(shape))
-    return flat.reshape(shape, order=order)  # a view: flat is contiguous
+    view: np.ndarray = flat.reshape(shape, order="F" if order == "F" else "C")
+    return view  # a view: flat is contiguous
 
 
 def _check_name(name: str) -> str:

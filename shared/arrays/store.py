@@ -25,8 +25,6 @@ import json
 import time
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel
-
 from shared.redis_io import AnyRedis, then
 from shared.schemas import ArrayMeta, ArrayRef
 from shared.settings import Settings
@@ -157,19 +155,15 @@ class Dropped(NamedTuple):
     owner: str
 
 
-class ArrayRecord(BaseModel):
-    id: str
-    segment: str
-    shape: tuple[int, ...]
-    dtype: str
-    order: str = "C"
-    nbytes: int
-    domain: str
+class ArrayRecord(ArrayMeta):
+    """One array's record: what clients see (`meta()`), what a job's message carries
+    (`ref()`), and the registry's own fields."""
+
     owner: str = ""
     state: str = "ready"
     pins: int = 0
     delete_requested: bool = False
-    created_at: float = 0.0
+    created_at: float = 0.0  # set at commit; 0 while uploading
     expires_at: float = 0.0
     job: str = ""
     api_url: str = ""  # the owner domain's API, for reads from other domains
@@ -179,28 +173,10 @@ class ArrayRecord(BaseModel):
         return self.state == "ready" and not self.delete_requested
 
     def meta(self) -> ArrayMeta:
-        return ArrayMeta(
-            id=self.id,
-            shape=list(self.shape),
-            dtype=self.dtype,
-            order=self.order,
-            nbytes=self.nbytes,
-            domain=self.domain,
-            segment=self.segment,
-            created_at=self.created_at,
-            expires_at=self.expires_at,
-        )
+        return ArrayMeta(**{name: getattr(self, name) for name in ArrayMeta.model_fields})
 
     def ref(self) -> ArrayRef:
-        return ArrayRef(
-            id=self.id,
-            segment=self.segment,
-            shape=self.shape,
-            dtype=self.dtype,
-            order=self.order,
-            nbytes=self.nbytes,
-            domain=self.domain,
-        )
+        return ArrayRef(**{name: getattr(self, name) for name in ArrayRef.model_fields})
 
 
 def _parse(raw: dict[str, str]) -> ArrayRecord | None:
@@ -218,7 +194,7 @@ class ArrayStore:
     def __init__(self, client: AnyRedis, settings: Settings) -> None:
         self.client = client
         self.settings = settings
-        self.expiry_key = settings.key("arrays", "expiry")
+        self.expiry_key = settings.keys.arrays_expiry
         self._reserve = client.register_script(_RESERVE)
         self._commit = client.register_script(_COMMIT)
         self._delete = client.register_script(_DELETE)
@@ -229,16 +205,16 @@ class ArrayStore:
         self._recount = client.register_script(_RECOUNT)
 
     def key(self, array_id: str) -> str:
-        return self.settings.key("array", array_id)
+        return self.settings.keys.array(array_id)
 
     def bytes_key(self, domain: str | None = None) -> str:
-        return self.settings.key("shm_bytes", domain or self.settings.shm_domain)
+        return self.settings.keys.shm_bytes(domain or self.settings.shm_domain)
 
     def ledger_key(self, domain: str | None = None) -> str:
-        return self.settings.key("shm_ledger", domain or self.settings.shm_domain)
+        return self.settings.keys.shm_ledger(domain or self.settings.shm_domain)
 
     def readers_key(self, array_id: str) -> str:
-        return self.settings.key("readers", array_id)
+        return self.settings.keys.readers(array_id)
 
     def segment_name(self, array_id: str) -> str:
         return f"{self.settings.shm_prefix}{array_id}"
@@ -312,8 +288,8 @@ class ArrayStore:
         keys = [self.key(array_id), self.expiry_key, self.readers_key(array_id)]
         args = [
             array_id,
-            self.settings.key("shm_bytes", ""),
-            self.settings.key("shm_ledger", ""),
+            self.settings.keys.shm_bytes_prefix,
+            self.settings.keys.shm_ledger_prefix,
             repr(time.time()),
         ]
 
@@ -363,8 +339,8 @@ class ArrayStore:
         settings = self.settings
         keys = [self.bytes_key(), self.ledger_key()]
         args = [
-            settings.key("array", ""),
-            settings.key("replica", settings.shm_domain, ""),
+            settings.keys.array_prefix,
+            settings.keys.replica_prefix(settings.shm_domain),
             settings.shm_domain,
             *unledgered,
         ]
@@ -376,3 +352,50 @@ class ArrayStore:
 
     def bytes_in_use(self, domain: str | None = None) -> Any:
         return then(self.client.get(self.bytes_key(domain)), lambda r: int(r or 0))
+
+    def exists(self, array_id: str) -> Any:
+        """Whether a record of this id exists, in any state."""
+        return then(self.client.exists(self.key(array_id)), bool)
+
+
+class OpenRegistration(NamedTuple):
+    """An open same-host registration (api/registrations.py): whose, and how it was made."""
+
+    owner: str
+    ttl: float | None
+    recycled: bool  # the API took its segment from the pool
+
+
+class RegistrationStore:
+    """Open `POST /arrays/register` reservations: one marker per id (`Keys.register`),
+    expiring with the reservation. Ended by `api/limits.py:RegisteredBytes.release`, which
+    deletes the marker in the script that uncounts its bytes."""
+
+    def __init__(self, client: AnyRedis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+
+    def key(self, array_id: str) -> str:
+        return self.settings.keys.register(array_id)
+
+    def open(self, array_id: str, owner: str, ttl: float | None) -> Any:
+        """Claim the id for `owner`; False when it is taken."""
+        value = json.dumps({"owner": owner, "ttl": ttl})
+        reply = self.client.set(self.key(array_id), value, nx=True, ex=UPLOAD_TIMEOUT_S)
+        return then(reply, bool)
+
+    def mark_recycled(self, array_id: str, owner: str, ttl: float | None) -> Any:
+        """Note that the API took the segment from the pool (an abandon gives it back)."""
+        value = json.dumps({"owner": owner, "ttl": ttl, "recycled": True})
+        return self.client.set(self.key(array_id), value, xx=True, keepttl=True)
+
+    def get(self, array_id: str) -> Any:
+        """The open registration, or None (unknown, expired or ended)."""
+        return then(self.client.get(self.key(array_id)), _parse_registration)
+
+
+def _parse_registration(raw: str | None) -> OpenRegistration | None:
+    data = json.loads(raw) if raw else None
+    if not isinstance(data, dict) or "owner" not in data:
+        return None
+    return OpenRegistration(str(data["owner"]), data.get("ttl"), bool(data.get("recycled")))

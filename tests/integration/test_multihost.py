@@ -369,8 +369,7 @@ def test_pull_without_the_internal_token_fails_clearly_and_leaves_nothing(
     redis_url: str,
 ) -> None:
     """In process, no namespaces needed: an original 'elsewhere', a worker without the token."""
-    from worker import remote
-    from worker.runtime import Runtime
+    from shared.arrays import replicas
 
     env = stack.stack_env(redis_url)
     there = Settings.from_env({**env, "FORKLIFT_SHM_DOMAIN": "there"})
@@ -382,8 +381,8 @@ def test_pull_without_the_internal_token_fails_clearly_and_leaves_nothing(
     owner.commit(array_id)
     record = owner.get(array_id)
     ref = ArrayRef(**record.ref().model_dump())
-    with pytest.raises(remote.PullError, match="FORKLIFT_INTERNAL_TOKEN"):
-        remote.local_ref(ref, Runtime(settings=here, pid=0))
+    with pytest.raises(replicas.PullError, match="FORKLIFT_INTERNAL_TOKEN"):
+        replicas.local_ref(ref, client, here)
     replicas = ReplicaStore(client, here)
     assert not client.exists(replicas.key(array_id))
     assert client.scard(replicas.index_key) == 0

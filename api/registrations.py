@@ -1,4 +1,8 @@
-"""/arrays/register: adopt a segment a same-host client filled itself (no HTTP upload).
+"""Same-host registrations: adopt a segment a client filled itself (no HTTP upload).
+
+The routes are in api/routes/arrays.py; each step here is the array write lifecycle
+(shared/arrays/lifecycle.py) with the client as the writer.
+
 
 A client in this API's shm domain can skip the upload: it writes the array into a segment of
 its own and hands over the name, so a 1 GiB input costs one memcpy instead of a trip through
@@ -53,41 +57,27 @@ the client mapped before (shared/arrays/mappings.py keeps mappings by inode) cos
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import re
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from anyio import to_thread
-from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import AppState, Owner, State
+from api.deps import AppState
 from api.errors import ApiError
 from api.limits import RegisteredBytes
-from shared.arrays import pool
+from shared.arrays import lifecycle
+from shared.arrays.lifecycle import ArrayWrite
 from shared.arrays.npy import MAX_NDIM, NpyFormatError, dtype_from_string
-from shared.arrays.segments import (
-    ForeignFile,
-    ShmFullError,
-    ensure_allocated,
-    open_own,
-    report_foreign,
-    segment_path,
-    unlink_own,
-    validate_segment_name,
-)
-from shared.arrays.store import UPLOAD_TIMEOUT_S, ArrayRecord
-from shared.schemas import ID_PATTERN, ArrayMeta
-
-router = APIRouter(prefix="/arrays", tags=["arrays"])
+from shared.arrays.segments import segment_path, unlink_own, validate_segment_name
+from shared.arrays.store import UPLOAD_TIMEOUT_S, ArrayRecord, RegistrationStore
+from shared.schemas import ArrayMeta
 
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _MAX_NBYTES = 2**63 - 1
-
-RegistrationId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
 class ShmInfo(BaseModel):
@@ -129,24 +119,24 @@ class Reservation(BaseModel):
     )
 
 
-def _marker_key(state: AppState, array_id: str) -> str:
-    return state.settings.key("register", array_id)
+def shm_info(state: AppState) -> ShmInfo:
+    return ShmInfo(
+        shm_prefix=state.settings.shm_prefix,
+        shm_domain=state.settings.shm_domain,
+        reservation_timeout=UPLOAD_TIMEOUT_S,
+    )
+
+
+def _not_found(array_id: str) -> ApiError:
+    return ApiError(404, "registration_not_found", f"no open registration with id '{array_id}'")
 
 
 async def _close(state: AppState, array_id: str, owner: str) -> None:
     """The reservation is over (committed, abandoned, refused or gone): its marker goes and
     its bytes stop counting against the key's limit, in one script."""
-    ledger = RegisteredBytes(state.redis, state.settings)
-    await ledger.release(owner, array_id, _marker_key(state, array_id))
-
-
-@router.get("/register/info", response_model=ShmInfo)
-async def shm_info(state: State, owner: Owner) -> Any:
-    """What a same-host client needs to register segments: this stack's prefix and domain."""
-    return ShmInfo(
-        shm_prefix=state.settings.shm_prefix,
-        shm_domain=state.settings.shm_domain,
-        reservation_timeout=UPLOAD_TIMEOUT_S,
+    markers = RegistrationStore(state.redis, state.settings)
+    await RegisteredBytes(state.redis, state.settings).release(
+        owner, array_id, markers.key(array_id)
     )
 
 
@@ -167,20 +157,8 @@ def _array_id(state: AppState, name: str) -> str:
     return array_id
 
 
-@router.post(
-    "/register",
-    status_code=201,
-    response_model=Reservation,
-    responses={
-        409: {"description": "other shm domain, or the name is taken"},
-        413: {"description": "over FORKLIFT_MAX_UPLOAD_BYTES or FORKLIFT_KEY_MAX_UPLOAD_BYTES"},
-        422: {"description": "bad name, dtype or shape"},
-        429: {"description": "the key's open reservations hold FORKLIFT_KEY_MAX_UPLOAD_BYTES"},
-        507: {"description": "shared memory full"},
-    },
-)
-async def reserve_segment(body: Registration, state: State, owner: Owner) -> Any:
-    """Step 1: reserve a record for a segment the caller will create and fill itself."""
+async def reserve(state: AppState, body: Registration, owner: str) -> Reservation:
+    """Step 1 (begin): reserve a record for a segment the caller will create and fill."""
     settings = state.settings
     array_id = _array_id(state, body.segment)
     if body.domain != settings.shm_domain:
@@ -198,23 +176,15 @@ async def reserve_segment(body: Registration, state: State, owner: Owner) -> Any
     nbytes = dtype.itemsize * math.prod(shape)
     if nbytes > _MAX_NBYTES:
         raise ApiError(422, "bad_shape", f"shape {shape} is too large to address")
-    if nbytes > settings.max_upload_bytes:
-        raise ApiError(
-            413,
-            "too_large",
-            f"the array has {nbytes} bytes; the limit is {settings.max_upload_bytes}"
-            " (FORKLIFT_MAX_UPLOAD_BYTES)",
-        )
+    lifecycle.check_size(nbytes, settings)
     ledger = RegisteredBytes(state.redis, settings)
     ledger.refuse_oversized(nbytes)  # 413 before anything is claimed
-    marker = _marker_key(state, array_id)
-    claimed = await state.redis.set(
-        marker, json.dumps({"owner": owner, "ttl": body.ttl}), nx=True, ex=UPLOAD_TIMEOUT_S
-    )
-    if not claimed:
+    markers = RegistrationStore(state.redis, settings)
+    if not await markers.open(array_id, owner, body.ttl):
         raise ApiError(409, "already_registered", f"segment {body.segment} is already taken")
+    write = ArrayWrite(state.arrays, array_id, nbytes, owner)
     try:
-        if await state.redis.exists(state.arrays.key(array_id)):
+        if await state.arrays.exists(array_id):
             raise ApiError(
                 409, "already_registered", f"segment {body.segment} is already registered"
             )
@@ -229,175 +199,98 @@ async def reserve_segment(body: Registration, state: State, owner: Owner) -> Any
         uploading = state.limits.holds(owner, "upload_bytes")
         await ledger.take(owner, array_id, nbytes, UPLOAD_TIMEOUT_S, uploading)
         order = "F" if body.order == "F" and len(shape) > 1 else "C"
-        used = await state.arrays.reserve(array_id, shape, dtype.str, order, nbytes, owner)
-        if used is not None:
-            raise ApiError(
-                507,
-                "shm_full",
-                f"shared memory is full: {nbytes} more bytes would pass the cap of"
-                f" {settings.shm_limit_bytes} ({used} in use); delete arrays or wait",
-            )
+        await write.begin(shape, dtype.str, order)
     except BaseException:
         await _close(state, array_id, owner)
         raise
-    created = False
     if body.recycle:
         try:
             # after the "segment_exists" check: a rename would replace an existing file
-            created = await to_thread.run_sync(
-                lambda: pool.take(body.segment, nbytes, settings, owner=owner)
-            )
-            if created:  # an abandoned reservation gives it back to the pool
-                await state.redis.set(
-                    marker,
-                    json.dumps({"owner": owner, "ttl": body.ttl, "recycled": True}),
-                    xx=True,
-                    keepttl=True,
-                )
-        except BaseException as exc:
-            await _abandon(state, array_id, owner)
-            if isinstance(exc, ShmFullError):
-                raise ApiError(507, "shm_full", str(exc)) from None
+            if await to_thread.run_sync(write.take_pooled):
+                # an abandoned reservation gives it back to the pool
+                await markers.mark_recycled(array_id, owner, body.ttl)
+        except BaseException:
+            await _abandon(state, write)
             raise
     return Reservation(
         id=array_id,
         segment=body.segment,
         nbytes=nbytes,
         expires_in=UPLOAD_TIMEOUT_S,
-        created=created,
+        created=write.recycled,
     )
 
 
-async def _claim(state: AppState, array_id: str, owner: str) -> dict[str, Any]:
-    """The caller's open reservation, or 404 (unknown, expired, committed or not theirs)."""
-    raw = await state.redis.get(_marker_key(state, array_id))
-    marker = json.loads(raw) if raw else None
-    if not marker or marker.get("owner") != owner:
-        raise ApiError(404, "registration_not_found", f"no open registration with id '{array_id}'")
-    return marker
+async def _open(state: AppState, array_id: str, owner: str) -> _Open:
+    """The caller's open registration, or 404 (unknown, expired, committed or not theirs)."""
+    registration = await RegistrationStore(state.redis, state.settings).get(array_id)
+    if registration is None or registration.owner != owner:
+        raise _not_found(array_id)
+    record = await state.arrays.get(array_id)
+    nbytes = record.nbytes if record is not None else 0
+    write = ArrayWrite(state.arrays, array_id, nbytes, owner, recycled=registration.recycled)
+    reserved = record is not None and record.state == "uploading" and record.owner == owner
+    return _Open(write, record, reserved, registration.ttl)
 
 
-async def _abandon(state: AppState, array_id: str, owner: str, *, recycled: bool = False) -> None:
-    """Drop the reservation and free its segment (the name was reserved by the caller).
+@dataclass
+class _Open:
+    """An open registration as a write whose writer is the client."""
 
-    A segment the API took from the pool (`recycled`) goes back to it, tagged with the
-    caller's key (it held only that key's bytes, plus what the caller wrote); any other is
-    the client's file, removed if it is of the stack's uid (a file of another uid is left to
-    its owner).
-    """
-    dropped = await state.arrays.drop(array_id)
-    name = state.arrays.segment_name(array_id)
-    if recycled and dropped:
-        await to_thread.run_sync(lambda: pool.release(name, state.settings, owner=dropped.owner))
-    else:
-        await to_thread.run_sync(_discard_client_file, name)
-    await _close(state, array_id, owner)
+    write: ArrayWrite
+    record: ArrayRecord | None
+    reserved: bool  # the record is still the caller's reservation
+    ttl: float | None
 
 
-def _discard_client_file(name: str) -> None:
-    """Remove what a client of the stack's uid left under the name it reserved, whatever it
-    is (a file of a wrong mode, a hard link, a symlink: unlinking a name never touches what
-    it points to); another uid's file is logged and left."""
-    try:
-        info = os.lstat(segment_path(name))
-    except FileNotFoundError:
-        return
-    if info.st_uid != os.geteuid():
-        report_foreign(f"{name}: owned by uid {info.st_uid}, left to its owner")
-        return
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(segment_path(name))
+async def _abandon(state: AppState, write: ArrayWrite) -> None:
+    """Drop the reservation and free its segment: a segment the API took from the pool goes
+    back to it, tagged with the caller's key (it held only that key's bytes, plus what the
+    caller wrote); any other is the client's file, removed if it is of the stack's uid."""
+    await lifecycle.abandon_async(write)
+    await _close(state, write.array_id, write.owner)
 
 
-async def _forget(state: AppState, array_id: str, owner: str, record: ArrayRecord | None) -> None:
+async def _forget(state: AppState, write: ArrayWrite, record: ArrayRecord | None) -> None:
     """A reservation whose record is gone (expired): its segment, if any, is an orphan."""
     if record is None:
-        await to_thread.run_sync(unlink_own, state.arrays.segment_name(array_id))
-    await _close(state, array_id, owner)
+        await to_thread.run_sync(unlink_own, write.name)
+    await _close(state, write.array_id, write.owner)
 
 
-def _inspect_segment(name: str, nbytes: int) -> str | None:
-    """None if the client's segment may become an array, else why not (for a 422).
-
-    Checked on one descriptor opened with O_NOFOLLOW: a regular file with one link, the
-    stack's uid, mode 0600, exactly the array's size (a 0-byte array has a 1-byte segment).
-    Its holes are then allocated (ShmFullError if /dev/shm cannot hold them).
-    """
+async def commit(state: AppState, array_id: str, owner: str) -> ArrayMeta:
+    """Step 3: check the client's segment and make it an array like any upload; a refused
+    commit abandons the reservation."""
+    found = await _open(state, array_id, owner)
+    write = found.write
+    if not found.reserved:
+        await _forget(state, write, found.record)
+        raise _not_found(array_id)
     try:
-        fd, info = open_own(name, writable=True)
-    except FileNotFoundError:
-        return (
-            f"segment {name} does not exist in this API's /dev/shm: the client is not in this"
-            " shm domain, or has not created it yet"
-        )
-    except ForeignFile as exc:
-        return (
-            f"segment {exc} (create it as the stack's user, mode 0600, as"
-            " forklift.same_host does; otherwise upload with POST /arrays)"
-        )
-    try:
-        expected = max(nbytes, 1)
-        if info.st_size != expected:
-            return f"segment {name} has {info.st_size} bytes; the array needs exactly {expected}"
-        ensure_allocated(name, expected, fd)
-        return None
-    finally:
-        os.close(fd)
-
-
-@router.post(
-    "/register/{array_id}/commit",
-    status_code=201,
-    response_model=ArrayMeta,
-    responses={
-        404: {"description": "no open registration with this id"},
-        422: {"description": "segment missing, not the stack's (uid, mode) or wrong size"},
-        507: {"description": "shared memory full (the segment's holes cannot be allocated)"},
-    },
-)
-async def commit_segment(
-    array_id: RegistrationId, state: State, owner: Owner, response: Response
-) -> Any:
-    """Step 3: check the filled segment and make it an array like any upload."""
-    marker = await _claim(state, array_id, owner)
-    record = await state.arrays.get(array_id)
-    if record is None or record.state != "uploading" or record.owner != owner:
-        await _forget(state, array_id, owner, record)
-        raise ApiError(404, "registration_not_found", f"no open registration with id '{array_id}'")
-    try:
-        problem = await to_thread.run_sync(_inspect_segment, record.segment, record.nbytes)
-    except ShmFullError as exc:
-        await _abandon(state, array_id, owner)
-        raise ApiError(507, "shm_full", str(exc)) from None
+        problem = await to_thread.run_sync(write.check_client_segment)
+    except BaseException:  # ShmFullError: its holes cannot be allocated
+        await _abandon(state, write)
+        raise
     if problem is not None:
-        await _abandon(state, array_id, owner)
+        await _abandon(state, write)
         raise ApiError(422, "bad_segment", problem)
-    if not await state.arrays.commit(array_id, marker.get("ttl")):
-        await _forget(state, array_id, owner, await state.arrays.get(array_id))
+    if not await write.commit(found.ttl):
+        await _forget(state, write, await state.arrays.get(array_id))
         raise ApiError(
             404, "registration_not_found", f"registration '{array_id}' expired meanwhile"
         )
     await _close(state, array_id, owner)
-    committed = await state.arrays.get(array_id)
-    response.headers["Location"] = f"/arrays/{array_id}"
-    return committed.meta() if committed else None
+    record: ArrayRecord = await write.fetch()
+    return record.meta()
 
 
-@router.delete(
-    "/register/{array_id}",
-    status_code=204,
-    response_class=Response,
-    responses={404: {"description": "no open registration with this id"}},
-)
-async def abandon_segment(array_id: RegistrationId, state: State, owner: Owner) -> Response:
+async def abandon(state: AppState, array_id: str, owner: str) -> None:
     """Give up a reservation: drops the record; frees the segment if it was created.
 
     A recycled segment (`created: true`) goes back into the pool; any other is unlinked.
     """
-    marker = await _claim(state, array_id, owner)
-    record = await state.arrays.get(array_id)
-    if record is not None and record.state == "uploading" and record.owner == owner:
-        await _abandon(state, array_id, owner, recycled=bool(marker.get("recycled")))
+    found = await _open(state, array_id, owner)
+    if found.reserved:
+        await _abandon(state, found.write)
     else:
-        await _forget(state, array_id, owner, record)
-    return Response(status_code=204)
+        await _forget(state, found.write, found.record)
