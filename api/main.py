@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
+from types import FrameType
 from typing import Any
 
 from anyio import to_thread
@@ -76,7 +77,7 @@ def _on_shutdown_signal(action: Callable[[], None]) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     previous: dict[int, Any] = {}
 
-    def handler(signum: int, frame: Any) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
         loop.call_soon_threadsafe(action)
         before = previous.get(signum)
         if callable(before):
@@ -93,10 +94,10 @@ def _on_shutdown_signal(action: Callable[[], None]) -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, before in previous.items():
+        for signum, before in previous.items():
             with contextlib.suppress(ValueError, TypeError):
-                if signal.getsignal(sig) is handler:
-                    signal.signal(sig, before)
+                if signal.getsignal(signum) is handler:
+                    signal.signal(signum, before)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
