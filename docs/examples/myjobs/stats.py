@@ -14,7 +14,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from shared.registry import ArraySpec, HasShapeAndDtype, InputError, ProgressReporter, job
+from forklift import ArraySpec, job
+from shared.registry import HasShapeAndDtype, InputError, ProgressReporter
 
 Arrays = Mapping[str, HasShapeAndDtype]
 
