@@ -125,14 +125,15 @@ def install(app: FastAPI) -> None:
             408: "body_timeout",
             413: "too_large",
         }.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis unavailable: %s", exc)
+        return unavailable("Redis")
 
     for error_type in REDIS_ERRORS:
-
-        @app.exception_handler(error_type)
-        async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
-            log.warning("redis unavailable: %s", exc)
-            return unavailable("Redis")
+        app.add_exception_handler(error_type, _redis_down)
 
     @app.exception_handler(OperationalError)
     async def _broker_down(request: Request, exc: Exception) -> JSONResponse:

@@ -38,7 +38,7 @@ from typing import Any
 
 import redis
 
-from shared.arrays import pool
+from shared.arrays import lifecycle
 from shared.arrays.store import ArrayStore
 from shared.jobstore import JobStore
 from shared.keys import UNACKED, UNACKED_INDEX, queue_keys
@@ -302,10 +302,7 @@ class _Pass:
     # --- acting ---------------------------------------------------------------------------
 
     def free(self, array_ids: list[str]) -> None:
-        for array_id in array_ids:
-            dropped = self.arrays.drop(array_id)
-            if dropped:
-                pool.release(dropped.segment, self.settings, owner=dropped.owner)
+        lifecycle.free(self.arrays, array_ids)
 
     def queue_list(self, message: _Message) -> str:
         """The list kombu's `_do_restore_message` pushes to: the bound queue (priority 0)."""

@@ -63,7 +63,7 @@ def async_redis(settings: Settings, **overrides: Any) -> aioredis.Redis:
     return aioredis.Redis.from_url(settings.redis_url, **{**_CLIENT_OPTIONS, **overrides})
 
 
-REDIS_ERRORS: tuple[type[BaseException], ...] = (
+REDIS_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,

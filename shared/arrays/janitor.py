@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from shared.arrays import pool
+from shared.arrays import lifecycle, pool
 from shared.arrays.replicas import sweep_replicas
 from shared.arrays.segments import list_segments, unlink_own
 from shared.arrays.store import ArrayStore
@@ -69,7 +69,7 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
         if claim(keys=[store.key(array_id)], args=[repr(now)]):
             dropped = store.drop(array_id)
             if dropped:
-                pool.release(dropped.segment, settings, owner=dropped.owner)
+                lifecycle.release(dropped, settings)
                 report.expired.append(array_id)
         elif not client.exists(store.key(array_id)):
             client.zrem(store.expiry_key, array_id)

@@ -245,7 +245,7 @@ class ArrayStore:
             "job": job,
             "api_url": self.settings.api_internal_url,
         }
-        args = [
+        args: list[str | int | float] = [
             json.dumps(fields),
             nbytes,
             self.settings.shm_limit_bytes,
@@ -260,7 +260,12 @@ class ArrayStore:
         """Make a filled segment visible; it expires after `ttl` (capped by the setting)."""
         now = time.time()
         lifetime = min(ttl, self.settings.array_ttl) if ttl else self.settings.array_ttl
-        args = [repr(now), repr(now + lifetime), self.settings.janitor_interval, array_id]
+        args: list[str | int | float] = [
+            repr(now),
+            repr(now + lifetime),
+            self.settings.janitor_interval,
+            array_id,
+        ]
         reply = self._commit(keys=[self.key(array_id), self.expiry_key], args=args)
         return then(reply, bool)
 
@@ -307,7 +312,7 @@ class ArrayStore:
         internal read (ready is enough: a deletion waiting for its jobs is still served).
         """
         now = time.time()
-        args = [
+        args: list[str | int | float] = [
             token,
             repr(now + READ_LEASE_S),
             repr(now),
@@ -320,7 +325,7 @@ class ArrayStore:
 
     def renew_read(self, array_id: str, token: str) -> Any:
         """Push the lease's deadline on; False if the lease was lost."""
-        args = [token, repr(time.time() + READ_LEASE_S), int(READ_LEASE_S * 2)]
+        args: list[str | int] = [token, repr(time.time() + READ_LEASE_S), int(READ_LEASE_S * 2)]
         reply = self._renew_read(keys=[self.readers_key(array_id)], args=args)
         return then(reply, bool)
 
