@@ -287,11 +287,16 @@ def _wait(job: Job, timeout: float | None, no_progress: bool) -> dict[str, Any]:
 
 
 def _put_file(client: Client, path: Path, ttl: float | None = None) -> ArrayHandle:
-    return client.put_file(path, ttl)
+    """Upload a file, with a bytes bar on a terminal."""
+    with _bars().transfer(f"put {path.name}", _file_size(path)) as progress:
+        return client.put_file(path, ttl, progress=progress)
 
 
 def _save(client: Client, array_id: str, output: str, nbytes: int | None = None) -> None:
-    client.save_array(array_id, output)
+    """Download an array into a file, with a bytes bar on a terminal (sized once the
+    response says how long it is)."""
+    with _bars().transfer(f"get {array_id[:8]}", nbytes) as progress:
+        client.save_array(array_id, output, progress=progress)
 
 
 def _finish(client: Client, job: Job, view: dict[str, Any], output: str | None) -> int:

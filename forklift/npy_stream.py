@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +24,9 @@ from shared.arrays.npy import NpyFormatError, NpyHeader, build_header, check_dty
 NPY = "application/x-npy"
 CHUNK = 4 << 20
 MAX_HEADER = 65536
+
+#: A transfer's progress callback: (bytes sent or received so far, bytes in all if known).
+ByteProgress = Callable[[int, int | None], None]
 
 
 def memory_order(arr: np.ndarray) -> str:
@@ -89,6 +92,30 @@ async def async_file_chunks(
     with Path(path).open("rb") as f:
         while chunk := await asyncio.to_thread(f.read, chunk_size):
             yield chunk
+
+
+def counted(
+    chunks: Iterator[bytes | memoryview], total: int | None, progress: ByteProgress | None
+) -> Iterator[bytes | memoryview]:
+    """`chunks` as they are, `progress(done, total)` called after each one is taken."""
+    done = 0
+    for chunk in chunks:
+        yield chunk
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total)
+
+
+async def async_counted(
+    chunks: AsyncIterator[bytes | memoryview], total: int | None, progress: ByteProgress | None
+) -> AsyncIterator[bytes | memoryview]:
+    """`counted` for async chunk streams."""
+    done = 0
+    async for chunk in chunks:
+        yield chunk
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total)
 
 
 class NpyReader:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -24,8 +24,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-#: A transfer's progress callback: (bytes done so far, bytes in all or None when unknown).
-ByteProgress = Callable[[int, int | None], None]
+from forklift.npy_stream import ByteProgress
 
 
 def terminal() -> bool:
@@ -80,7 +79,10 @@ class Bars:
             task = progress.add_task(label, total=total)
 
             def advance(done: int, total: int | None) -> None:
-                progress.update(task, completed=done, total=total)
+                if total is not None:
+                    progress.update(task, completed=done, total=total)
+                else:
+                    progress.update(task, completed=done)
 
             yield advance
 

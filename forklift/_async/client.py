@@ -62,7 +62,9 @@ from forklift.handles import ArrayHandle, array_id
 from forklift.npy_stream import (
     CHUNK,
     NPY,
+    ByteProgress,
     NpyReader,
+    async_counted,
     async_file_chunks,
     async_npy_chunks,
     npy_length,
@@ -443,8 +445,11 @@ class AsyncClient:
         response = await self._request("GET", path, **kwargs)
         return response.json()
 
-    async def _stream_to(self, path: str, sink: Callable[[bytes], object]) -> httpx.Headers:
-        """GET `path` and feed each body chunk to `sink`; retried until the body starts."""
+    async def _stream_to(
+        self, path: str, sink: Callable[[bytes], object], progress: ByteProgress | None = None
+    ) -> httpx.Headers:
+        """GET `path` and feed each body chunk to `sink`; retried until the body starts.
+        `progress(done, total)` after each chunk (total: the Content-Length, if sent)."""
         deadline = Deadline(None)
         backoff = Backoff(self.retry_window)
         while True:
@@ -454,8 +459,14 @@ class AsyncClient:
                         await response.aread()
                         await async_sleep(backoff.after_error_response(response, deadline))
                         continue
+                    length = response.headers.get("Content-Length")
+                    total = int(length) if length and length.isdigit() else None
+                    done = 0
                     async for chunk in response.aiter_raw(CHUNK):
                         sink(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, total)
                     return response.headers
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 reason = f"cannot reach {self.url}: {exc}"
@@ -463,21 +474,27 @@ class AsyncClient:
             except httpx.TransportError as exc:
                 raise Unavailable(f"download of {path} broke off: {exc}") from exc
 
-    async def _download(self, path: str) -> np.ndarray:
+    async def _download(self, path: str, progress: ByteProgress | None = None) -> np.ndarray:
         reader = NpyReader()
-        await self._stream_to(path, reader.feed)
+        await self._stream_to(path, reader.feed, progress)
         return reader.finish()
 
     # -- arrays ---------------------------------------------------------------------------
 
     async def put_array(
-        self, arr: Any, ttl: float | None = None, *, shared_memory: bool | None = None
+        self,
+        arr: Any,
+        ttl: float | None = None,
+        *,
+        shared_memory: bool | None = None,
+        progress: ByteProgress | None = None,
     ) -> ArrayHandle:
         """Store an array on the server; its handle (pass it to `submit`, or `get_array`).
 
         Over HTTP the `.npy` encoding is streamed from the array's own buffer (no encoded
         copy). Through shared memory (same host) the array is copied once into a segment
         this process creates and the API adopts. `ttl`: seconds (at most the server's).
+        `progress(done, total)` is called as the bytes of an HTTP upload go out.
         """
         arr = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
         npy_length(arr)  # refuses unsupported dtypes before any I/O
@@ -492,26 +509,36 @@ class AsyncClient:
                         raise
                 else:
                     return handle
-        return await self._upload(arr, ttl)
+        return await self._upload(arr, ttl, progress)
 
-    async def _upload(self, arr: np.ndarray, ttl: float | None) -> ArrayHandle:
+    async def _upload(
+        self, arr: np.ndarray, ttl: float | None, progress: ByteProgress | None = None
+    ) -> ArrayHandle:
+        length = npy_length(arr)
         response = await self._request(
             "POST",
             "/arrays",
             params={"ttl": ttl} if ttl else None,
-            content=async_npy_chunks(arr),
-            headers={"Content-Type": NPY, "Content-Length": str(npy_length(arr))},
+            content=async_counted(async_npy_chunks(arr), length, progress),
+            headers={"Content-Type": NPY, "Content-Length": str(length)},
         )
         return self._track(ArrayHandle.from_meta(response.json()))
 
-    async def put_file(self, path: str | os.PathLike[str], ttl: float | None = None) -> ArrayHandle:
-        """Upload a `.npy` file as it is on disk (streamed; the server checks it)."""
+    async def put_file(
+        self,
+        path: str | os.PathLike[str],
+        ttl: float | None = None,
+        *,
+        progress: ByteProgress | None = None,
+    ) -> ArrayHandle:
+        """Upload a `.npy` file as it is on disk (streamed; the server checks it);
+        `progress(done, total)` as its bytes go out."""
         size = Path(path).stat().st_size
         response = await self._request(
             "POST",
             "/arrays",
             params={"ttl": ttl} if ttl else None,
-            content=async_file_chunks(path),
+            content=async_counted(async_file_chunks(path), size, progress),
             headers={"Content-Type": NPY, "Content-Length": str(size)},
         )
         return self._track(ArrayHandle.from_meta(response.json()))
@@ -589,30 +616,42 @@ class AsyncClient:
         self._owned[handle.id] = None
         return handle
 
-    async def get_array(self, ref: ArrayOrId) -> np.ndarray:
-        """Download an array (streamed into one freshly allocated ndarray)."""
-        return await self._download(f"/arrays/{array_id(ref)}")
+    async def get_array(
+        self, ref: ArrayOrId, *, progress: ByteProgress | None = None
+    ) -> np.ndarray:
+        """Download an array (streamed into one freshly allocated ndarray); `progress(done,
+        total)` as its bytes arrive."""
+        return await self._download(f"/arrays/{array_id(ref)}", progress)
 
-    async def save_array(self, ref: ArrayOrId, path: str | os.PathLike[str]) -> Path:
-        """Download an array's `.npy` bytes straight into a file (bit-exact, any size)."""
+    async def save_array(
+        self,
+        ref: ArrayOrId,
+        path: str | os.PathLike[str],
+        *,
+        progress: ByteProgress | None = None,
+    ) -> Path:
+        """Download an array's `.npy` bytes straight into a file (bit-exact, any size);
+        `progress(done, total)` as they arrive."""
         target = Path(path)
         if target.exists() and not target.is_file():  # /dev/null, a pipe: write as it is
             with target.open("wb") as f:
-                await self.write_array(ref, f)
+                await self.write_array(ref, f, progress=progress)
             return target
         # a partial download never takes the place of the file
         partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
         try:
             with partial.open("wb") as f:
-                await self.write_array(ref, f)
+                await self.write_array(ref, f, progress=progress)
             partial.replace(target)
         finally:
             partial.unlink(missing_ok=True)
         return target
 
-    async def write_array(self, ref: ArrayOrId, fileobj: IO[bytes]) -> None:
-        """Stream an array's `.npy` bytes into a binary file object."""
-        await self._stream_to(f"/arrays/{array_id(ref)}", fileobj.write)
+    async def write_array(
+        self, ref: ArrayOrId, fileobj: IO[bytes], *, progress: ByteProgress | None = None
+    ) -> None:
+        """Stream an array's `.npy` bytes into a binary file object (`progress` as above)."""
+        await self._stream_to(f"/arrays/{array_id(ref)}", fileobj.write, progress)
 
     async def array_meta(self, ref: ArrayOrId) -> ArrayHandle:
         meta = await self._get_json(f"/arrays/{array_id(ref)}/meta", retry=True)
