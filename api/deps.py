@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 import redis.asyncio as aioredis
@@ -13,7 +13,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import ApiError, not_found
 from api.events import JobEventHub
-from shared.arrays.store import ArrayStore
+from shared.arrays.replicas import ReplicaStore
+from shared.arrays.store import ArrayStore, RegistrationStore
 from shared.jobstore import JobRecord, JobStore
 from shared.schemas import is_id
 from shared.settings import Settings
@@ -32,6 +33,12 @@ class AppState:
     limits: KeyLimits
     # (monotonic time, workers online) of the last /healthz check that reached Redis
     last_good_health: tuple[float, int] | None = None
+    registrations: RegistrationStore = field(init=False)  # open same-host registrations
+    replicas: ReplicaStore = field(init=False)  # this domain's cross-host counters
+
+    def __post_init__(self) -> None:
+        self.registrations = RegistrationStore(self.redis, self.settings)
+        self.replicas = ReplicaStore(self.redis, self.settings)
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def`

@@ -3,7 +3,6 @@
 The routes are in api/routes/arrays.py; each step here is the array write lifecycle
 (shared/arrays/lifecycle.py) with the client as the writer.
 
-
 A client in this API's shm domain can skip the upload: it writes the array into a segment of
 its own and hands over the name, so a 1 GiB input costs one memcpy instead of a trip through
 a socket. It takes two calls because the janitor unlinks every `<prefix><32 hex>` segment
@@ -73,7 +72,7 @@ from shared.arrays import lifecycle
 from shared.arrays.lifecycle import ArrayWrite
 from shared.arrays.npy import MAX_NDIM, NpyFormatError, dtype_from_string
 from shared.arrays.segments import segment_path, unlink_own, validate_segment_name
-from shared.arrays.store import UPLOAD_TIMEOUT_S, ArrayRecord, RegistrationStore
+from shared.arrays.store import UPLOAD_TIMEOUT_S, ArrayRecord
 from shared.schemas import ArrayMeta
 
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -134,9 +133,8 @@ def _not_found(array_id: str) -> ApiError:
 async def _close(state: AppState, array_id: str, owner: str) -> None:
     """The reservation is over (committed, abandoned, refused or gone): its marker goes and
     its bytes stop counting against the key's limit, in one script."""
-    markers = RegistrationStore(state.redis, state.settings)
     await RegisteredBytes(state.redis, state.settings).release(
-        owner, array_id, markers.key(array_id)
+        owner, array_id, state.registrations.key(array_id)
     )
 
 
@@ -179,7 +177,7 @@ async def reserve(state: AppState, body: Registration, owner: str) -> Reservatio
     lifecycle.check_size(nbytes, settings)
     ledger = RegisteredBytes(state.redis, settings)
     ledger.refuse_oversized(nbytes)  # 413 before anything is claimed
-    markers = RegistrationStore(state.redis, settings)
+    markers = state.registrations
     if not await markers.open(array_id, owner, body.ttl):
         raise ApiError(409, "already_registered", f"segment {body.segment} is already taken")
     write = ArrayWrite(state.arrays, array_id, nbytes, owner)
@@ -223,7 +221,7 @@ async def reserve(state: AppState, body: Registration, owner: str) -> Reservatio
 
 async def _open(state: AppState, array_id: str, owner: str) -> _Open:
     """The caller's open registration, or 404 (unknown, expired, committed or not theirs)."""
-    registration = await RegistrationStore(state.redis, state.settings).get(array_id)
+    registration = await state.registrations.get(array_id)
     if registration is None or registration.owner != owner:
         raise _not_found(array_id)
     record = await state.arrays.get(array_id)

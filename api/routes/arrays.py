@@ -168,6 +168,7 @@ async def abandon_registration(array_id: RegistrationId, state: State, owner: Ow
     responses={
         200: {"content": {NPY_MEDIA_TYPE: {}}, "description": "the array as .npy"},
         404: {"description": "unknown array"},
+        502: {"description": "held in another shm domain whose API cannot be read"},
     },
 )
 async def get_array(array_id: str, state: State, owner: Owner) -> Response:

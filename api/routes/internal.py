@@ -15,7 +15,6 @@ from api.arrays_io import leased_stream
 from api.deps import State
 from api.errors import ApiError, not_found
 from api.remote import InternalCaller
-from shared.arrays.replicas import ReplicaStore
 from shared.schemas import is_id
 
 router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False)
@@ -43,5 +42,5 @@ async def serve_array(array_id: str, state: State, _: InternalCaller) -> Respons
     response = await leased_stream(
         state, record, None, b"", headers, media_type="application/octet-stream"
     )
-    await ReplicaStore(state.redis, state.settings).count_transfer("serve", record.nbytes)
+    await state.replicas.count_transfer("serve", record.nbytes)
     return response
