@@ -44,7 +44,12 @@ class AsyncPending(Generic[T]):
     """A call started now on the running loop and awaited later (`Executor.submit`'s part)."""
 
     def __init__(self, call: Coroutine[Any, Any, T]) -> None:
-        self._task: asyncio.Future[T] = asyncio.ensure_future(call)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            call.close()  # never started: no "never awaited" warning on top of the error
+            raise RuntimeError("AsyncClient.submit needs a running event loop") from None
+        self._task: asyncio.Task[T] = loop.create_task(call)
 
     def peek(self) -> T | None:
         """Its value if it has finished well, else None (never waits, never raises)."""
