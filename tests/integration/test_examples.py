@@ -2,17 +2,15 @@
 
 - `docs/examples/seed_service.py`, the seed's FastAPI app with its CPU work handed to forklift,
   under a real uvicorn against the session's stack: its loop answers while a worker computes.
-- `docs/examples/myjobs/stats.py`, the job module of docs/jobs.md: loaded by a stack of its own
-  through `FORKLIFT_JOB_MODULES` (as the Docker image loads a mounted one), and tested as plain
-  functions by `docs/examples/test_stats.py`, the test docs/jobs.md shows.
+- `docs/examples/myjobs/stats.py`, the job module of docs/jobs.md, through the tests that page
+  shows: called as plain functions (`test_stats.py`), and loaded through `FORKLIFT_JOB_MODULES`
+  by a stack of its own (`test_stats_on_a_stack.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import os
 import subprocess
 import sys
 import time
@@ -21,10 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import numpy as np
-import pytest
 
-from forklift import Client, InvalidRequest
 from shared.keys import Keys
 from tests import stack
 from tests.conftest import Stack
@@ -122,45 +117,11 @@ def test_seed_service_answers_while_forklift_computes(live: Stack) -> None:
     assert stack.segments(live.shm_prefix) == before
 
 
-@pytest.fixture(scope="module")
-def examples_stack(redis_url: str) -> Iterator[str]:
-    """A stack whose API and worker load the example job module, found on PYTHONPATH like a
-    module mounted under /app in the Docker image."""
-    path = os.pathsep.join(p for p in (str(EXAMPLES), os.environ.get("PYTHONPATH")) if p)
-    env = stack.stack_env(redis_url, FORKLIFT_JOB_MODULES="myjobs.stats", PYTHONPATH=path)
-    before = stack.segments(env["FORKLIFT_SHM_PREFIX"])
-    worker, api, url = stack.start_worker_and_api(env, "examples", concurrency=1)
-    try:
-        yield url
-    finally:
-        api.stop()
-        worker.stop()
-    assert not [p for p in api.pids | worker.pids if stack.pid_alive(p)]
-    assert stack.segments(env["FORKLIFT_SHM_PREFIX"]) == before
-
-
-def test_example_jobs_run_on_a_stack(examples_stack: str) -> None:
-    with Client(examples_stack, free_on_close=True) as fl:
-        spec = fl.task("pairwise_distances")
-        assert spec.inputs["x"]["ndim"] == 2 and spec.doc.startswith("Distances between")
-        points = np.array([[0.0, 0.0], [3.0, 4.0]])
-        distances = fl.submit("pairwise_distances", x=points).result(timeout=60)
-        assert distances.tolist() == [[0.0, 5.0], [5.0, 0.0]]
-        stats = fl.submit("describe", a=np.array([1.0, np.nan, 3.0]), ddof=1).result(timeout=60)
-        assert stats == {"count": 2, "nan": 1, "mean": 2.0, "std": math.sqrt(2), "min": 1.0,
-                         "max": 3.0}  # fmt: skip
-        empty = fl.submit("describe", a=np.zeros(0)).result(timeout=60)
-        nothing = dict.fromkeys(("mean", "std", "min", "max"), "nan")  # NaN, spelled in JSON
-        assert empty == {"count": 0, "nan": 0, **nothing}
-        with pytest.raises(InvalidRequest, match="same number of columns"):
-            fl.submit("pairwise_distances", x=points, y=np.zeros((3, 5)))
-        with pytest.raises(InvalidRequest, match="metric"):
-            fl.submit("pairwise_distances", x=points, metric="cosine")
-
-
-def test_the_job_test_docs_jobs_md_shows_passes() -> None:
-    argv = [sys.executable, "-m", "pytest", str(EXAMPLES / "test_stats.py"), "-q", "-p",
-            "no:cacheprovider"]  # fmt: skip
-    result = subprocess.run(argv, cwd=stack.REPO, capture_output=True, text=True, timeout=120)
+def test_the_job_tests_docs_jobs_md_shows_pass() -> None:
+    """docs/examples/test_stats.py (the job called as a function) and
+    test_stats_on_a_stack.py (the module loaded by `forklift.testing.running_stack`, its own
+    redis-server, worker and API, stopped and checked for leaks by the fixture)."""
+    argv = [sys.executable, "-m", "pytest", str(EXAMPLES), "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(argv, cwd=stack.REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 passed" in result.stdout, result.stdout
+    assert "6 passed" in result.stdout, result.stdout
