@@ -1,7 +1,8 @@
 """What the bench scripts share: the stacks they start, /proc meters, a small HTTP client.
 
-Every process is started through tests/stack.py (own session, stopped by process group) on a
-private redis-server; every array the benches create is deleted again.
+Every process is started through forklift's own supervisor (`forklift.supervisor`: own session,
+stopped by process group and pid), the stack by `forklift.testing.running_stack` on a private
+redis-server; every array the benches create is deleted again.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from tests import stack
+from forklift import supervisor, testing
+from forklift.supervisor import Proc
 
 REPO = Path(__file__).resolve().parent.parent
+LOG_DIR = REPO / "test-artifacts" / "logs"
+# From the repository root (bench.jobs and bench.celery_plain import), logs beside the tests'.
+SUPERVISOR = supervisor.Supervisor(
+    cwd=REPO, log_dir=LOG_DIR, worker_options=supervisor.QUIET_WORKER_OPTIONS
+)
 RESULTS = REPO / "bench" / "results"
 MIB = 1 << 20
 GIB = 1 << 30
@@ -95,9 +102,9 @@ def tree(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        if stack.pid_alive(p):
+        if supervisor.pid_alive(p):
             out.append(p)
-            todo.extend(stack.children_of(p))
+            todo.extend(supervisor.children_of(p))
     return out
 
 
@@ -380,12 +387,12 @@ class Stack:
     redis_url: str
     env: dict[str, str]
     url: str
-    redis_proc: stack.Proc
-    worker: stack.Proc
-    api: stack.Proc
-    plain: stack.Proc | None = None
+    redis_proc: Proc
+    worker: Proc
+    api: Proc
+    plain: Proc | None = None
     plain_url: str = ""
-    procs: list[stack.Proc] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
 
     @property
     def shm_prefix(self) -> str:
@@ -396,17 +403,17 @@ class Stack:
         groups: dict[str, Callable[[], list[int]]] = {
             "api": lambda: tree(self.api.pid),
             "worker_main": lambda: [self.worker.pid],
-            "worker_children": lambda: stack.children_of(self.worker.pid),
+            "worker_children": lambda: supervisor.children_of(self.worker.pid),
             "redis": lambda: [self.redis_proc.pid],
         }
         if self.plain is not None:
             plain = self.plain
             groups["celery_main"] = lambda: [plain.pid]
-            groups["celery_children"] = lambda: stack.children_of(plain.pid)
+            groups["celery_children"] = lambda: supervisor.children_of(plain.pid)
         return groups
 
 
-def start_plain_celery(redis_url: str, concurrency: int) -> tuple[stack.Proc, str]:
+def start_plain_celery(redis_url: str, concurrency: int) -> tuple[Proc, str]:
     """The bench's plain Celery worker (pickle) on database 1 of the same Redis."""
     url = redis_url.rsplit("/", 1)[0] + "/1"
     env = dict(os.environ)
@@ -430,9 +437,9 @@ def start_plain_celery(redis_url: str, concurrency: int) -> tuple[stack.Proc, st
         "--without-gossip",
         "--loglevel=WARNING",
     ]
-    proc = stack.spawn("bench-plain-celery", argv, env)
-    stack.wait_until(
-        lambda: len(stack.children_of(proc.pid)) >= concurrency or proc.popen.poll() is not None,
+    proc = SUPERVISOR.spawn("bench-plain-celery", argv, env)
+    supervisor.wait_until(
+        lambda: len(supervisor.children_of(proc.pid)) >= concurrency or not proc.running(),
         60,
         what="plain celery children",
     )
@@ -457,40 +464,37 @@ def running_stack(
     concurrency: int = CORES, plain_celery: bool = False, **extra_env: str
 ) -> Iterator[Stack]:
     """Start redis + forklift worker + API (+ plain Celery), stop them all on exit."""
-    redis_proc, redis_url = stack.start_redis()
-    started = [redis_proc]
-    env: dict[str, str] | None = None
-    try:
-        tag = uuid.uuid4().hex[:8]
-        settings = {
-            "FORKLIFT_KEY_PREFIX": f"forklift-bench-{tag}",
-            "FORKLIFT_SHM_PREFIX": f"forklift_b{tag}_",
-            "FORKLIFT_JOB_MODULES": "bench.jobs",
-            "FORKLIFT_WORKER_CONCURRENCY": str(concurrency),
-            # the product's default (tests/stack.py turns the segment pool off)
-            "FORKLIFT_SHM_POOL_BYTES": "-1",
-            **extra_env,
-        }
-        env = stack.stack_env(redis_url, **settings)
-        worker = stack.start_worker(env, f"bench{tag}", concurrency)
-        started.append(worker)
-        api, url = stack.start_api(env)
-        started.append(api)
+    tag = uuid.uuid4().hex[:8]
+    settings = {
+        "FORKLIFT_KEY_PREFIX": f"forklift-bench-{tag}",
+        "FORKLIFT_SHM_PREFIX": f"forklift_b{tag}_",
+        "FORKLIFT_WORKER_CONCURRENCY": str(concurrency),
+        # the product's default, said out loud
+        "FORKLIFT_SHM_POOL_BYTES": "-1",
+        **extra_env,
+    }
+    harness = testing.running_stack(
+        "bench.jobs",
+        concurrency=concurrency,
+        env=settings,
+        name=f"bench{tag}",
+        supervisor=SUPERVISOR,
+    )
+    with harness as running:
+        assert running.redis is not None  # the harness started its own
         plain, plain_url = None, ""
         if plain_celery:
-            plain, plain_url = start_plain_celery(redis_url, concurrency)
-            started.append(plain)
-        st = Stack(redis_url, env, url, redis_proc, worker, api, plain, plain_url, started)
-        yield st
-    finally:
-        for proc in reversed(started):
-            proc.stop()
-        if env is not None:
-            leaked = stack.segments(env["FORKLIFT_SHM_PREFIX"])
-            for name in leaked:
-                (Path("/dev/shm") / name).unlink(missing_ok=True)
-            if leaked:
-                print(f"warning: removed {len(leaked)} leftover segment(s): {sorted(leaked)}")
+            plain, plain_url = start_plain_celery(running.redis_url, concurrency)
+        started = [running.redis, running.worker, running.api, *([plain] if plain else [])]
+        st = Stack(
+            running.redis_url, running.env, running.url, running.redis, running.worker,
+            running.api, plain, plain_url, started,
+        )  # fmt: skip
+        with supervisor.stopping(*([plain] if plain else [])):
+            yield st
+    if running.leaked_segments:
+        leaked = running.leaked_segments
+        print(f"warning: removed {len(leaked)} leftover segment(s): {leaked}")
 
 
 # --- a minimal asyncio HTTP/1.1 client -------------------------------------------------------

@@ -30,6 +30,7 @@ import httpx
 
 from bench.common import (
     CORES,
+    SUPERVISOR,
     CpuMeter,
     HealthPoller,
     fib,
@@ -42,7 +43,7 @@ from bench.common import (
     wait_quiet,
     write_results,
 )
-from tests import stack
+from forklift import supervisor
 
 REQUESTS = 20
 FORKLIFT = "(e) forklift (HTTP → Celery prefork)"
@@ -141,9 +142,9 @@ class Variant:
     runs: list[Run]
 
 
-def start_seed_app(n: int) -> tuple[stack.Proc, str]:
+def start_seed_app(n: int) -> tuple[supervisor.Proc, str]:
     env = dict(os.environ, BENCH_FIB_N=str(n), BENCH_CORES=str(CORES), PYTHONUNBUFFERED="1")
-    port = stack.free_port()
+    port = supervisor.free_port()
     argv = [
         sys.executable,
         "-m",
@@ -156,7 +157,7 @@ def start_seed_app(n: int) -> tuple[stack.Proc, str]:
         "--log-level",
         "warning",
     ]
-    proc = stack.spawn("bench-seed-app", argv, env)
+    proc = SUPERVISOR.spawn("bench-seed-app", argv, env)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -168,7 +169,7 @@ def start_seed_app(n: int) -> tuple[stack.Proc, str]:
             return False
 
     try:
-        stack.wait_until(up, 30, what="seed app")
+        supervisor.wait_until(up, 30, what="seed app")
     except BaseException:
         proc.stop()
         raise
@@ -209,7 +210,7 @@ def run_all(
             fl_groups = {
                 "API": lambda: tree(st.api.pid),
                 "worker main": lambda: [st.worker.pid],
-                "worker children": lambda: stack.children_of(st.worker.pid),
+                "worker children": lambda: supervisor.children_of(st.worker.pid),
                 "Redis": lambda: [st.redis_proc.pid],
             }
             variants = [

@@ -38,6 +38,7 @@ import httpx
 import redis
 
 from bench.common import (
+    SUPERVISOR,
     CpuMeter,
     RawConnection,
     Stack,
@@ -52,7 +53,7 @@ from bench.common import (
     wait_quiet,
     write_results,
 )
-from tests import stack
+from forklift import supervisor
 
 FINAL = ("succeeded", "failed", "cancelled")
 BODY = {"task": "noop", "params": {}}
@@ -240,14 +241,14 @@ def profile_run(st: Stack, n: int, conc: int, out_dir: Path) -> tuple[str, list[
     api_out = out_dir / "api.txt"
     for suffix in (".txt", ".json", ".html"):
         api_out.with_suffix(suffix).unlink(missing_ok=True)
-    port = stack.free_port()
+    port = supervisor.free_port()
     env = dict(st.env, BENCH_PORT=str(port), BENCH_PROFILE_OUT=str(api_out))
-    api = stack.spawn("bench-api-profiled", [sys.executable, "-m", "bench.api_profiled"], env)
+    api = SUPERVISOR.spawn("bench-api-profiled", [sys.executable, "-m", "bench.api_profiled"], env)
     url = f"http://127.0.0.1:{port}"
     spy = None
     worker_out = out_dir / "worker.txt"
     try:
-        stack.wait_until(lambda: _up(url, api), 30, what="profiled api")
+        supervisor.wait_until(lambda: _up(url, api), 30, what="profiled api")
         asyncio.run(_forklift_load(url, 200, conc, burst=False))  # warm
         py_spy = shutil.which("py-spy")
         if py_spy:
@@ -273,7 +274,7 @@ def profile_run(st: Stack, n: int, conc: int, out_dir: Path) -> tuple[str, list[
         wall, _, _ = asyncio.run(_forklift_load(url, n, conc, burst=False))
         meter.stop()
         os.kill(api.pid, signal.SIGUSR2)
-        stack.wait_until(lambda: api_out.with_suffix(".json").exists(), 60, what="profile")
+        supervisor.wait_until(lambda: api_out.with_suffix(".json").exists(), 60, what="profile")
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its output and exits
@@ -299,7 +300,7 @@ def profile_run(st: Stack, n: int, conc: int, out_dir: Path) -> tuple[str, list[
     return "\n\n".join(parts), [f for f in files if f.exists()]
 
 
-def _up(url: str, proc: stack.Proc) -> bool:
+def _up(url: str, proc: supervisor.Proc) -> bool:
     if proc.popen.poll() is not None:
         raise RuntimeError(f"profiled api exited:\n{proc.log()[-3000:]}")
     try:
