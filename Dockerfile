@@ -32,6 +32,7 @@ COPY README.md ./
 COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
+COPY forklift ./forklift
 RUN pip wheel --no-deps --wheel-dir /dist . \
     && pip install --prefix=/forklift --ignore-installed --no-deps --no-warn-script-location \
         /dist/forklift-*.whl
