@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from celery import signals
 from celery.exceptions import Reject
@@ -52,7 +53,7 @@ class JobRequest(Request):
 
 
 @app.task(name=TASK_NAME, Request=JobRequest, bind=True)
-def run_job(self: object, payload: dict) -> str:
+def run_job(self: object, payload: dict[str, Any]) -> str:
     node = getattr(getattr(self, "request", None), "hostname", None) or ""
     try:
         return runner.run(TaskPayload.model_validate(payload), node=node)
@@ -94,7 +95,7 @@ def _setup_logging(loglevel: int | None = None, **_: object) -> None:
 
 
 @signals.task_prerun.connect
-def _bind_job_log_context(task_id: str, args: tuple = (), **_: object) -> None:
+def _bind_job_log_context(task_id: str, args: tuple[object, ...] = (), **_: object) -> None:
     """Every line logged in the child while a job runs carries its id, task and domain."""
     payload = args[0] if args and isinstance(args[0], dict) else {}
     logs.bind_job(
