@@ -122,6 +122,6 @@ def test_the_job_tests_docs_jobs_md_shows_pass() -> None:
     test_stats_on_a_stack.py (the module loaded by `forklift.testing.running_stack`, its own
     redis-server, worker and API, stopped and checked for leaks by the fixture)."""
     argv = [sys.executable, "-m", "pytest", str(EXAMPLES), "-q", "-p", "no:cacheprovider"]
-    result = subprocess.run(argv, cwd=stack.REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(argv, cwd=stack.REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 passed" in result.stdout, result.stdout
