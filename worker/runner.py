@@ -283,6 +283,6 @@ def store_ndarray(arr: np.ndarray, rt: Runtime, *, owner: str, job: str = "") ->
             copy_into(target, arr, casting="no" if arr.dtype == dtype else "equiv")
             del target
     except ShmFullError as exc:
-        raise JobFailure(f"the job's result: {exc}") from None
+        raise JobFailure(f"{exc} (the job's result)") from None
     assert write.record is not None
     return write.record

@@ -1,7 +1,8 @@
 """One array write, from reservation to a visible array or to nothing at all; and its free.
 
 Every array that enters shared memory (an HTTP upload, a same-host registration, a job's
-result) goes the same way, and so does a replica of another domain's array:
+result) goes the same way; a replica of another domain's array too, with a replica record
+as its reservation and the /dev/shm half (`SegmentWrite`) as is (shared/arrays/replicas.py):
 
 1. **begin**: the record is reserved (`uploading`, invisible) and its bytes counted against
    the domain's cap *before* the segment exists, since the janitor unlinks every
@@ -9,7 +10,8 @@ result) goes the same way, and so does a replica of another domain's array:
 2. **writer**: a writable mapping of the segment, a pooled one renamed to the array's name
    (any owner's: the writer overwrites every byte before anyone can see it) or a new one.
    A same-host client is its own writer: the API only checks its segment at commit.
-3. **commit**: the record turns `ready` with its expiry; or **abandon**: the record is
+3. **commit**: the record turns `ready` with its expiry (a client's segment is checked
+   first, on a descriptor: `check_client_segment`); or **abandon**: the record is
    dropped and the segment unlinked, never pooled (it may hold a partial array or a
    previous owner's bytes), except a pooled segment handed to a registration, which held
    only its own key's bytes and goes back to the pool.
@@ -221,6 +223,7 @@ def writing(
         write.commit(ttl)
         write.fetch()
     except BaseException:
+        write.close()  # first: a failed drop (Redis away) must not leave the mapping open
         write.discard(write.drop())
         raise
 
@@ -253,6 +256,7 @@ async def writing_async(
 
 async def abandon_async(write: ArrayWrite) -> None:
     """Drop the record, then free the segment in a thread (async store)."""
+    write.close()  # first: a failed drop (Redis away) must not leave the mapping open
     dropped = await write.drop()
     await to_thread.run_sync(write.discard, dropped)
 

@@ -321,7 +321,7 @@ def ensure_replica(ref: ArrayRef, client: redis.Redis, settings: Settings) -> st
             raise PullError("array_not_found", f"array {ref.id} is gone")
         if claim.state == "full":
             full = ShmFullError.over_cap(ref.nbytes, claim.bytes_in_use, settings.shm_limit_bytes)
-            raise PullError("shm_full", f"a copy of array {ref.id}: {full}")
+            raise PullError("shm_full", f"{full} (a copy of array {ref.id})")
         if time.monotonic() > deadline:
             raise PullError(
                 "pull_timeout", f"timed out waiting for another process to pull array {ref.id}"
@@ -341,7 +341,7 @@ def _pull(ref: ArrayRef, store: ReplicaStore, token: str, api_url: str) -> str:
         try:
             write.open()
         except ShmFullError as exc:
-            raise PullError("shm_full", f"a copy of array {ref.id}: {exc}") from None
+            raise PullError("shm_full", f"{exc} (a copy of array {ref.id})") from None
         _stream_into(write, request, ref)
         write.close()
         if not store.mark_ready(ref.id, token):

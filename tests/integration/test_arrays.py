@@ -6,6 +6,8 @@ import io
 import socket
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,6 +15,9 @@ import numpy as np
 import pytest
 import redis
 
+from shared.arrays import lifecycle
+from shared.arrays.store import ArrayStore
+from shared.settings import Settings
 from tests import stack
 from tests.conftest import Stack
 from tests.http_api import (
@@ -447,3 +452,76 @@ def test_freed_segments_are_recycled_without_showing_old_bytes(live: Stack) -> N
     finally:
         api.stop()
     assert stack.segments(pool_prefix) == set(), "a stopping API gives pooled memory back"
+
+
+# --- the write lifecycle in process (shared/arrays/lifecycle.py), on the session's Redis ------
+
+
+@pytest.fixture
+def own_domain(redis_url: str) -> Iterator[tuple[redis.Redis, Settings]]:
+    """A sync Redis client and the settings of a domain of this test's own (own prefixes, a
+    64 KiB cap, the pool off), checked empty afterwards: no key, no counted byte, no segment."""
+    env = stack.stack_env(
+        redis_url, FORKLIFT_SHM_LIMIT_BYTES=str(64 << 10), FORKLIFT_SHM_POOL_BYTES="0"
+    )
+    settings = Settings.from_env(env)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client, settings
+        store = ArrayStore(client, settings)
+        assert store.bytes_in_use() == 0
+        assert not client.hgetall(store.ledger_key())
+        assert not list(client.scan_iter(f"{settings.key_prefix}:array:*"))
+        assert not stack.segments(settings.shm_prefix)
+    finally:
+        for key in client.scan_iter(f"{settings.key_prefix}:*"):
+            client.delete(key)
+        client.close()
+
+
+def test_a_write_commits_a_ready_array_and_free_removes_it(
+    own_domain: tuple[redis.Redis, Settings],
+) -> None:
+    client, settings = own_domain
+    store = ArrayStore(client, settings)
+    data = np.arange(1000, dtype=np.float64)
+    with lifecycle.writing(
+        store, uuid.uuid4().hex, data.shape, data.dtype.str, "C", data.nbytes, "k"
+    ) as write:
+        write.open().buffer[:] = data.tobytes()
+        assert store.get(write.array_id).state == "uploading"
+    record = write.record
+    assert record is not None and record.state == "ready" and record.owner == "k"
+    assert record.meta().shape == (1000,) and store.bytes_in_use() == data.nbytes
+    assert Path(f"/dev/shm/{record.segment}").read_bytes() == data.tobytes()
+    lifecycle.free(store, [record.id])
+    assert store.get(record.id) is None
+
+
+def test_a_failed_write_leaves_nothing(own_domain: tuple[redis.Redis, Settings]) -> None:
+    client, settings = own_domain
+    store = ArrayStore(client, settings)
+    array_id = uuid.uuid4().hex
+    with (
+        pytest.raises(RuntimeError, match="the writer failed"),
+        lifecycle.writing(store, array_id, (100,), "<f8", "C", 800, "") as write,
+    ):
+        write.open()
+        assert stack.segments(settings.shm_prefix) == {write.name}
+        raise RuntimeError("the writer failed")
+    assert store.get(array_id) is None
+
+
+def test_a_result_past_the_cap_fails_the_job_with_one_message(
+    own_domain: tuple[redis.Redis, Settings],
+) -> None:
+    from worker.runner import JobFailure, store_ndarray
+    from worker.runtime import Runtime
+
+    _, settings = own_domain
+    with pytest.raises(JobFailure) as failed:
+        store_ndarray(np.ones(10_000), Runtime(settings=settings, pid=0), owner="")
+    assert str(failed.value) == (
+        "shared memory full: no room for 80000 more bytes (0 of the cap of 65536 in use;"
+        " delete arrays or wait) (the job's result)"
+    )
