@@ -186,9 +186,10 @@ class Proc:
 
     def kill(self) -> None:
         """SIGKILL to the group and to every pid seen (a grandchild that left the group)."""
-        if self.running() or any(pid_alive(p) for p in self.seen):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
+        # Also after the leader is gone: members left in its group keep the group id (the
+        # kernel reuses no pid that is still a group's id), so this reaches only them.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
         for pid in self.seen:
             if pid != self.pid and pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):

@@ -40,7 +40,6 @@ __all__ = [
     "LOG_DIR",
     "REPO",
     "SUPERVISOR",
-    "Path",
     "Proc",
     "array_segments",
     "children_of",
