@@ -476,11 +476,12 @@ def _start_launcher(
     return proc, url
 
 
-def _interrupt(proc: stack.Proc) -> tuple[int, set[int]]:
+def _interrupt(proc: stack.Proc) -> tuple[int | None, set[int]]:
     """SIGINT to the launcher alone (as Ctrl-C would reach it); its exit code and the pids
     it had started that are still alive afterwards."""
     started = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGINT)
+    code: int | None
     try:
         code = proc.popen.wait(40)
     except subprocess.TimeoutExpired:
