@@ -51,7 +51,11 @@ class JobBar:
             fraction = 1.0
         note = str((progress or {}).get("note") or "")
         self._progress.update(
-            self._task, completed=max(0.0, min(1.0, fraction)), status=status, note=note
+            self._task,
+            completed=max(0.0, min(1.0, fraction)),
+            status=status,
+            note=note,
+            refresh=True,
         )
 
 
@@ -79,10 +83,11 @@ class Bars:
             task = progress.add_task(label, total=total)
 
             def advance(done: int, total: int | None) -> None:
+                # Redrawn at once: a chunk is megabytes, so this is a few hundred draws a GiB.
                 if total is not None:
-                    progress.update(task, completed=done, total=total)
+                    progress.update(task, completed=done, total=total, refresh=True)
                 else:
-                    progress.update(task, completed=done)
+                    progress.update(task, completed=done, refresh=True)
 
             yield advance
 

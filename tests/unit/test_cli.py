@@ -4,6 +4,7 @@ completion click generates completes the commands."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -11,7 +12,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from rich.console import Console
+
 from forklift.cli import CLIENT_COMMANDS, cli
+from forklift.progress import Bars
 
 FORKLIFT = Path(sys.executable).with_name("forklift")
 
@@ -93,3 +97,25 @@ def test_shell_completion_completes_the_commands() -> None:
     assert done.stdout.split() == ["plain,submit"]
     for shell in ("zsh", "fish"):
         assert _run("completion", shell).returncode == 0
+
+
+def test_bars_fit_the_terminal_and_stay_off_without_one() -> None:
+    width = 72
+    out = io.StringIO()
+    bars = Bars(console=Console(file=out, force_terminal=True, width=width, color_system=None))
+    with bars.transfer("put x.npy", 8 << 20) as progress:
+        progress(4 << 20, 8 << 20)
+        progress(8 << 20, None)  # a total left unsaid keeps the one known
+    with bars.job("sleep 1a2b3c4d") as bar:
+        bar.update("running", {"fraction": 0.5, "note": "half way"})
+        bar.update("succeeded", None)
+    lines = [line for line in re.split(r"[\r\n]", out.getvalue()) if line.strip()]
+    text = "\n".join(lines)
+    assert "put x.npy" in text and "8.0/8.0 MiB" in text, text
+    assert "50%" in text and "half way" in text and "100%" in text and "succeeded" in text
+    assert max(len(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line)) for line in lines) <= width
+    # Not a terminal (this test's own stdout is captured): nothing drawn, callbacks no-ops.
+    quiet = Bars()
+    assert not quiet.enabled
+    with quiet.transfer("put", 10) as progress:
+        progress(10, 10)
