@@ -33,6 +33,7 @@ import redis
 
 from shared.arrays.segments import list_segments, unlink_segment
 from shared.settings import Settings
+from shared.workers import WorkerStore
 
 T = TypeVar("T")
 
@@ -507,12 +508,12 @@ def wait_worker(
     """Until worker `name@...` is in the stack's presence set and its pool has its children."""
     settings = Settings.from_env(dict(env))
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    key = settings.keys.workers
+    workers = WorkerStore(client, settings)
 
     def online() -> bool:
         if not proc.running():
             raise _exited(proc, f"worker {name}")
-        return any(str(m).startswith(f"{name}@") for m in client.zrange(key, 0, -1))
+        return any(member.startswith(f"{name}@") for member in workers.beats())
 
     try:
         wait_until(online, timeout, interval=0.2, what=f"worker {name} online")
