@@ -188,6 +188,10 @@ async def _read_header(stream: AsyncIterator[bytes]) -> tuple[NpyHeader, bytes]:
     raise NpyFormatError(f"truncated .npy: the body ended after {len(prefix)} bytes, in the header")
 
 
+def _disconnected() -> ApiError:
+    return ApiError(400, "client_disconnected", "the client went away mid-upload")
+
+
 async def ingest(
     state: AppState,
     request: Request,
@@ -206,7 +210,7 @@ async def ingest(
     except NpyFormatError as exc:
         raise ApiError(400, "bad_npy", str(exc)) from None
     except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the client went away mid-upload") from None
+        raise _disconnected() from None
     total = header.header_len + header.nbytes if raw_header is None else header.nbytes
     if declared is not None and int(declared) != total:
         raise ApiError(
@@ -322,7 +326,7 @@ async def _fill(write: ArrayWrite, first: bytes, stream: AsyncIterator[bytes]) -
             except StopAsyncIteration:
                 break
     except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the client went away mid-upload") from None
+        raise _disconnected() from None
     finally:
         del buffer
         if allocator is not None:
