@@ -162,6 +162,18 @@ def _client() -> Client:
     return Client(opts.url, opts.api_key or None, retry_window=opts.retry_for)
 
 
+def _complete_task(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Task names for shell completion, asked of the stack (nothing when it does not answer
+    within a second: completion must never hang a shell)."""
+    opts = ctx.find_object(Options) or Options()
+    try:
+        with Client(opts.url, opts.api_key or None, timeout=1.0, retry_window=0) as client:
+            names = [info.name for info in client.tasks()]
+    except (ForkliftError, OSError):
+        return []
+    return sorted(name for name in names if name.startswith(incomplete))
+
+
 # -- parsing ---------------------------------------------------------------------------------
 
 
@@ -393,7 +405,7 @@ def up(
 
 
 @cli.command()
-@click.argument("task")
+@click.argument("task", shell_complete=_complete_task)
 @click.argument("arguments", nargs=-1, metavar="[K=V]...")
 @click.option("--wait", is_flag=True, help="wait for the job and print its result")
 @click.option("--time-limit", type=float, metavar="S", help="lower the job's time limit")
@@ -532,7 +544,7 @@ def delete(array_id: str) -> int:
 
 
 @cli.command()
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=_complete_task)
 @client_options(top=False)
 def tasks(name: str | None) -> int:
     """List the tasks the stack runs (or describe one)."""
@@ -569,6 +581,8 @@ def completion(shell: str) -> int:
     bash:  eval "$(forklift completion bash)"    (or add it to ~/.bashrc)
     zsh:   eval "$(forklift completion zsh)"     (or add it to ~/.zshrc)
     fish:  forklift completion fish > ~/.config/fish/completions/forklift.fish
+
+    Commands and options complete, and task names too, asked of the stack at --url.
     """
     complete = get_completion_class(shell)
     assert complete is not None  # click knows the three choices

@@ -654,8 +654,10 @@ def test_event_stream_over_raw_http(live: Stack, http: httpx.Client) -> None:
 # -- command line -------------------------------------------------------------------------
 
 
-def run_cli(live: Stack, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FORKLIFT_URL": live.url}
+def run_cli(
+    live: Stack, *args: str, cwd: Path | None = None, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FORKLIFT_URL": live.url, **(extra_env or {})}
     env.pop("FORKLIFT_API_KEY", None)
     return subprocess.run(
         [sys.executable, "-m", "forklift", *args],
@@ -741,6 +743,17 @@ def test_cli_cancel(live: Stack) -> None:
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     waited = run_cli(live, "wait", job_id)
     assert waited.returncode == 1 and "cancelled" in waited.stderr
+
+
+def test_cli_shell_completion_asks_the_stack_for_task_names(live: Stack) -> None:
+    # What bash's completion script runs for `forklift submit fi<TAB>`.
+    env = {"_FORKLIFT_COMPLETE": "bash_complete", "COMP_WORDS": "forklift submit fi"}
+    done = run_cli(live, extra_env={**env, "COMP_CWORD": "2"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["plain,fib"]
+    nowhere = f"http://127.0.0.1:{stack.free_port()}"  # no stack: no names, and no hang
+    down = run_cli(live, extra_env={**env, "COMP_CWORD": "2", "FORKLIFT_URL": nowhere})
+    assert down.returncode == 0 and down.stdout.split() == []
 
 
 def test_array_handle_reuse(client: Client) -> None:
