@@ -33,12 +33,20 @@ import numpy as np
 from click.core import ParameterSource
 from click.shell_completion import get_completion_class
 
-from forklift import common, launcher
-from forklift._sync.client import Client, Job
-from forklift.errors import ForkliftError, InvalidRequest, JobError, NotFound, Timeout
-from forklift.handles import ArrayHandle
+from forklift import (
+    ArrayHandle,
+    ArrayInput,
+    Client,
+    ForkliftError,
+    InvalidRequest,
+    Job,
+    JobError,
+    NotFound,
+    Timeout,
+    common,
+    launcher,
+)
 from forklift.progress import Bars
-from shared.schemas import ArrayInput
 
 EXIT_OK = 0
 EXIT_JOB = 1

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from forklift._sync.client import Client
+from forklift import Client
 from forklift.supervisor import (
     QUIET_WORKER_OPTIONS,
     Proc,
