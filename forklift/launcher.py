@@ -169,6 +169,9 @@ class Launcher:
             env["FORKLIFT_WORKER_CONCURRENCY"] = str(options.workers)
         try:
             first = Settings.from_env(env)
+        except SettingsFileError as exc:
+            _up(f"error: {exc}")
+            return 2
         except ValidationError as exc:
             _up(f"error: invalid settings in the environment:\n{exc}")
             return 2

@@ -565,3 +565,26 @@ def test_forklift_up_uses_a_redis_that_answers_leaves_shm_alone_and_reads_dotenv
         if proc is not None:
             proc.stop()
         redis_proc.stop()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("FORKLIFT_SECRETS_DIR", "no-such-dir", "FORKLIFT_SECRETS_DIR="),
+        ("FORKLIFT_MAX_UPLOAD_BYTES", "-1", "FORKLIFT_MAX_UPLOAD_BYTES"),
+    ],
+)
+def test_forklift_up_refuses_bad_settings_with_a_message(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    """A bad setting stops `forklift up` before anything starts: exit 2, one message, no
+    traceback."""
+    env = {**os.environ, variable: str(tmp_path / value) if "DIR" in variable else value}
+    result = subprocess.run(
+        [sys.executable, "-m", "forklift", "up", "--port", str(stack.free_port())],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert message in output
+    assert "Traceback" not in output
