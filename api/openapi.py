@@ -8,9 +8,11 @@ with a parameter. Curated here, once for every route:
   methods are the names the code has;
 - every error an operation can answer is documented with the one error shape (`ErrorBody`),
   and none it cannot: 400/408/413 where there is a body, 422 where a body or a parameter is
-  validated, 404 where the path holds an id, 401 and 503 where the caller's key (and so
-  Redis) is involved, 429 where `api.limits` counts the request; `Retry-After` on every 429
-  and 503 (`api.errors.unavailable`, `api.limits.limit_reached`);
+  validated, 404 where the path holds an id, 401 where the caller's key is checked, 503
+  where the operation reaches Redis or the broker (every keyed one but those answered
+  from the API's own settings, `_SETTINGS_ONLY`), 429 where `api.limits` counts the
+  request; `Retry-After` on every 429 and 503 (`api.errors.unavailable`,
+  `api.limits.limit_reached`);
 - security is what the running configuration asks: bearer keys on every keyed operation
   when FORKLIFT_API_KEYS is set, none at all when the API runs open (a schema that demands
   a token the API never checks is a lie clients and fuzzers act on).
@@ -56,6 +58,10 @@ _KEY_LIMITED = {
     ("get", "/jobs/{job_id}/events"),
     ("post", "/jobs/wait"),
 }
+# Keyed operations answered from the API's settings alone: no Redis, no broker, so no 503.
+_SETTINGS_ONLY = {
+    ("get", "/arrays/register/info"),
+}
 _COMMON_ERRORS = {
     "400": "malformed body (not JSON, a broken .npy, a length that does not add up)",
     "401": "missing or unknown API key (when FORKLIFT_API_KEYS is set)",
@@ -90,7 +96,10 @@ def _error_codes(path: str, method: str, op: dict[str, Any], secured: bool) -> s
     if "{" in path:
         codes.add("404")
     if op.get("security"):  # the route takes the caller's key
-        codes |= {"401", "503"} if secured else {"503"}
+        if secured:
+            codes.add("401")
+        if (method, path) not in _SETTINGS_ONLY:
+            codes.add("503")
     if (method, path) in _KEY_LIMITED:
         codes.add("429")
     return codes

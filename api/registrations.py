@@ -73,16 +73,10 @@ from shared.arrays.lifecycle import ArrayWrite
 from shared.arrays.npy import MAX_NDIM, NpyFormatError, dtype_from_string
 from shared.arrays.segments import segment_path, unlink_own, validate_segment_name
 from shared.arrays.store import UPLOAD_TIMEOUT_S, ArrayRecord
-from shared.schemas import ArrayMeta
+from shared.schemas import ArrayMeta, ShmInfo
 
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _MAX_NBYTES = 2**63 - 1
-
-
-class ShmInfo(BaseModel):
-    shm_prefix: str = Field(description="segment names must start with this")
-    shm_domain: str = Field(description="only clients in this domain can register segments")
-    reservation_timeout: int = Field(description="seconds between reserve and commit")
 
 
 class Registration(BaseModel):

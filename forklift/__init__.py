@@ -8,9 +8,12 @@
     async with AsyncClient() as fl:
         print(await fl.submit("fib", n=30).result())
 
-Jobs are written with `@job` (and `ArraySpec` for array inputs): docs/jobs.md. The client's
-reference is docs/client.md; `AsyncClient` is written by hand (forklift/_async/) and `Client`
-generated from it (forklift/_sync/, by `python -m forklift._unasync`).
+Jobs are written with `@job` (and `ArraySpec` for array inputs; `InputError`, `LimitError`,
+`HasShapeAndDtype`, `ProgressReporter` for checks and progress; `get_job` for the spec a test
+checks against), re-exported from the registry the API and the workers share
+(shared/registry.py): docs/jobs.md. The client's reference is docs/client.md; `AsyncClient`
+is written by hand (forklift/_async/) and `Client` generated from it (forklift/_sync/, by
+`python -m forklift._unasync`).
 """
 
 from forklift._async.client import AsyncClient, AsyncJob, async_as_completed
@@ -27,8 +30,26 @@ from forklift.errors import (
     Unavailable,
 )
 from forklift.handles import ArrayHandle
-from shared.registry import ArraySpec, job
-from shared.schemas import ArrayInput, JobStatus, JobView, Progress, TaskInfo
+from shared.registry import (
+    ArraySpec,
+    HasShapeAndDtype,
+    InputError,
+    JobSpec,
+    LimitError,
+    ProgressReporter,
+    get_job,
+    job,
+)
+from shared.schemas import (
+    ArrayInput,
+    Health,
+    HealthDown,
+    JobStatus,
+    JobView,
+    Progress,
+    ShmInfo,
+    TaskInfo,
+)
 
 __all__ = [
     "ArrayHandle",
@@ -38,20 +59,29 @@ __all__ = [
     "AsyncJob",
     "Client",
     "ForkliftError",
+    "HasShapeAndDtype",
+    "Health",
+    "HealthDown",
+    "InputError",
     "InvalidRequest",
     "Job",
     "JobCancelled",
     "JobError",
     "JobFailed",
+    "JobSpec",
     "JobStatus",
     "JobView",
+    "LimitError",
     "NotFound",
     "Progress",
+    "ProgressReporter",
     "ServerError",
+    "ShmInfo",
     "TaskInfo",
     "Timeout",
     "Unavailable",
     "as_completed",
     "async_as_completed",
+    "get_job",
     "job",
 ]

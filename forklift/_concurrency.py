@@ -78,6 +78,12 @@ class Pending(Generic[T]):
 
 def async_watch(wait: Callable[[], Awaitable[object]], then: Callable[[], None]) -> AsyncWatcher:
     """A task on the running loop that awaits `wait()` (whatever it raises) and runs `then`."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            "AsyncJob.add_done_callback needs a running event loop until the job has ended"
+        ) from None
 
     async def watch() -> None:
         try:
@@ -86,7 +92,7 @@ def async_watch(wait: Callable[[], Awaitable[object]], then: Callable[[], None])
             log.debug("waiting for a job failed: %s", exc)
         then()
 
-    return asyncio.get_running_loop().create_task(watch())
+    return loop.create_task(watch())
 
 
 def watch(wait: Callable[[], object], then: Callable[[], None]) -> Watcher:

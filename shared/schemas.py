@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -207,3 +207,30 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class Health(BaseModel):
+    """`GET /healthz` while Redis answers; `no_workers` while no worker is online (jobs then
+    wait in the queue)."""
+
+    status: Literal["ok", "no_workers"]
+    redis: bool
+    workers: int = Field(description="workers online (each a pool of processes)")
+    shm_domain: str = Field(description="this API's shm domain")
+
+
+class HealthDown(BaseModel):
+    """`GET /healthz` (a 503) while Redis does not answer."""
+
+    status: Literal["unavailable"]
+    redis: bool
+    workers: None
+    error: ErrorDetail
+
+
+class ShmInfo(BaseModel):
+    """`GET /arrays/register/info`: what a same-host client needs to register segments."""
+
+    shm_prefix: str = Field(description="segment names must start with this")
+    shm_domain: str = Field(description="only clients in this domain can register segments")
+    reservation_timeout: int = Field(description="seconds between reserve and commit")

@@ -17,10 +17,10 @@ from api.arrays_io import MAX_HEADER, NPY_MEDIA_TYPE, ingest, load_array, npy_re
 from api.deps import Owner, State
 from api.errors import ApiError, not_found
 from api.openapi import LOCATION
-from api.registrations import Registration, Reservation, ShmInfo
+from api.registrations import Registration, Reservation
 from shared.arrays import lifecycle
 from shared.arrays.npy import NpyFormatError, NpyHeader, dtype_from_string, parse_shape
-from shared.schemas import ID_PATTERN, ArrayMeta
+from shared.schemas import ID_PATTERN, ArrayMeta, ShmInfo
 
 router = APIRouter(prefix="/arrays", tags=["arrays"])
 

@@ -9,39 +9,20 @@ A failed check is never reused, so Redis going down shows within `FRESH_S`.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 
 from api.deps import State
 from api.errors import RETRY_AFTER_S
 from shared.redis_io import REDIS_ERRORS
-from shared.schemas import ErrorDetail
+from shared.schemas import Health, HealthDown
 from shared.workers import WorkerStore
 
 router = APIRouter(tags=["health"])
 
 FRESH_S = 0.5
-
-
-class Health(BaseModel):
-    """Redis answers; `no_workers` while no worker is online (jobs then wait in the queue)."""
-
-    status: Literal["ok", "no_workers"]
-    redis: bool
-    workers: int = Field(description="workers online (each a pool of processes)")
-    shm_domain: str = Field(description="this API's shm domain")
-
-
-class HealthDown(BaseModel):
-    """Redis does not answer."""
-
-    status: Literal["unavailable"]
-    redis: bool
-    workers: None
-    error: ErrorDetail
 
 
 @router.get(

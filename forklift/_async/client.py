@@ -12,7 +12,8 @@ side by side. The job's methods follow `concurrent.futures.Future`: `done()`, `r
 `cancelled()`, `result(timeout)`, `exception(timeout)`, `cancel()` (a bool) and
 `add_done_callback(fn)`; here those that ask the server are coroutines.
 `async_as_completed(jobs, timeout)` yields jobs as they end. Views are the API's pydantic
-models (`JobView`, `Progress`, `TaskInfo`), array handles its `ArrayMeta`.
+models of `shared/schemas.py` (`JobView`, `Progress`, `TaskInfo`, `Health`, `ShmInfo`),
+array handles its `ArrayMeta`.
 
 The blocking client (`forklift/_sync/client.py`: `Client`, `Job`, `as_completed`) is generated
 from this file by `python -m forklift._unasync`, as httpcore generates its `_sync` from its
@@ -37,6 +38,7 @@ from typing import IO, Any
 
 import httpx
 import numpy as np
+from pydantic import ValidationError
 
 from forklift import common
 from forklift._concurrency import (
@@ -79,7 +81,17 @@ from forklift.same_host import (
 from forklift.sse import SseParser, event_item
 from shared.arrays import mappings
 from shared.arrays.segments import ShmFullError
-from shared.schemas import ArrayInput, JobBatchView, JobStatus, JobView, Progress, TaskInfo
+from shared.schemas import (
+    ArrayInput,
+    Health,
+    HealthDown,
+    JobBatchView,
+    JobStatus,
+    JobView,
+    Progress,
+    ShmInfo,
+    TaskInfo,
+)
 
 log = logging.getLogger("forklift")
 
@@ -241,17 +253,20 @@ class AsyncJob:
         return True
 
     def add_done_callback(self, fn: Callable[[AsyncJob], object]) -> None:
-        """Call `fn(job)` once the job has ended, as `Future.add_done_callback` does: now if
-        it is known to have ended, else from a watcher that long-polls the job (a task on
-        the running loop; a daemon thread for `Client`). If the waiting itself fails (the
-        server stays away), `fn` is called all the same and `result()` raises why.
-        Exceptions raised by `fn` are logged and ignored."""
+        """Call `fn(job)` once the job has ended, as `Future.add_done_callback` does: at once,
+        before this returns, if it is known to have ended (its last view is final), else
+        from a watcher that long-polls the job: a daemon thread in the blocking client, a
+        task on the running loop in the asyncio one, which then needs that loop (outside
+        one it raises RuntimeError and adds nothing; callbacks not yet called when the
+        loop closes are never called). If the waiting itself fails (the server stays
+        away), `fn` is called all the same and `result()` raises why. Exceptions raised by
+        `fn` are logged and ignored."""
         with self._lock:
             now = self._called_back or common.is_final(self.view)
             if not now:
-                self._callbacks.append(fn)
-                if self._watcher is None:
+                if self._watcher is None:  # first: a watcher that cannot start adds nothing
                     self._watcher = async_watch(self.wait, self._run_callbacks)
+                self._callbacks.append(fn)
         if now:
             self._call(fn)
 
@@ -382,7 +397,7 @@ class AsyncClient:
             transport=transport,
         )
         self._owned: dict[str, None] = {}
-        self._shm_info: dict[str, Any] | None = None
+        self._shm_info: ShmInfo | None = None
         self._shm_checked = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -543,29 +558,29 @@ class AsyncClient:
         )
         return self._track(ArrayHandle.from_meta(response.json()))
 
-    async def shm_info(self) -> dict[str, Any] | None:
-        """The server's `{"shm_prefix", "shm_domain", ...}`, or None if it has no such route."""
+    async def shm_info(self) -> ShmInfo | None:
+        """The server's same-host registration settings (its `shm_prefix`, `shm_domain`),
+        or None if it has no such route; asked once per client."""
         if not self._shm_checked:
             try:
-                self._shm_info = await self._get_json("/arrays/register/info", retry=True)
+                info = await self._get_json("/arrays/register/info", retry=True)
+                self._shm_info = ShmInfo.model_validate(info)
             except NotFound:
                 self._shm_info = None
             self._shm_checked = True
         return self._shm_info
 
-    async def _same_domain_info(self, *, required: bool) -> dict[str, Any] | None:
+    async def _same_domain_info(self, *, required: bool) -> ShmInfo | None:
         info = await self.shm_info()
         if info is None:
             if required:
                 raise InvalidRequest("this server does not accept shared-memory registrations")
             return None
-        if info.get("shm_domain") != local_domain() and not required:
+        if info.shm_domain != local_domain() and not required:
             return None
         return info  # required and another domain: the server refuses it with its reason
 
-    async def _register(
-        self, arr: np.ndarray, ttl: float | None, info: dict[str, Any]
-    ) -> ArrayHandle:
+    async def _register(self, arr: np.ndarray, ttl: float | None, info: ShmInfo) -> ArrayHandle:
         """Reserve, fill, commit; a recycled segment this process cannot open: once more, fresh."""
         await async_offload(mappings.sweep)  # kept mappings of segments freed since the last put
         handle = await self._register_once(arr, ttl, info, recycle=True)
@@ -575,9 +590,9 @@ class AsyncClient:
         return handle
 
     async def _register_once(
-        self, arr: np.ndarray, ttl: float | None, info: dict[str, Any], *, recycle: bool
+        self, arr: np.ndarray, ttl: float | None, info: ShmInfo, *, recycle: bool
     ) -> ArrayHandle | None:
-        name, ident, body = registration(arr, ttl, info["shm_prefix"], recycle=recycle)
+        name, ident, body = registration(arr, ttl, info.shm_prefix, recycle=recycle)
         reservation = await self._request(
             "POST",
             "/arrays/register",
@@ -837,10 +852,16 @@ class AsyncClient:
     async def task(self, name: str) -> TaskInfo:
         return TaskInfo.model_validate(await self._get_json(f"/tasks/{name}", retry=True))
 
-    async def health(self) -> dict[str, Any]:
-        """`GET /healthz` (a 503 body is returned, not raised: it says what is down)."""
+    async def health(self) -> Health | HealthDown:
+        """`GET /healthz`: a `Health`, or the 503's `HealthDown` (returned, not raised: it
+        says what is down). Any other error is raised as for every call."""
         try:
             response = await self._http.get("/healthz")
         except httpx.TransportError as exc:
             raise Unavailable(f"cannot reach {self.url}: {exc}", code="unreachable") from exc
-        return dict(response.json())
+        if response.status_code == 503:
+            with contextlib.suppress(ValidationError):  # else a 503 of something in between
+                return HealthDown.model_validate_json(response.content)
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.content, response.headers)
+        return Health.model_validate_json(response.content)

@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import httpx
 import numpy as np
+from pydantic import ValidationError
 
 from forklift import common
 from forklift._concurrency import (
@@ -65,7 +66,17 @@ from forklift.same_host import (
 from forklift.sse import SseParser, event_item
 from shared.arrays import mappings
 from shared.arrays.segments import ShmFullError
-from shared.schemas import ArrayInput, JobBatchView, JobStatus, JobView, Progress, TaskInfo
+from shared.schemas import (
+    ArrayInput,
+    Health,
+    HealthDown,
+    JobBatchView,
+    JobStatus,
+    JobView,
+    Progress,
+    ShmInfo,
+    TaskInfo,
+)
 
 log = logging.getLogger("forklift")
 
@@ -216,17 +227,20 @@ class Job:
         return True
 
     def add_done_callback(self, fn: Callable[[Job], object]) -> None:
-        """Call `fn(job)` once the job has ended, as `Future.add_done_callback` does: now if
-        it is known to have ended, else from a watcher that long-polls the job (a task on
-        the running loop; a daemon thread for `Client`). If the waiting itself fails (the
-        server stays away), `fn` is called all the same and `result()` raises why.
-        Exceptions raised by `fn` are logged and ignored."""
+        """Call `fn(job)` once the job has ended, as `Future.add_done_callback` does: at once,
+        before this returns, if it is known to have ended (its last view is final), else
+        from a watcher that long-polls the job: a daemon thread in the blocking client, a
+        task on the running loop in the asyncio one, which then needs that loop (outside
+        one it raises RuntimeError and adds nothing; callbacks not yet called when the
+        loop closes are never called). If the waiting itself fails (the server stays
+        away), `fn` is called all the same and `result()` raises why. Exceptions raised by
+        `fn` are logged and ignored."""
         with self._lock:
             now = self._called_back or common.is_final(self.view)
             if not now:
-                self._callbacks.append(fn)
-                if self._watcher is None:
+                if self._watcher is None:  # first: a watcher that cannot start adds nothing
                     self._watcher = watch(self.wait, self._run_callbacks)
+                self._callbacks.append(fn)
         if now:
             self._call(fn)
 
@@ -355,7 +369,7 @@ class Client:
             transport=transport,
         )
         self._owned: dict[str, None] = {}
-        self._shm_info: dict[str, Any] | None = None
+        self._shm_info: ShmInfo | None = None
         self._shm_checked = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -516,27 +530,29 @@ class Client:
         )
         return self._track(ArrayHandle.from_meta(response.json()))
 
-    def shm_info(self) -> dict[str, Any] | None:
-        """The server's `{"shm_prefix", "shm_domain", ...}`, or None if it has no such route."""
+    def shm_info(self) -> ShmInfo | None:
+        """The server's same-host registration settings (its `shm_prefix`, `shm_domain`),
+        or None if it has no such route; asked once per client."""
         if not self._shm_checked:
             try:
-                self._shm_info = self._get_json("/arrays/register/info", retry=True)
+                info = self._get_json("/arrays/register/info", retry=True)
+                self._shm_info = ShmInfo.model_validate(info)
             except NotFound:
                 self._shm_info = None
             self._shm_checked = True
         return self._shm_info
 
-    def _same_domain_info(self, *, required: bool) -> dict[str, Any] | None:
+    def _same_domain_info(self, *, required: bool) -> ShmInfo | None:
         info = self.shm_info()
         if info is None:
             if required:
                 raise InvalidRequest("this server does not accept shared-memory registrations")
             return None
-        if info.get("shm_domain") != local_domain() and not required:
+        if info.shm_domain != local_domain() and not required:
             return None
         return info  # required and another domain: the server refuses it with its reason
 
-    def _register(self, arr: np.ndarray, ttl: float | None, info: dict[str, Any]) -> ArrayHandle:
+    def _register(self, arr: np.ndarray, ttl: float | None, info: ShmInfo) -> ArrayHandle:
         """Reserve, fill, commit; a recycled segment this process cannot open: once more, fresh."""
         offload(mappings.sweep)  # kept mappings of segments freed since the last put
         handle = self._register_once(arr, ttl, info, recycle=True)
@@ -546,9 +562,9 @@ class Client:
         return handle
 
     def _register_once(
-        self, arr: np.ndarray, ttl: float | None, info: dict[str, Any], *, recycle: bool
+        self, arr: np.ndarray, ttl: float | None, info: ShmInfo, *, recycle: bool
     ) -> ArrayHandle | None:
-        name, ident, body = registration(arr, ttl, info["shm_prefix"], recycle=recycle)
+        name, ident, body = registration(arr, ttl, info.shm_prefix, recycle=recycle)
         reservation = self._request(
             "POST",
             "/arrays/register",
@@ -804,10 +820,16 @@ class Client:
     def task(self, name: str) -> TaskInfo:
         return TaskInfo.model_validate(self._get_json(f"/tasks/{name}", retry=True))
 
-    def health(self) -> dict[str, Any]:
-        """`GET /healthz` (a 503 body is returned, not raised: it says what is down)."""
+    def health(self) -> Health | HealthDown:
+        """`GET /healthz`: a `Health`, or the 503's `HealthDown` (returned, not raised: it
+        says what is down). Any other error is raised as for every call."""
         try:
             response = self._http.get("/healthz")
         except httpx.TransportError as exc:
             raise Unavailable(f"cannot reach {self.url}: {exc}", code="unreachable") from exc
-        return dict(response.json())
+        if response.status_code == 503:
+            with contextlib.suppress(ValidationError):  # else a 503 of something in between
+                return HealthDown.model_validate_json(response.content)
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.content, response.headers)
+        return Health.model_validate_json(response.content)

@@ -29,13 +29,17 @@ from forklift import (
     ArrayHandle,
     ArrayInput,
     AsyncClient,
+    AsyncJob,
     Client,
+    Health,
     InvalidRequest,
     JobCancelled,
     JobFailed,
     JobView,
     NotFound,
     Progress,
+    ShmInfo,
+    TaskInfo,
     Timeout,
     Unavailable,
     async_as_completed,
@@ -196,6 +200,31 @@ def test_async_client_in_an_event_loop_that_stays_free(live: Stack) -> None:
     events = out["events"]
     assert isinstance(events[-1], JobView) and events[-1].status == "succeeded"
     assert any(isinstance(event, Progress) for event in events)
+
+
+def test_async_done_callback_outside_a_loop(live: Stack) -> None:
+    """`AsyncJob.add_done_callback` off the loop: a job known to have ended calls back at
+    once; one not yet ended needs the loop for its watcher task, so it raises."""
+
+    async def jobs() -> tuple[AsyncJob, AsyncJob]:
+        async with AsyncClient(live.url) as fl:
+            ended = await fl.submit("fib", n=10)
+            await ended.wait(timeout=60)
+            return ended, await fl.submit("sleep", seconds=30)
+
+    ended, sleeping = asyncio.run(jobs())
+    called: list[AsyncJob] = []
+    ended.add_done_callback(called.append)
+    assert called == [ended], "an ended job calls back before add_done_callback returns"
+    with pytest.raises(RuntimeError, match="needs a running event loop"):
+        sleeping.add_done_callback(called.append)
+    assert called == [ended]
+
+    async def cancel(job_id: str) -> bool:
+        async with AsyncClient(live.url) as fl:
+            return await fl.job(job_id).cancel()
+
+    assert asyncio.run(cancel(sleeping.id)) is True
 
 
 def test_jobs_follow_the_future_protocol(client: Client) -> None:
@@ -390,7 +419,8 @@ def test_same_host_put_recycles_a_pooled_segment(
     try:
         with make_client(url, free_on_close=True) as fl, httpx.Client(base_url=url) as http:
             monkeypatch.delenv("FORKLIFT_SHM_DOMAIN", raising=False)  # derived, as the stack's
-            assert fl.shm_info()["shm_domain"] == local_domain(), "the stack runs on this host"
+            info = fl.shm_info()
+            assert info is not None and info.shm_domain == local_domain(), "not this host"
             x = np.arange(1 << 20, dtype=np.float64)  # 8 MiB: worth pooling
             first = fl.put_array(x, shared_memory=True)
             inode = segment_path(first.segment).stat().st_ino
@@ -468,7 +498,8 @@ def test_auto_mode_registers_big_arrays_and_uploads_small_ones(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("FORKLIFT_SHM_DOMAIN", raising=False)  # derived, as the stack's
-    assert client.shm_info()["shm_domain"] == local_domain(), "the stack runs on this host"
+    info = client.shm_info()
+    assert info is not None and info.shm_domain == local_domain(), "the stack runs elsewhere"
     paths: list[str] = []
     on_http(client, "request", lambda request: paths.append(f"{request.method} {request.url.path}"))
     big = np.linspace(0, 1, 2**18)  # 2 MiB
@@ -754,6 +785,23 @@ def test_cli_shell_completion_asks_the_stack_for_task_names(live: Stack) -> None
     nowhere = f"http://127.0.0.1:{stack.free_port()}"  # no stack: no names, and no hang
     down = run_cli(live, extra_env={**env, "COMP_CWORD": "2", "FORKLIFT_URL": nowhere})
     assert down.returncode == 0 and down.stdout.split() == []
+
+
+def test_views_are_the_schemas_models(client: Client, live: Stack) -> None:
+    """Every view the client returns is a model of shared/schemas.py, never a dict."""
+    health = client.health()
+    assert isinstance(health, Health)
+    assert (health.status, health.redis) == ("ok", True) and health.workers >= 1
+    assert health.model_dump(mode="json") == httpx.get(f"{live.url}/healthz").json()
+    info = client.shm_info()
+    assert isinstance(info, ShmInfo) and info.shm_prefix == live.shm_prefix
+    assert info.reservation_timeout > 0
+    tasks = client.tasks()
+    assert tasks and all(isinstance(task, TaskInfo) for task in tasks)
+    assert client.task("fib") == next(task for task in tasks if task.name == "fib")
+    job = client.submit("fib", n=5)
+    assert isinstance(job.status(), JobView) and isinstance(job.wait(timeout=60), JobView)
+    assert job.result() == 5
 
 
 def test_array_handle_reuse(client: Client) -> None:

@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 
 import api.routes
 from api.main import create_app
-from api.routes.health import Health
+from shared.schemas import Health, ShmInfo
 from shared.settings import Settings
 from tests.conftest import Stack
 
@@ -133,6 +133,8 @@ def test_no_status_is_documented_that_the_route_never_sends(doc: dict[str, Any])
     assert codes("get", "/tasks") == {"200"}
     # Open API: nothing asks for a key, so nothing answers 401.
     assert all("401" not in op["responses"] for _, _, op in operations(doc))
+    # Answered from the API's settings, never from Redis: no 503 (and no 404, no 422).
+    assert codes("get", "/arrays/register/info") == {"200"}
     # Not counted per key: no 429.
     assert "429" not in codes("post", "/jobs")
     assert "429" in codes("post", "/jobs/wait")
@@ -173,6 +175,13 @@ def test_documented_errors_are_the_ones_answered(doc: dict[str, Any], client: ht
         assert reply.status_code == status, (method, path, reply.status_code, reply.text)
         assert reply.json()["error"]["code"], reply.text
         _documented(doc, method, path, reply)
+
+    info = client.get("/arrays/register/info")
+    assert info.status_code == 200, info.text
+    _documented(doc, "get", "/arrays/register/info", info)
+    assert set(info.json()) == set(ShmInfo.model_fields)
+    schema = doc["paths"]["/arrays/register/info"]["get"]["responses"]["200"]["content"]
+    assert schema["application/json"]["schema"] == {"$ref": "#/components/schemas/ShmInfo"}
 
     submitted = client.post("/jobs", json={"task": "sleep", "params": {"seconds": 30}})
     assert submitted.status_code == 202, submitted.text
