@@ -12,7 +12,7 @@ from myjobs.stats import describe, pairwise_distances
 from numpy.typing import ArrayLike
 from pydantic import ValidationError
 
-from shared.registry import InputError, LimitError, get_job
+from forklift import InputError, LimitError, get_job
 
 
 def read_only(values: ArrayLike) -> np.ndarray:

@@ -14,8 +14,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from forklift import ArraySpec, job
-from shared.registry import HasShapeAndDtype, InputError, ProgressReporter
+from forklift import ArraySpec, HasShapeAndDtype, InputError, ProgressReporter, job
 
 Arrays = Mapping[str, HasShapeAndDtype]
 
