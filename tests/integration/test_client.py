@@ -32,6 +32,7 @@ from forklift import (
     AsyncJob,
     Client,
     Health,
+    HealthDown,
     InvalidRequest,
     JobCancelled,
     JobFailed,
@@ -802,6 +803,22 @@ def test_views_are_the_schemas_models(client: Client, live: Stack) -> None:
     job = client.submit("fib", n=5)
     assert isinstance(job.status(), JobView) and isinstance(job.wait(timeout=60), JobView)
     assert job.result() == 5
+
+
+def test_health_of_an_api_without_redis_is_a_health_down(
+    live: Stack, make_client: MakeClient
+) -> None:
+    """The 503 of /healthz is returned as a `HealthDown`, not raised: it says what is down."""
+    env = dict(live.env, REDIS_URL=f"redis://127.0.0.1:{stack.free_port()}/0")  # nobody there
+    api, url = stack.start_api(env)
+    try:
+        with make_client(url, retry_window=0.5) as fl:
+            health = fl.health()
+    finally:
+        api.stop()
+    assert isinstance(health, HealthDown), health
+    assert (health.status, health.redis, health.workers) == ("unavailable", False, None)
+    assert health.error.code == "unavailable"
 
 
 def test_array_handle_reuse(client: Client) -> None:
