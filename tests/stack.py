@@ -33,6 +33,7 @@ spawn = SUPERVISOR.spawn
 start_redis = SUPERVISOR.start_redis
 start_worker = SUPERVISOR.start_worker
 start_api = SUPERVISOR.start_api
+start_app = SUPERVISOR.start_app
 start_worker_and_api = SUPERVISOR.start_worker_and_api
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "spawn",
     "stack_env",
     "start_api",
+    "start_app",
     "start_redis",
     "start_worker",
     "start_worker_and_api",

@@ -7,7 +7,6 @@ written to a log, a record or a repr.
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,30 +38,11 @@ class Keyed:
         return httpx.Client(base_url=self.url, timeout=30, headers=headers)
 
 
-def _start_api(env: dict[str, str]) -> tuple[stack.Proc, str]:
-    """Like stack.start_api, but logging at debug level: the most a log could ever show."""
-    port = stack.free_port()
-    argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
-            str(port), "--log-level", "debug"]  # fmt: skip
-    proc = stack.spawn(f"api-keyed-{port}", argv, env)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"api exited early:\n{proc.log()[-3000:]}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    stack.wait_until(up, 30, interval=0.1, what="keyed api")
-    return proc, url
-
-
 @pytest.fixture(scope="module")
 def keyed(live: Stack) -> Iterator[Keyed]:
     env = dict(live.env, FORKLIFT_API_KEYS=f"{KEY_A}, {KEY_B}")
-    api, url = _start_api(env)
+    # Logging at debug level: the most a log could ever show.
+    api, url = stack.start_api(env, log_level="debug", proc_name="api-keyed")
     try:
         yield Keyed(url, api)
     finally:

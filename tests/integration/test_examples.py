@@ -30,23 +30,10 @@ FIB_N, FIB_VALUE = 34, 5702887  # a few hundred ms of one core: long beside a pi
 
 @contextlib.contextmanager
 def serving(app: str, env: dict[str, str]) -> Iterator[str]:
-    """`uvicorn --app-dir docs/examples <app>` on a spare port; stopped by its pid, checked gone."""
-    port = stack.free_port()
-    argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLES), app, "--host",
-            "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = stack.spawn(f"example-{port}", argv, env)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{app} exited early:\n{proc.log()[-3000:]}")
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    """`uvicorn --app-dir docs/examples <app>` on a spare port, once its /health answers;
+    stopped by its pid, checked gone."""
+    proc, url = stack.start_app(app, env, app_dir=EXAMPLES, label="example")
     try:
-        stack.wait_until(up, 30, interval=0.1, what=app)
         yield url
     finally:
         proc.stop()

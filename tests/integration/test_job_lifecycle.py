@@ -116,20 +116,7 @@ class Lifecycle:
 
 def start_persistent_redis(port: int, data_dir: Path) -> stack.Proc:
     """redis-server that keeps its data across a restart (append-only file, fsync always)."""
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir),
-            "--daemonize", "no"]  # fmt: skip
-    proc = stack.spawn(f"redis-{port}", argv, dict(os.environ))
-    client = redis.Redis(port=port)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
-            return False
-
-    stack.wait_until(answers, 20, what="redis-server")
-    client.close()
+    proc, _ = stack.start_redis(port, data_dir=data_dir, timeout=20)
     return proc
 
 
