@@ -1,9 +1,9 @@
 """Who is where: live workers by shm domain, and what each domain holds in shared memory.
 
 Read from the worker presence records (`shared/workers.py`), the set of domains the APIs
-announce, and the array registry's kept figures (byte counter and ledger per domain, replica
-set per domain). Routing (`api/enqueue.py`) asks which domains have a live worker
-(`WorkerStore.live_domains`); `GET /cluster` shows it all.
+announce, and the array registry's kept figures (byte counter and ledger per domain through
+`ArrayStore.usage`, replica set per domain). Routing (`api/enqueue.py`) asks which domains
+have a live worker (`WorkerStore.live_domains`); `GET /cluster` shows it all.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.arrays.store import ArrayStore, ShmUsage
 from shared.schemas import WorkerSeen
 from shared.settings import Settings
 from shared.workers import WorkerStore
@@ -44,21 +45,20 @@ async def read_cluster(client: Any, settings: Settings) -> list[DomainView]:
     workers: list[WorkerSeen] = await WorkerStore(client, settings).live()
     announced = await client.smembers(keys.domains)
     known = sorted({w.domain for w in workers} | set(announced) | {settings.shm_domain})
+    usage: dict[str, ShmUsage] = await ArrayStore(client, settings).usage(known)
     pipe = client.pipeline(transaction=False)
     for domain in known:
-        pipe.get(keys.shm_bytes(domain))
-        pipe.hlen(keys.shm_ledger(domain))
         pipe.scard(keys.replicas(domain))
-    replies = await pipe.execute()
-    views = {}
-    for i, domain in enumerate(known):
-        held, segments, replicas = replies[3 * i : 3 * i + 3]
-        views[domain] = DomainView(
+    replicas = await pipe.execute()
+    views = {
+        domain: DomainView(
             domain=domain,
-            segments=int(segments or 0),
-            replicas=int(replicas or 0),
-            shm_bytes=max(0, int(held or 0)),
+            segments=usage[domain].segments,
+            replicas=int(replicas[i] or 0),
+            shm_bytes=usage[domain].bytes,
         )
+        for i, domain in enumerate(known)
+    }
     for w in workers:
         views[w.domain].workers.append(w)
     return [

@@ -16,7 +16,7 @@ Layout, under `<prefix>:metrics:`:
 
 The key names are `shared/keys.py`'s (`Keys.metrics_*`). Worker presence comes from
 `shared/workers.py`, shared-memory use from the array registry's kept figures
-(`shared/arrays/store.py`): the byte counter `shm_bytes:<domain>` and the size of the ledger
+(`ArrayStore.usage`): the byte counter `shm_bytes:<domain>` and the size of the ledger
 `shm_ledger:<domain>` (one entry per segment counted against the cap). A scrape costs a fixed
 number of commands per domain and worker, never one per array (no one may make `/metrics`,
 which needs no key, do work proportional to what others stored).
@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.arrays.store import ArrayStore, ShmUsage
 from shared.keys import KOMBU_PRIORITY_STEPS, queue_keys
 from shared.schemas import WorkerSeen
 from shared.settings import Settings
@@ -171,21 +172,17 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
             snap.running[running_flat[i]] = {}
 
     domains = sorted(set(snap.domains()) | {settings.shm_domain})
+    usage: dict[str, ShmUsage] = await ArrayStore(client, settings).usage(domains)
+    for domain, held in usage.items():
+        snap.shm_bytes[domain] = held.bytes
+        if held.segments:
+            snap.shm_segments[domain] = held.segments
     pipe = client.pipeline(transaction=False)
-    for domain in domains:
-        pipe.get(keys.shm_bytes(domain))
-        pipe.hlen(keys.shm_ledger(domain))
     queues = [settings.queue, *(settings.domain_queue(d) for d in domains)]
     for queue in queues:
         for key in queue_keys(queue):
             pipe.llen(key)
-    replies = await pipe.execute()
-    for i, domain in enumerate(domains):
-        held, segments = replies[2 * i], replies[2 * i + 1]
-        snap.shm_bytes[domain] = max(0, int(held or 0))
-        if segments:
-            snap.shm_segments[domain] = int(segments)
-    depths = replies[2 * len(domains) :]
+    depths = await pipe.execute()
     steps = len(KOMBU_PRIORITY_STEPS)
     for i, queue in enumerate(queues):
         snap.queues[queue] = sum(int(n) for n in depths[i * steps : (i + 1) * steps])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from shared.redis_io import AnyRedis, then
@@ -146,6 +147,14 @@ end
 redis.call('SET', KEYS[1], total)
 return total
 """
+
+
+class ShmUsage(NamedTuple):
+    """A domain's kept shared-memory figures: its byte counter (what the cap is checked
+    against, uploads in flight included) and its ledger's entries (segments counted)."""
+
+    bytes: int
+    segments: int
 
 
 class Dropped(NamedTuple):
@@ -357,6 +366,23 @@ class ArrayStore:
 
     def bytes_in_use(self, domain: str | None = None) -> Any:
         return then(self.client.get(self.bytes_key(domain)), lambda r: int(r or 0))
+
+    def usage(self, domains: Sequence[str]) -> Any:
+        """`{domain: ShmUsage}` for `domains`: two commands each in one round trip, whatever
+        the number of arrays (what `/metrics` and `/cluster` show)."""
+        wanted = list(domains)
+        pipe = self.client.pipeline(transaction=False)
+        for domain in wanted:
+            pipe.get(self.bytes_key(domain))
+            pipe.hlen(self.ledger_key(domain))
+
+        def parse(replies: list[Any]) -> dict[str, ShmUsage]:
+            return {
+                domain: ShmUsage(max(0, int(replies[2 * i] or 0)), int(replies[2 * i + 1] or 0))
+                for i, domain in enumerate(wanted)
+            }
+
+        return then(pipe.execute(), parse)
 
     def exists(self, array_id: str) -> Any:
         """Whether a record of this id exists, in any state."""
