@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+import redis.asyncio as aioredis
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -381,6 +382,37 @@ return n and 1 or 0
 )
 
 
+class RegisteredBytesStore:
+    """The one owner of the per-key registration counts (`Keys.registered_bytes`,
+    `Keys.registered_deadlines`): every read and write of them goes through these scripts.
+
+    The release also deletes the registration's marker (`RegistrationStore.key`, passed in
+    KEYS), so the marker and its bytes end together.
+    """
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.keys = settings.keys
+        self._take = client.register_script(_TAKE_REGISTERED)
+        self._release = client.register_script(_RELEASE_REGISTERED)
+
+    def _owner_keys(self, owner: str) -> list[str]:
+        return [self.keys.registered_bytes(owner), self.keys.registered_deadlines(owner)]
+
+    async def take(
+        self, owner: str, array_id: str, nbytes: int, limit: int, timeout_s: int, elsewhere: int
+    ) -> tuple[bool, int]:
+        """Count `nbytes` for `timeout_s` unless the key's open registrations plus `elsewhere`
+        would pass `limit`: (taken, bytes its registrations hold)."""
+        args: list[str | int] = [array_id, nbytes, limit, timeout_s, elsewhere]
+        taken, held = await self._take(keys=self._owner_keys(owner), args=args)
+        return bool(int(taken)), int(held)
+
+    async def release(self, owner: str, array_id: str, marker: str) -> bool:
+        """Uncount the registration (False: it no longer counted) and delete its marker."""
+        reply = await self._release(keys=[*self._owner_keys(owner), marker], args=[array_id])
+        return bool(int(reply))
+
+
 _BYTES_SETTING = "FORKLIFT_KEY_MAX_UPLOAD_BYTES"
 
 
@@ -389,20 +421,13 @@ class RegisteredBytes:
 
     Checked against FORKLIFT_KEY_MAX_UPLOAD_BYTES together with the bytes this process's
     HTTP uploads of the key hold right now (an HTTP upload is checked against its own
-    process's uploads only: it does not ask Redis).
+    process's uploads only: it does not ask Redis). Counted in Redis by
+    `RegisteredBytesStore`; here, the limit and its HTTP errors.
     """
 
-    def __init__(self, client: Any, settings: Settings) -> None:
-        self.client = client
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self.settings = settings
-        self._take = client.register_script(_TAKE_REGISTERED)
-        self._release = client.register_script(_RELEASE_REGISTERED)
-
-    def keys(self, owner: str) -> list[str]:
-        return [
-            self.settings.keys.registered_bytes(owner),
-            self.settings.keys.registered_deadlines(owner),
-        ]
+        self.store = RegisteredBytesStore(client, settings)
 
     def refuse_oversized(self, nbytes: int) -> None:
         """413 for one reservation larger than the key's whole limit: waiting cannot help."""
@@ -415,12 +440,11 @@ class RegisteredBytes:
     ) -> None:
         """Count a reservation of `nbytes` for `timeout_s`, or raise 429 (413: never fits)."""
         self.refuse_oversized(nbytes)
-        limit, setting = self.settings.key_upload_bytes_limit, _BYTES_SETTING
-        args = [array_id, nbytes, limit, timeout_s, elsewhere]
-        taken, held = await self._take(keys=self.keys(owner), args=args)
-        if not int(taken):
-            raise limit_reached(int(held) + elsewhere, "reserved bytes", limit, setting)
+        limit = self.settings.key_upload_bytes_limit
+        taken, held = await self.store.take(owner, array_id, nbytes, limit, timeout_s, elsewhere)
+        if not taken:
+            raise limit_reached(held + elsewhere, "reserved bytes", limit, _BYTES_SETTING)
 
     async def release(self, owner: str, array_id: str, marker: str) -> None:
         """Uncount the reservation (if still counted) and delete its marker, in one script."""
-        await self._release(keys=[*self.keys(owner), marker], args=[array_id])
+        await self.store.release(owner, array_id, marker)
