@@ -220,7 +220,7 @@ async def ingest(
             f" ({header.dtype.str}, shape {header.shape})",
         )
     lifecycle.check_size(header.nbytes, state.settings)
-    async with lifecycle.writing_async(
+    async with lifecycle.writing(
         state.arrays,
         uuid.uuid4().hex,
         header.shape,

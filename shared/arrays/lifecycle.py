@@ -16,16 +16,15 @@ as its reservation and the /dev/shm half (`SegmentWrite`) as is (shared/arrays/r
    previous owner's bytes), except a pooled segment handed to a registration, which held
    only its own key's bytes and goes back to the pool.
 
-`writing` (sync: workers) and `writing_async` (the API: the blocking steps run in a thread)
-drive the steps and abandon on any exception, cancellation included. `free` and
-`free_async` are the other end: drop the record, then pool or unlink the segment.
+`writing` drives the steps, under `with` (sync store: workers) or `async with` (the API:
+the blocking steps run in a thread), and abandons on any exception, cancellation included.
+`free` and `free_async` are the other end: drop the record, then pool or unlink the segment.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,7 +199,6 @@ class ArrayWrite(SegmentWrite):
         return record
 
 
-@contextlib.contextmanager
 def writing(
     store: ArrayStore,
     array_id: str,
@@ -212,46 +210,66 @@ def writing(
     *,
     job: str = "",
     ttl: float | None = None,
-) -> Iterator[ArrayWrite]:
+) -> Writing:
     """Begin; the body opens and fills `write.segment`; commit (the record then in
-    `write.record`). Any exception abandons: nothing is left. A sync store (workers)."""
-    write = ArrayWrite(store, array_id, nbytes, owner)
-    write.begin(shape, dtype, order, job)
-    try:
-        yield write
-        write.close()
-        write.commit(ttl)
-        write.fetch()
-    except BaseException:
-        write.close()  # first: a failed drop (Redis away) must not leave the mapping open
-        write.discard(write.drop())
-        raise
+    `write.record`). Any exception abandons: nothing is left. `with` for a sync store (the
+    workers), `async with` for an async one (the API)."""
+    return Writing(ArrayWrite(store, array_id, nbytes, owner), shape, dtype, order, job, ttl)
 
 
-@contextlib.asynccontextmanager
-async def writing_async(
-    store: ArrayStore,
-    array_id: str,
-    shape: tuple[int, ...],
-    dtype: str,
-    order: str,
-    nbytes: int,
-    owner: str,
-    *,
-    ttl: float | None = None,
-) -> AsyncIterator[ArrayWrite]:
-    """`writing` for an async store (the API); the abandon is shielded from cancellation."""
-    write = ArrayWrite(store, array_id, nbytes, owner)
-    await write.begin(shape, dtype, order)
-    try:
-        yield write
-        write.close()
-        await write.commit(ttl)
-        await write.fetch()
-    except BaseException:
+@dataclass
+class Writing:
+    """`writing`'s steps around the body, one sequence for both kinds of store; the async
+    abandon is shielded from cancellation."""
+
+    write: ArrayWrite
+    shape: tuple[int, ...]
+    dtype: str
+    order: str
+    job: str
+    ttl: float | None
+
+    def __enter__(self) -> ArrayWrite:
+        self.write.begin(self.shape, self.dtype, self.order, self.job)
+        return self.write
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            abandon(self.write)
+            return
+        try:
+            self.write.close()
+            self.write.commit(self.ttl)
+            self.write.fetch()
+        except BaseException:
+            abandon(self.write)
+            raise
+
+    async def __aenter__(self) -> ArrayWrite:
+        await self.write.begin(self.shape, self.dtype, self.order, self.job)
+        return self.write
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            await self._abandon_shielded()
+            return
+        try:
+            self.write.close()
+            await self.write.commit(self.ttl)
+            await self.write.fetch()
+        except BaseException:
+            await self._abandon_shielded()
+            raise
+
+    async def _abandon_shielded(self) -> None:
         with CancelScope(shield=True):
-            await abandon_async(write)
-        raise
+            await abandon_async(self.write)
+
+
+def abandon(write: ArrayWrite) -> None:
+    """Drop the record, then free the segment (sync store)."""
+    write.close()  # first: a failed drop (Redis away) must not leave the mapping open
+    write.discard(write.drop())
 
 
 async def abandon_async(write: ArrayWrite) -> None:
