@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
@@ -13,14 +12,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import ApiError, not_found
 from api.events import JobEventHub
+from api.limits import KeyLimits
+from api.owners import owner_id
 from shared.arrays.replicas import ReplicaStore
 from shared.arrays.store import ArrayStore, RegistrationStore
 from shared.jobstore import JobRecord, JobStore
 from shared.schemas import is_id
 from shared.settings import Settings
-
-if TYPE_CHECKING:  # api.limits imports owner_id from here
-    from api.limits import KeyLimits
 
 
 @dataclass
@@ -52,11 +50,6 @@ async def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 _bearer = HTTPBearer(auto_error=False, description="one of FORKLIFT_API_KEYS, when set")
-
-
-def owner_id(api_key: str) -> str:
-    """Records store a digest of the key, never the key itself."""
-    return hashlib.sha256(api_key.encode()).hexdigest()[:24]
 
 
 async def get_owner(

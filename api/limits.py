@@ -28,8 +28,8 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import owner_id
 from api.errors import RETRY_AFTER_S, ApiError, error_response
+from api.owners import owner_id
 from shared.settings import Settings
 
 

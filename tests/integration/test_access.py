@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from api.deps import owner_id
+from api.owners import owner_id
 from forklift.same_host import discard_segment
 from shared.arrays.segments import create_segment, segment_path
 from shared.settings import Settings

@@ -424,7 +424,7 @@ def test_an_orphan_the_stack_may_not_unlink_does_not_stop_the_janitor(secure: Se
 
 
 def _owner(key: str) -> str:
-    from api.deps import owner_id
+    from api.owners import owner_id
 
     return owner_id(key)
 
