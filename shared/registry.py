@@ -25,7 +25,7 @@ import inspect
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar, overload
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, create_model
@@ -252,6 +252,23 @@ def _build_spec(
     )
 
 
+JobFunc = TypeVar("JobFunc", bound=Callable[..., Any])
+
+
+@overload
+def job(func: JobFunc, /) -> JobFunc: ...
+
+
+@overload
+def job(
+    *,
+    name: str | None = None,
+    check: InputCheck | None = None,
+    idempotent: bool = False,
+    memory: MemoryEstimate | None = None,
+) -> Callable[[JobFunc], JobFunc]: ...
+
+
 def job(
     func: Callable[..., Any] | None = None,
     *,
@@ -260,9 +277,10 @@ def job(
     idempotent: bool = False,
     memory: MemoryEstimate | None = None,
 ) -> Any:
-    """Register a plain function as a job (usable bare or with arguments)."""
+    """Register a plain function as a job (usable bare or with arguments); the function is
+    returned unchanged, so a job is called and typed like the function it is."""
 
-    def register(f: Callable[..., Any]) -> Callable[..., Any]:
+    def register(f: JobFunc) -> JobFunc:
         job_name = name or f.__name__
         existing = _JOBS.get(job_name)
         if existing is not None and existing.func is not f:
