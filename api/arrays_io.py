@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 import numpy as np
+import redis.asyncio as aioredis
 from anyio import to_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -298,7 +299,9 @@ class _PageAllocator:
             await self._task
 
 
-async def _fill(write: ArrayWrite, first: bytes, stream: AsyncIterator[bytes]) -> None:
+async def _fill(
+    write: ArrayWrite[aioredis.Redis], first: bytes, stream: AsyncIterator[bytes]
+) -> None:
     """Copy the body into the write's segment as it arrives; a new large segment gets its
     pages allocated in a thread, ahead of the bytes."""
     nbytes = write.nbytes

@@ -25,14 +25,15 @@ from shared.settings import Settings
 class AppState:
     settings: Settings
     redis: aioredis.Redis
-    jobs: JobStore
-    arrays: ArrayStore
+    jobs: JobStore[aioredis.Redis]
+    arrays: ArrayStore[aioredis.Redis]
     hub: JobEventHub
     limits: KeyLimits
     # (monotonic time, workers online) of the last /healthz check that reached Redis
     last_good_health: tuple[float, int] | None = None
-    registrations: RegistrationStore = field(init=False)  # open same-host registrations
-    replicas: ReplicaStore = field(init=False)  # this domain's cross-host counters
+    # open same-host registrations; this domain's cross-host counters
+    registrations: RegistrationStore[aioredis.Redis] = field(init=False)
+    replicas: ReplicaStore[aioredis.Redis] = field(init=False)
 
     def __post_init__(self) -> None:
         self.registrations = RegistrationStore(self.redis, self.settings)

@@ -62,6 +62,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import redis.asyncio as aioredis
 from anyio import to_thread
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -229,13 +230,13 @@ async def _open(state: AppState, array_id: str, owner: str) -> _Open:
 class _Open:
     """An open registration as a write whose writer is the client."""
 
-    write: ArrayWrite
+    write: ArrayWrite[aioredis.Redis]
     record: ArrayRecord | None
     reserved: bool  # the record is still the caller's reservation
     ttl: float | None
 
 
-async def _abandon(state: AppState, write: ArrayWrite) -> None:
+async def _abandon(state: AppState, write: ArrayWrite[aioredis.Redis]) -> None:
     """Drop the reservation and free its segment: a segment the API took from the pool goes
     back to it, tagged with the caller's key (it held only that key's bytes, plus what the
     caller wrote); any other is the client's file, removed if it is of the stack's uid."""
@@ -243,7 +244,9 @@ async def _abandon(state: AppState, write: ArrayWrite) -> None:
     await _close(state, write.array_id, write.owner)
 
 
-async def _forget(state: AppState, write: ArrayWrite, record: ArrayRecord | None) -> None:
+async def _forget(
+    state: AppState, write: ArrayWrite[aioredis.Redis], record: ArrayRecord | None
+) -> None:
     """A reservation whose record is gone (expired): its segment, if any, is an orphan."""
     if record is None:
         await to_thread.run_sync(unlink_own, write.name)

@@ -26,10 +26,10 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic
 
 from shared.metrics import LUA_JOB_ENDED
-from shared.redis_io import AnyRedis, ready, then
+from shared.redis_io import ClientT, MaybeAwaitable, ready, round_trip, then
 from shared.schemas import JobBase, JobStatus, JobView, WorkerInfo
 from shared.settings import Settings
 
@@ -266,11 +266,11 @@ def _parse_record(raw: dict[str, str]) -> JobRecord | None:
     return JobRecord.model_validate(data)
 
 
-class JobStore:
+class JobStore(Generic[ClientT]):
     """Job records; every method is one round trip, sync or async like the client given."""
 
-    def __init__(self, client: AnyRedis, settings: Settings) -> None:
-        self.client = client
+    def __init__(self, client: ClientT, settings: Settings) -> None:
+        self.client: ClientT = client
         self.settings = settings
         self.keys = keys = settings.keys
         self.events_channel = keys.events
@@ -299,6 +299,7 @@ class JobStore:
             self.settings.job_ttl,
         ]
 
+    @round_trip
     def create(
         self,
         job_id: str,
@@ -307,7 +308,7 @@ class JobStore:
         inputs: dict[str, str],
         owner: str,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> MaybeAwaitable[str | None]:
         """Create a queued record and pin its input arrays, atomically.
 
         Returns None on success, or the input name whose array is missing (or not the
@@ -332,16 +333,21 @@ class JobStore:
 
         return then(self._create(keys=keys, args=args), parse)
 
-    def get(self, job_id: str) -> Any:
+    @round_trip
+    def get(self, job_id: str) -> MaybeAwaitable[JobRecord | None]:
         return then(self.client.hgetall(self.key(job_id)), _parse_record)
 
-    def get_many(self, job_ids: list[str]) -> Any:
+    @round_trip
+    def get_many(self, job_ids: list[str]) -> MaybeAwaitable[list[JobRecord | None]]:
         pipe = self.client.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(self.key(job_id))
         return then(pipe.execute(), lambda replies: [_parse_record(r) for r in replies])
 
-    def fields(self, job_ids: list[str], names: Sequence[str]) -> Any:
+    @round_trip
+    def fields(
+        self, job_ids: list[str], names: Sequence[str]
+    ) -> MaybeAwaitable[list[dict[str, str | None]]]:
         """Some raw fields of many records, one dict per id (None for a field or record that
         is not there): for the readers that must not load whole records (params, results)."""
 
@@ -355,15 +361,18 @@ class JobStore:
             pipe.hmget(self.key(job_id), list(names))
         return then(pipe.execute(), parse)
 
-    def trim_index(self, before: float) -> Any:
+    @round_trip
+    def trim_index(self, before: float) -> MaybeAwaitable[int]:
         """Drop ids created before `before` from the index of all jobs (their records have
         expired by then; the janitor calls this)."""
         return then(self.client.zremrangebyscore(self.index_key, 0, before), int)
 
-    def recent_ids(self, n: int) -> Any:
+    @round_trip
+    def recent_ids(self, n: int) -> MaybeAwaitable[list[str]]:
         """The ids of the `n` newest jobs, newest first (the index may hold expired ones)."""
         return then(self.client.zrevrange(self.index_key, 0, n - 1), lambda ids: list(ids))
 
+    @round_trip
     def start(
         self,
         job_id: str,
@@ -372,7 +381,7 @@ class JobStore:
         domain: str,
         node: str = "",
         token: str = "",
-    ) -> Any:
+    ) -> MaybeAwaitable[tuple[str, int, list[str]]]:
         """Returns (outcome, attempts, ids to free); outcome is 'started', 'exhausted',
         'missing' or a status.
 
@@ -390,12 +399,14 @@ class JobStore:
             lambda r: (str(r[0]), int(r[1]), [str(x) for x in r[2:]]),
         )
 
-    def report_progress(self, job_id: str, fraction: float, note: str = "") -> Any:
+    @round_trip
+    def report_progress(self, job_id: str, fraction: float, note: str = "") -> MaybeAwaitable[bool]:
         payload = json.dumps({"fraction": max(0.0, min(1.0, float(fraction))), "note": note[:200]})
         return then(
             self._progress(keys=[self.key(job_id), self.events_channel], args=[payload]), bool
         )
 
+    @round_trip
     def finish(
         self,
         job_id: str,
@@ -405,7 +416,7 @@ class JobStore:
         result: Any = None,
         pid: int | None = None,
         token: str = "",
-    ) -> Any:
+    ) -> MaybeAwaitable[tuple[str, list[str]]]:
         """End a running record and release its inputs in the same script.
 
         Returns (outcome, ids to free): 'ok', or the status that won (e.g. 'cancelled'), or
@@ -429,11 +440,13 @@ class JobStore:
             self._finish(keys=keys, args=args), lambda r: (str(r[0]), [str(x) for x in r[1:]])
         )
 
-    def cancel(self, job_id: str) -> Any:
+    @round_trip
+    def cancel(self, job_id: str) -> MaybeAwaitable[str]:
         """Returns the status before cancelling ('queued'/'running'), else the final one."""
         keys = [self.key(job_id), self.events_channel, self.cancel_channel]
         return then(self._cancel(keys=keys, args=[repr(time.time()), self.metrics]), str)
 
+    @round_trip
     def release_inputs(
         self,
         job_id: str,
@@ -441,7 +454,7 @@ class JobStore:
         mode: str = "any",
         token: str = "",
         input_ids: list[str] | None = None,
-    ) -> Any:
+    ) -> MaybeAwaitable[list[str]]:
         """Unpin the job's inputs once; returns ids of arrays now due to be freed.
 
         `mode` (see `_RELEASE`): 'any' for a record no attempt holds, 'owner' for the attempt
@@ -452,12 +465,14 @@ class JobStore:
         args = [*self._release_args(), mode, token, job_id, *(input_ids or [])]
         return then(self._release(keys=keys, args=args), lambda r: [str(x) for x in r])
 
-    def requeue(self, job_id: str, token: str) -> Any:
+    @round_trip
+    def requeue(self, job_id: str, token: str) -> MaybeAwaitable[bool]:
         """Running -> queued for a job whose worker is gone (if `token` still holds it)."""
         keys = [self.key(job_id), self.events_channel]
         args = [token, repr(time.time()), self.metrics]
         return then(self._requeue(keys=keys, args=args), bool)
 
+    @round_trip
     def end_lost(
         self,
         job_id: str,
@@ -466,7 +481,7 @@ class JobStore:
         *,
         expect: str = "live",
         token: str = "",
-    ) -> Any:
+    ) -> MaybeAwaitable[tuple[str, list[str]]]:
         """End a live job no attempt will end (message revoked or lost, attempts spent) and
         release its inputs; `expect` and `token` say what the caller saw.
 
@@ -479,7 +494,8 @@ class JobStore:
             self._end_lost(keys=keys, args=args), lambda r: (str(r[0]), [str(x) for x in r[1:]])
         )
 
-    def discard(self, job_id: str, task: str) -> Any:
+    @round_trip
+    def discard(self, job_id: str, task: str) -> MaybeAwaitable[None]:
         """Undo a creation whose message could not be sent: no record, no count, no index.
 
         Call `release_inputs` first (it needs the record); this removes the rest at once.

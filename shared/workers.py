@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Generic
 
 from pydantic import ValidationError
 
-from shared.redis_io import AnyRedis, ready, then
+from shared.redis_io import ClientT, MaybeAwaitable, ready, round_trip, then
 from shared.schemas import WorkerPresence, WorkerSeen
 from shared.settings import Settings
 
@@ -71,18 +71,21 @@ def _parse_held(names: list[str], raws: list[str | None]) -> dict[str, tuple[flo
     return out
 
 
-class WorkerStore:
+class WorkerStore(Generic[ClientT]):
     """Presence records; each method is one round trip, sync or async like the client given."""
 
-    def __init__(self, client: AnyRedis, settings: Settings) -> None:
-        self.client = client
+    def __init__(self, client: ClientT, settings: Settings) -> None:
+        self.client: ClientT = client
         self.settings = settings
         self.keys = settings.keys
         self._seen = client.register_script(_SEEN)
 
     # --- the worker's side (worker/heartbeat.py) ----------------------------------------------
 
-    def beat(self, record: WorkerPresence, held: list[str] | None, now: float) -> Any:
+    @round_trip
+    def beat(
+        self, record: WorkerPresence, held: list[str] | None, now: float
+    ) -> MaybeAwaitable[None]:
         """One heartbeat: the score, the record, and (when known) the held jobs."""
         pipe = self.client.pipeline(transaction=False)
         pipe.zadd(self.keys.workers, {record.name: now})
@@ -92,7 +95,8 @@ class WorkerStore:
             pipe.set(self.keys.worker_held(record.name), entry, ex=RECORD_TTL_S)
         return then(pipe.execute(), lambda _: None)
 
-    def leave(self, name: str) -> Any:
+    @round_trip
+    def leave(self, name: str) -> MaybeAwaitable[None]:
         """A worker stopping: gone from every reader at once."""
         pipe = self.client.pipeline(transaction=False)
         pipe.zrem(self.keys.workers, name)
@@ -101,30 +105,38 @@ class WorkerStore:
 
     # --- readers -------------------------------------------------------------------------------
 
-    def count_online(self) -> Any:
+    @round_trip
+    def count_online(self) -> MaybeAwaitable[int]:
         """How many workers beat within `STALE_AFTER_S` (one ZCOUNT)."""
         return then(self.client.zcount(self.keys.workers, time.time() - STALE_AFTER_S, "+inf"), int)
 
-    def seen(self, within: float, stale_after: float = STALE_AFTER_S) -> Any:
+    @round_trip
+    def seen(
+        self, within: float, stale_after: float = STALE_AFTER_S
+    ) -> MaybeAwaitable[list[WorkerSeen]]:
         """Workers that beat within `within` seconds, online or not (with or without record)."""
         now = time.time()
         reply = self._seen(keys=[self.keys.workers], args=[repr(now - within), self._prefix])
         return then(reply, lambda r: _parse_seen(r, now, stale_after))
 
-    def live(self) -> Any:
+    @round_trip
+    def live(self) -> MaybeAwaitable[list[WorkerSeen]]:
         """Workers whose heartbeat is fresh and whose record is there."""
         return then(self.seen(STALE_AFTER_S), lambda ws: [w for w in ws if w.online])
 
-    def live_domains(self) -> Any:
+    @round_trip
+    def live_domains(self) -> MaybeAwaitable[set[str]]:
         """The shm domains with at least one live worker."""
         return then(self.live(), lambda ws: {w.domain for w in ws})
 
-    def beats(self) -> Any:
+    @round_trip
+    def beats(self) -> MaybeAwaitable[dict[str, float]]:
         """Every member's last beat, name -> unix time (offline ones too)."""
         reply = self.client.zrange(self.keys.workers, 0, -1, withscores=True)
         return then(reply, lambda r: {str(name): float(score) for name, score in r})
 
-    def held(self, names: Iterable[str]) -> Any:
+    @round_trip
+    def held(self, names: Iterable[str]) -> MaybeAwaitable[dict[str, tuple[float, set[str]]]]:
         """name -> (when read, held job ids) for the workers that have a fresh held list."""
         names = list(names)
         if not names:
@@ -132,7 +144,8 @@ class WorkerStore:
         reply = self.client.mget([self.keys.worker_held(n) for n in names])
         return then(reply, lambda raws: _parse_held(names, raws))
 
-    def records(self, names: Iterable[str]) -> Any:
+    @round_trip
+    def records(self, names: Iterable[str]) -> MaybeAwaitable[list[WorkerPresence]]:
         """The presence records of `names` that are still there."""
         names = list(names)
         if not names:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import redis
+from redis import Redis
 
 from shared.arrays.store import ArrayStore
 from shared.jobstore import JobStore
@@ -29,11 +30,11 @@ class Runtime:
         return sync_redis(self.settings)
 
     @cached_property
-    def jobs(self) -> JobStore:
+    def jobs(self) -> JobStore[Redis]:
         return JobStore(self.redis, self.settings)
 
     @cached_property
-    def arrays(self) -> ArrayStore:
+    def arrays(self) -> ArrayStore[Redis]:
         return ArrayStore(self.redis, self.settings)
 
     @cached_property

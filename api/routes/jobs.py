@@ -215,10 +215,11 @@ async def _load_many(state: AppState, ids: list[str], owner: str) -> list[JobRec
     for job_id in ids:
         if not is_id(job_id):
             raise not_found("job", job_id)
-    records = await state.jobs.get_many(ids)
-    for job_id, record in zip(ids, records, strict=True):
+    records = []
+    for job_id, record in zip(ids, await state.jobs.get_many(ids), strict=True):
         if record is None or record.owner != owner:
             raise not_found("job", job_id)
+        records.append(record)
     return records
 
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic
 
+import redis
+import redis.asyncio as aioredis
 from anyio import CancelScope, to_thread
 
 from shared.arrays import mappings, pool
@@ -41,7 +43,7 @@ from shared.arrays.segments import (
     unlink_reserved,
 )
 from shared.arrays.store import ArrayRecord, ArrayStore, Dropped
-from shared.redis_io import then
+from shared.redis_io import ClientT, MaybeAwaitable, round_trip, then
 from shared.settings import Settings
 
 
@@ -154,7 +156,7 @@ class SegmentWrite:
             os.close(fd)
 
 
-class ArrayWrite(SegmentWrite):
+class ArrayWrite(SegmentWrite, Generic[ClientT]):
     """One array being written: its record reserved, its segment being filled.
 
     The record steps (`begin`, `commit`, `drop`, `fetch`) are one round trip each, sync or
@@ -162,7 +164,12 @@ class ArrayWrite(SegmentWrite):
     """
 
     def __init__(
-        self, store: ArrayStore, array_id: str, nbytes: int, owner: str, recycled: bool = False
+        self,
+        store: ArrayStore[ClientT],
+        array_id: str,
+        nbytes: int,
+        owner: str,
+        recycled: bool = False,
     ) -> None:
         super().__init__(
             store.segment_name(array_id), nbytes, store.settings, owner, recycled=recycled
@@ -171,7 +178,15 @@ class ArrayWrite(SegmentWrite):
         self.array_id = array_id
         self.record: ArrayRecord | None = None
 
-    def begin(self, shape: tuple[int, ...], dtype: str, order: str, job: str = "") -> Any:
+    @property
+    def client(self) -> ClientT:
+        """The store's client: the steps are sync or async like it (`round_trip`)."""
+        return self.store.client
+
+    @round_trip
+    def begin(
+        self, shape: tuple[int, ...], dtype: str, order: str, job: str = ""
+    ) -> MaybeAwaitable[None]:
         """Reserve the record and its bytes; ShmFullError past the domain's cap."""
         reply = self.store.reserve(self.array_id, shape, dtype, order, self.nbytes, self.owner, job)
         return then(reply, self._reserved)
@@ -180,15 +195,18 @@ class ArrayWrite(SegmentWrite):
         if used is not None:
             raise ShmFullError.over_cap(self.nbytes, used, self.settings.shm_limit_bytes)
 
-    def commit(self, ttl: float | None = None) -> Any:
+    @round_trip
+    def commit(self, ttl: float | None = None) -> MaybeAwaitable[bool]:
         """Make the array visible; False if its reservation expired meanwhile."""
         return self.store.commit(self.array_id, ttl)
 
-    def drop(self) -> Any:
+    @round_trip
+    def drop(self) -> MaybeAwaitable[Dropped | None]:
         """Drop the record and uncount its bytes (abandon's Redis half): `Dropped` or None."""
         return self.store.drop(self.array_id)
 
-    def fetch(self) -> Any:
+    @round_trip
+    def fetch(self) -> MaybeAwaitable[ArrayRecord]:
         """The committed record, kept in `record`."""
         return then(self.store.get(self.array_id), self._fetched)
 
@@ -200,7 +218,7 @@ class ArrayWrite(SegmentWrite):
 
 
 def writing(
-    store: ArrayStore,
+    store: ArrayStore[ClientT],
     array_id: str,
     shape: tuple[int, ...],
     dtype: str,
@@ -210,7 +228,7 @@ def writing(
     *,
     job: str = "",
     ttl: float | None = None,
-) -> Writing:
+) -> Writing[ClientT]:
     """Begin; the body opens and fills `write.segment`; commit (the record then in
     `write.record`). Any exception abandons: nothing is left. `with` for a sync store (the
     workers), `async with` for an async one (the API)."""
@@ -218,22 +236,22 @@ def writing(
 
 
 @dataclass
-class Writing:
+class Writing(Generic[ClientT]):
     """`writing`'s steps around the body, one sequence for both kinds of store; the async
     abandon is shielded from cancellation."""
 
-    write: ArrayWrite
+    write: ArrayWrite[ClientT]
     shape: tuple[int, ...]
     dtype: str
     order: str
     job: str
     ttl: float | None
 
-    def __enter__(self) -> ArrayWrite:
+    def __enter__(self: Writing[redis.Redis]) -> ArrayWrite[redis.Redis]:
         self.write.begin(self.shape, self.dtype, self.order, self.job)
         return self.write
 
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+    def __exit__(self: Writing[redis.Redis], kind: type[BaseException] | None, *_: object) -> None:
         if kind is not None:
             abandon(self.write)
             return
@@ -245,11 +263,13 @@ class Writing:
             abandon(self.write)
             raise
 
-    async def __aenter__(self) -> ArrayWrite:
+    async def __aenter__(self: Writing[aioredis.Redis]) -> ArrayWrite[aioredis.Redis]:
         await self.write.begin(self.shape, self.dtype, self.order, self.job)
         return self.write
 
-    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+    async def __aexit__(
+        self: Writing[aioredis.Redis], kind: type[BaseException] | None, *_: object
+    ) -> None:
         if kind is not None:
             await self._abandon_shielded()
             return
@@ -261,18 +281,18 @@ class Writing:
             await self._abandon_shielded()
             raise
 
-    async def _abandon_shielded(self) -> None:
+    async def _abandon_shielded(self: Writing[aioredis.Redis]) -> None:
         with CancelScope(shield=True):
             await abandon_async(self.write)
 
 
-def abandon(write: ArrayWrite) -> None:
+def abandon(write: ArrayWrite[redis.Redis]) -> None:
     """Drop the record, then free the segment (sync store)."""
     write.close()  # first: a failed drop (Redis away) must not leave the mapping open
     write.discard(write.drop())
 
 
-async def abandon_async(write: ArrayWrite) -> None:
+async def abandon_async(write: ArrayWrite[aioredis.Redis]) -> None:
     """Drop the record, then free the segment in a thread (async store)."""
     write.close()  # first: a failed drop (Redis away) must not leave the mapping open
     dropped = await write.drop()
@@ -285,14 +305,14 @@ def release(dropped: Dropped | None, settings: Settings) -> None:
         pool.release(dropped.segment, settings, owner=dropped.owner)
 
 
-def free(store: ArrayStore, array_ids: list[str]) -> None:
+def free(store: ArrayStore[redis.Redis], array_ids: list[str]) -> None:
     """Drop records and release their segments (sync store). An array a download still
     reads is not dropped now: its last reader does it (`drop` returns None)."""
     for array_id in array_ids:
         release(store.drop(array_id), store.settings)
 
 
-async def free_async(store: ArrayStore, array_ids: list[str]) -> None:
+async def free_async(store: ArrayStore[aioredis.Redis], array_ids: list[str]) -> None:
     """`free` for an async store; renaming or unlinking a segment runs in a thread."""
     for array_id in array_ids:
         dropped = await store.drop(array_id)

@@ -36,7 +36,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal
 
 import httpx
 import redis
@@ -49,7 +49,7 @@ from shared.arrays.segments import (
     unlink_own,
     unlink_segment,
 )
-from shared.redis_io import AnyRedis, then
+from shared.redis_io import ClientT, MaybeAwaitable, round_trip, then
 from shared.schemas import ArrayRef
 from shared.settings import Settings
 
@@ -223,11 +223,11 @@ def _parse_claim(reply: list[Any]) -> Claim:
     return Claim(state)
 
 
-class ReplicaStore:
+class ReplicaStore(Generic[ClientT]):
     """Replica records of one shm domain (this process's unless told otherwise)."""
 
-    def __init__(self, client: AnyRedis, settings: Settings, domain: str | None = None) -> None:
-        self.client = client
+    def __init__(self, client: ClientT, settings: Settings, domain: str | None = None) -> None:
+        self.client: ClientT = client
         self.settings = settings
         self.domain = domain or settings.shm_domain
         self.index_key = settings.keys.replicas(self.domain)
@@ -251,7 +251,10 @@ class ReplicaStore:
     def _array_key(self, array_id: str) -> str:
         return self.settings.keys.array(array_id)
 
-    def claim(self, array_id: str, nbytes: int, token: str, lock_ttl: float) -> Any:
+    @round_trip
+    def claim(
+        self, array_id: str, nbytes: int, token: str, lock_ttl: float
+    ) -> MaybeAwaitable[Claim]:
         """The replica if ready; else the right to pull it (bytes reserved), or 'wait'."""
         keys = [
             self.key(array_id),
@@ -271,20 +274,26 @@ class ReplicaStore:
         ]
         return then(self._claim(keys=keys, args=args), _parse_claim)
 
-    def mark_ready(self, array_id: str, token: str) -> Any:
+    @round_trip
+    def mark_ready(self, array_id: str, token: str) -> MaybeAwaitable[bool]:
         """False when the claim was lost (original freed, lock expired): unlink the copy."""
         keys = [self.key(array_id), self._array_key(array_id)]
         return then(self._ready(keys=keys, args=[token]), bool)
 
-    def forget(self, array_id: str, *, token: str = "", segment: str = "") -> Any:
+    @round_trip
+    def forget(self, array_id: str, *, token: str = "", segment: str = "") -> MaybeAwaitable[bool]:
         """Drop the record (and uncount its bytes) if it is still the caller's."""
         keys = [self.key(array_id), self.index_key, self._bytes_key(), self._ledger_key()]
         return then(self._forget(keys=keys, args=[array_id, token, segment]), bool)
 
-    def count(self, event: str, n: int = 1) -> Any:
+    @round_trip
+    def count(self, event: str, n: int = 1) -> MaybeAwaitable[int]:
         return self.client.hincrby(self.stats_key, f"{event}:{self.domain}", n)
 
-    def count_transfer(self, kind: Literal["pull", "serve"], nbytes: int) -> Any:
+    @round_trip
+    def count_transfer(
+        self, kind: Literal["pull", "serve"], nbytes: int
+    ) -> MaybeAwaitable[list[int]]:
         """One array of `nbytes` pulled into this domain, or served to another one."""
         count, volume = ("pulls", "pulled_bytes") if kind == "pull" else ("served", "served_bytes")
         pipe = self.client.pipeline(transaction=False)
@@ -329,7 +338,7 @@ def ensure_replica(ref: ArrayRef, client: redis.Redis, settings: Settings) -> st
         time.sleep(WAIT_POLL_S)  # a sibling is pulling it
 
 
-def _pull(ref: ArrayRef, store: ReplicaStore, token: str, api_url: str) -> str:
+def _pull(ref: ArrayRef, store: ReplicaStore[redis.Redis], token: str, api_url: str) -> str:
     """Stream the array into a new replica segment, then mark the replica ready: the
     lifecycle's writer and abandon, with the replica record as the reservation."""
     settings = store.settings

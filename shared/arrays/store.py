@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple
 
-from shared.redis_io import AnyRedis, then
+from shared.redis_io import ClientT, MaybeAwaitable, round_trip, then
 from shared.schemas import ArrayMeta, ArrayRef
 from shared.settings import Settings
 
@@ -197,11 +197,11 @@ def _parse(raw: dict[str, str]) -> ArrayRecord | None:
     return ArrayRecord.model_validate(data)
 
 
-class ArrayStore:
+class ArrayStore(Generic[ClientT]):
     """Array records; each method is one round trip, sync or async like the client given."""
 
-    def __init__(self, client: AnyRedis, settings: Settings) -> None:
-        self.client = client
+    def __init__(self, client: ClientT, settings: Settings) -> None:
+        self.client: ClientT = client
         self.settings = settings
         self.expiry_key = settings.keys.arrays_expiry
         self._reserve = client.register_script(_RESERVE)
@@ -228,6 +228,7 @@ class ArrayStore:
     def segment_name(self, array_id: str) -> str:
         return f"{self.settings.shm_prefix}{array_id}"
 
+    @round_trip
     def reserve(
         self,
         array_id: str,
@@ -237,7 +238,7 @@ class ArrayStore:
         nbytes: int,
         owner: str,
         job: str = "",
-    ) -> Any:
+    ) -> MaybeAwaitable[int | None]:
         """Record an upload in progress and count its bytes against the domain's cap.
 
         Returns None when reserved, else the bytes already in use (the caller answers 507).
@@ -265,7 +266,8 @@ class ArrayStore:
         reply = self._reserve(keys=keys, args=args)
         return then(reply, lambda r: None if int(r[0]) == 1 else int(r[1]))
 
-    def commit(self, array_id: str, ttl: float | None = None) -> Any:
+    @round_trip
+    def commit(self, array_id: str, ttl: float | None = None) -> MaybeAwaitable[bool]:
         """Make a filled segment visible; it expires after `ttl` (capped by the setting)."""
         now = time.time()
         lifetime = min(ttl, self.settings.array_ttl) if ttl else self.settings.array_ttl
@@ -278,20 +280,24 @@ class ArrayStore:
         reply = self._commit(keys=[self.key(array_id), self.expiry_key], args=args)
         return then(reply, bool)
 
-    def get(self, array_id: str) -> Any:
+    @round_trip
+    def get(self, array_id: str) -> MaybeAwaitable[ArrayRecord | None]:
         return then(self.client.hgetall(self.key(array_id)), _parse)
 
-    def get_many(self, array_ids: list[str]) -> Any:
+    @round_trip
+    def get_many(self, array_ids: list[str]) -> MaybeAwaitable[list[ArrayRecord | None]]:
         pipe = self.client.pipeline(transaction=False)
         for array_id in array_ids:
             pipe.hgetall(self.key(array_id))
         return then(pipe.execute(), lambda replies: [_parse(r) for r in replies])
 
-    def request_delete(self, array_id: str, owner: str) -> Any:
+    @round_trip
+    def request_delete(self, array_id: str, owner: str) -> MaybeAwaitable[str]:
         """'free' (caller drops and unlinks now), 'pending' (a job holds it) or 'missing'."""
         return then(self._delete(keys=[self.key(array_id)], args=[owner]), str)
 
-    def drop(self, array_id: str) -> Any:
+    @round_trip
+    def drop(self, array_id: str) -> MaybeAwaitable[Dropped | None]:
         """Delete the record and uncount its bytes, unless a download still reads it.
 
         Returns `Dropped(segment, owner)`: the caller releases the segment (pool.release).
@@ -314,7 +320,8 @@ class ArrayStore:
 
         return then(self._drop(keys=keys, args=args), parse)
 
-    def begin_read(self, array_id: str, token: str, *, owner: str | None) -> Any:
+    @round_trip
+    def begin_read(self, array_id: str, token: str, *, owner: str | None) -> MaybeAwaitable[bool]:
         """Take a read lease on a ready array; False if it is not readable (so: 404).
 
         `owner`: a client's download (the array must be visible and the caller's); None: an
@@ -332,18 +339,21 @@ class ArrayStore:
         keys = [self.key(array_id), self.readers_key(array_id)]
         return then(self._begin_read(keys=keys, args=args), bool)
 
-    def renew_read(self, array_id: str, token: str) -> Any:
+    @round_trip
+    def renew_read(self, array_id: str, token: str) -> MaybeAwaitable[bool]:
         """Push the lease's deadline on; False if the lease was lost."""
         args: list[str | int] = [token, repr(time.time() + READ_LEASE_S), int(READ_LEASE_S * 2)]
         reply = self._renew_read(keys=[self.readers_key(array_id)], args=args)
         return then(reply, bool)
 
-    def end_read(self, array_id: str, token: str) -> Any:
+    @round_trip
+    def end_read(self, array_id: str, token: str) -> MaybeAwaitable[bool]:
         """Give the lease back; True when the caller must now drop the array (deferred)."""
         keys = [self.readers_key(array_id), self.key(array_id)]
         return then(self._end_read(keys=keys, args=[token, repr(time.time())]), bool)
 
-    def recount(self, unledgered: list[str]) -> Any:
+    @round_trip
+    def recount(self, unledgered: list[str]) -> MaybeAwaitable[int]:
         """Set this domain's counter to what its ledger holds, in one script.
 
         `unledgered`: ids of segments listed in /dev/shm whose record has no ledger entry
@@ -360,14 +370,17 @@ class ArrayStore:
         ]
         return then(self._recount(keys=keys, args=args), int)
 
-    def due_for_expiry(self, now: float, limit: int = 500) -> Any:
+    @round_trip
+    def due_for_expiry(self, now: float, limit: int = 500) -> MaybeAwaitable[list[str]]:
         reply = self.client.zrangebyscore(self.expiry_key, 0, now, start=0, num=limit)
         return then(reply, list)
 
-    def bytes_in_use(self, domain: str | None = None) -> Any:
+    @round_trip
+    def bytes_in_use(self, domain: str | None = None) -> MaybeAwaitable[int]:
         return then(self.client.get(self.bytes_key(domain)), lambda r: int(r or 0))
 
-    def usage(self, domains: Sequence[str]) -> Any:
+    @round_trip
+    def usage(self, domains: Sequence[str]) -> MaybeAwaitable[dict[str, ShmUsage]]:
         """`{domain: ShmUsage}` for `domains`: two commands each in one round trip, whatever
         the number of arrays (what `/metrics` and `/cluster` show)."""
         wanted = list(domains)
@@ -384,7 +397,8 @@ class ArrayStore:
 
         return then(pipe.execute(), parse)
 
-    def exists(self, array_id: str) -> Any:
+    @round_trip
+    def exists(self, array_id: str) -> MaybeAwaitable[bool]:
         """Whether a record of this id exists, in any state."""
         return then(self.client.exists(self.key(array_id)), bool)
 
@@ -397,30 +411,34 @@ class OpenRegistration(NamedTuple):
     recycled: bool  # the API took its segment from the pool
 
 
-class RegistrationStore:
+class RegistrationStore(Generic[ClientT]):
     """Open `POST /arrays/register` reservations: one marker per id (`Keys.register`),
     expiring with the reservation. Ended by `api/limits.py:RegisteredBytes.release`, which
     deletes the marker in the script that uncounts its bytes."""
 
-    def __init__(self, client: AnyRedis, settings: Settings) -> None:
-        self.client = client
+    def __init__(self, client: ClientT, settings: Settings) -> None:
+        self.client: ClientT = client
         self.settings = settings
 
     def key(self, array_id: str) -> str:
         return self.settings.keys.register(array_id)
 
-    def open(self, array_id: str, owner: str, ttl: float | None) -> Any:
+    @round_trip
+    def open(self, array_id: str, owner: str, ttl: float | None) -> MaybeAwaitable[bool]:
         """Claim the id for `owner`; False when it is taken."""
         value = json.dumps({"owner": owner, "ttl": ttl})
         reply = self.client.set(self.key(array_id), value, nx=True, ex=UPLOAD_TIMEOUT_S)
         return then(reply, bool)
 
-    def mark_recycled(self, array_id: str, owner: str, ttl: float | None) -> Any:
-        """Note that the API took the segment from the pool (an abandon gives it back)."""
+    @round_trip
+    def mark_recycled(self, array_id: str, owner: str, ttl: float | None) -> MaybeAwaitable[bool]:
+        """Note that the API took the segment from the pool (an abandon gives it back); False
+        when the registration is gone."""
         value = json.dumps({"owner": owner, "ttl": ttl, "recycled": True})
-        return self.client.set(self.key(array_id), value, xx=True, keepttl=True)
+        return then(self.client.set(self.key(array_id), value, xx=True, keepttl=True), bool)
 
-    def get(self, array_id: str) -> Any:
+    @round_trip
+    def get(self, array_id: str) -> MaybeAwaitable[OpenRegistration | None]:
         """The open registration, or None (unknown, expired or ended)."""
         return then(self.client.get(self.key(array_id)), _parse_registration)
 
