@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from shared.redis_io import async_redis
@@ -53,7 +53,7 @@ class JobEventHub:
                 await self._task
 
     @contextlib.contextmanager
-    def subscribe(self, job_id: str | None) -> Any:
+    def subscribe(self, job_id: str | None) -> Iterator[asyncio.Queue[dict[str, Any]]]:
         """A queue of events for one job (or all jobs with None), for the `with` block."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
         group = self._all if job_id is None else self._waiters[job_id]
