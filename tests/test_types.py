@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.stack import REPO
+REPO = Path(__file__).resolve().parent.parent
 
 CHECKED = ("api", "worker", "shared", "forklift", "tests/store_types.py")
 
