@@ -349,10 +349,6 @@ class Settings(BaseSettings):
         """The queue only workers of one shm domain consume: jobs go where their data is."""
         return f"{self.queue}.{domain or self.shm_domain}"
 
-    def key(self, *parts: str) -> str:
-        """A Redis key in forklift's namespace, so a stack can share a Redis database."""
-        return ":".join((self.key_prefix, *parts))
-
     @property
     def keys(self) -> Keys:
         """Every Redis key and channel of this stack (`shared/keys.py`)."""

@@ -162,7 +162,7 @@ def test_settings_stay_frozen_and_keep_their_derived_values() -> None:
     settings = Settings.from_env({"FORKLIFT_SHM_LIMIT_BYTES": "1000", "FORKLIFT_API_KEYS": "k"})
     assert settings.key_upload_bytes_limit == 500
     assert settings.shm_pool_limit == 250
-    assert settings.key("jobs", "x") == "forklift:jobs:x"
+    assert settings.keys.job("x") == "forklift:job:x"
     assert settings.domain_queue("d") == "forklift.d"
     with pytest.raises(ValidationError):
         settings.queue = "other"  # type: ignore[misc]
