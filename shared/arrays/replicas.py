@@ -231,7 +231,7 @@ class ReplicaStore(Generic[ClientT]):
         self.settings = settings
         self.domain = domain or settings.shm_domain
         self.index_key = settings.keys.replicas(self.domain)
-        self.stats_key = stats_key(settings)
+        self.stats_key = settings.keys.replica_stats
         self._claim = client.register_script(_CLAIM)
         self._ready = client.register_script(_READY)
         self._forget = client.register_script(_FORGET)
@@ -411,13 +411,9 @@ def _stream_into(write: SegmentWrite, request: Source, ref: ArrayRef) -> None:
         del buffer
 
 
-def stats_key(settings: Settings) -> str:
-    return settings.keys.replica_stats
-
-
 def read_stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
     """The counters as {"pulls:<domain>": n, ...} (sync client; for tests and tools)."""
-    return {str(k): int(v) for k, v in client.hgetall(stats_key(settings)).items()}
+    return {str(k): int(v) for k, v in client.hgetall(settings.keys.replica_stats).items()}
 
 
 @dataclass
