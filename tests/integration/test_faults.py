@@ -335,8 +335,7 @@ def test_memory_limit_fails_the_job_not_the_worker_or_host(private: Private) -> 
     with private.client(timeout=60) as http:
         array_id = streamed_upload(http, big)["id"]
         del big
-        body = {"task": "sum", "inputs": {"a": {"array": array_id}}}
-        total = http.post("/jobs", json=body).json()["id"]
+        total = submit(http, "sum", inputs={"a": array_id})
         assert wait(http, total)["result"] == float(48 << 20)
 
         worker_pid = private.worker.pid
