@@ -30,6 +30,8 @@ from typing import Annotated, Any, Protocol, TypeVar, overload
 import numpy as np
 from pydantic import BaseModel, ConfigDict, create_model
 
+from shared.splits import NotSplittable, Split, SplitFunc
+
 _DTYPE_KIND_NAMES = {"b": "bool", "i": "int", "u": "uint", "f": "float", "c": "complex"}
 
 
@@ -117,6 +119,7 @@ class JobSpec:
     doc: str
     idempotent: bool = False
     memory: MemoryEstimate | None = None
+    split: SplitFunc | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate_params(self, params: Mapping[str, Any]) -> BaseModel:
@@ -164,6 +167,15 @@ class JobSpec:
                 setting,
             )
 
+    def split_for(self, arrays: Mapping[str, HasShapeAndDtype], params: BaseModel) -> Split:
+        """How this job runs as parts for these inputs and params; NotSplittable if it
+        cannot (no `split=` declared, or these shapes or params do not split)."""
+        if self.split is None:
+            raise NotSplittable(
+                f"job '{self.name}' does not declare how it splits (@job(split=...))"
+            )
+        return self.split(arrays, params)
+
     def call(
         self,
         params: BaseModel,
@@ -182,6 +194,7 @@ class JobSpec:
             "doc": self.doc,
             "params_schema": self.params_model.model_json_schema(),
             "inputs": {name: spec.describe() for name, spec in self.arrays.items()},
+            "splittable": self.split is not None,
         }
 
 
@@ -212,6 +225,7 @@ def _build_spec(
     check: InputCheck | None,
     idempotent: bool,
     memory: MemoryEstimate | None = None,
+    split: SplitFunc | None = None,
 ) -> JobSpec:
     hints = typing.get_type_hints(func, include_extras=True)
     fields: dict[str, Any] = {}
@@ -249,6 +263,7 @@ def _build_spec(
         doc=inspect.cleandoc(func.__doc__ or ""),
         idempotent=idempotent,
         memory=memory,
+        split=split,
     )
 
 
@@ -266,6 +281,7 @@ def job(
     check: InputCheck | None = None,
     idempotent: bool = False,
     memory: MemoryEstimate | None = None,
+    split: SplitFunc | None = None,
 ) -> Callable[[JobFunc], JobFunc]: ...
 
 
@@ -276,6 +292,7 @@ def job(
     check: InputCheck | None = None,
     idempotent: bool = False,
     memory: MemoryEstimate | None = None,
+    split: SplitFunc | None = None,
 ) -> Any:
     """Register a plain function as a job (usable bare or with arguments); the function is
     returned unchanged, so a job is called and typed like the function it is."""
@@ -290,7 +307,7 @@ def job(
             )
             if not same_origin:
                 raise ValueError(f"job name '{job_name}' is already taken by {existing.func}")
-        _JOBS[job_name] = _build_spec(f, job_name, check, idempotent, memory)
+        _JOBS[job_name] = _build_spec(f, job_name, check, idempotent, memory, split)
         return f
 
     return register(func) if func is not None else register

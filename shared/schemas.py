@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
+
+# Parts one parallel job may run as, at most.
+MAX_PARTS = 256
 _ID = re.compile(ID_PATTERN)
 
 
@@ -20,6 +23,7 @@ def is_id(text: str) -> bool:
 
 
 class JobStatus(StrEnum):
+    waiting = "waiting"  # for an upstream job's result (an input `{"job": id}`)
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -77,6 +81,23 @@ class ArrayInput(BaseModel):
     array: str = Field(description="id of an uploaded array or of an array result")
 
 
+class JobInput(BaseModel):
+    """An input that is another job's array result, used once that job has succeeded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str = Field(
+        description="id of the upstream job; in POST /jobs/batch also `#<index>` of an"
+        " earlier entry of the same batch"
+    )
+    key: str | None = Field(
+        None, max_length=200, description="for a dict result: the name of the array to take"
+    )
+
+
+Parallel = Annotated[int, Field(ge=1, le=MAX_PARTS)] | Literal["auto"]
+
+
 class JobSubmission(BaseModel):
     """Body of `POST /jobs`."""
 
@@ -92,9 +113,14 @@ class JobSubmission(BaseModel):
 
     task: str = Field(min_length=1, max_length=200)
     params: dict[str, Any] = Field(default_factory=dict)
-    inputs: dict[str, ArrayInput] = Field(default_factory=dict)
+    inputs: dict[str, ArrayInput | JobInput] = Field(default_factory=dict)
     timeout: float | None = Field(
         None, gt=0, description="seconds; may only lower the server's job time limit"
+    )
+    parallel: Parallel = Field(
+        1,
+        description="run as this many parts over the same arrays (a splittable task);"
+        " `auto`: the live worker processes of the inputs' domain",
     )
 
 
@@ -154,6 +180,16 @@ class WorkerSeen(WorkerPresence):
     online: bool = True
 
 
+class Parts(BaseModel):
+    """A parallel job's parts: how many, how many ended well or badly, and their ids (each
+    part is a record of its own, `GET /jobs/{part id}` shows where it ran)."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    ids: list[str] = Field(default_factory=list)
+
+
 class JobBase(BaseModel):
     """The fields a job has both as stored (`shared/jobstore.py:JobRecord`) and as shown."""
 
@@ -169,16 +205,35 @@ class JobBase(BaseModel):
     error: str | None = None
     result: Any = None
     attempts: int = 0
+    parent: str | None = Field(None, description="a part's parallel job")
+    upstream: dict[str, JobInput] | None = Field(
+        None, description="inputs that are other jobs' results (input name -> job)"
+    )
+    upstream_failed: str | None = Field(
+        None, description="the upstream job whose failure or cancellation ended this one"
+    )
 
 
 class JobView(JobBase):
     """A job as clients see it (`GET /jobs/{id}`)."""
 
     worker: WorkerInfo | None = None
+    parts: Parts | None = None
 
 
 class JobBatchView(BaseModel):
     jobs: list[JobView]
+
+
+class PartRef(BaseModel):
+    """Which part of a parallel job a message runs (shared/splits.py:PartInfo's numbers)."""
+
+    parent: str
+    index: int
+    total: int
+    start: int
+    stop: int
+    length: int
 
 
 class TaskPayload(BaseModel):
@@ -190,6 +245,8 @@ class TaskPayload(BaseModel):
     inputs: dict[str, ArrayRef] = Field(default_factory=dict)
     timeout: float | None = None
     owner: str = ""
+    part: PartRef | None = None
+    output: ArrayRef | None = None  # the in-place output segment (reserved, not yet visible)
 
 
 class TaskInfo(BaseModel):
@@ -197,6 +254,7 @@ class TaskInfo(BaseModel):
     doc: str
     params_schema: dict[str, Any]
     inputs: dict[str, dict[str, Any]]
+    splittable: bool = Field(False, description="accepts `parallel` (runs as parts)")
 
 
 class ErrorDetail(BaseModel):
