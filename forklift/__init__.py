@@ -16,8 +16,8 @@ is written by hand (forklift/_async/) and `Client` generated from it (forklift/_
 `python -m forklift._unasync`).
 """
 
-from forklift._async.client import AsyncClient, AsyncJob, async_as_completed
-from forklift._sync.client import Client, Job, as_completed
+from forklift._async.client import AsyncBatch, AsyncClient, AsyncJob, async_as_completed
+from forklift._sync.client import Batch, Client, Job, as_completed
 from forklift.errors import (
     ForkliftError,
     InvalidRequest,
@@ -29,7 +29,7 @@ from forklift.errors import (
     Timeout,
     Unavailable,
 )
-from forklift.handles import ArrayHandle
+from forklift.handles import ArrayHandle, JobOutput
 from shared.registry import (
     ArraySpec,
     HasShapeAndDtype,
@@ -44,6 +44,7 @@ from shared.schemas import (
     ArrayInput,
     Health,
     HealthDown,
+    JobInput,
     JobStatus,
     JobView,
     Progress,
@@ -55,8 +56,10 @@ __all__ = [
     "ArrayHandle",
     "ArrayInput",
     "ArraySpec",
+    "AsyncBatch",
     "AsyncClient",
     "AsyncJob",
+    "Batch",
     "Client",
     "ForkliftError",
     "HasShapeAndDtype",
@@ -68,6 +71,8 @@ __all__ = [
     "JobCancelled",
     "JobError",
     "JobFailed",
+    "JobInput",
+    "JobOutput",
     "JobSpec",
     "JobStatus",
     "JobView",

@@ -21,8 +21,8 @@ from forklift.errors import (
     error_from_response,
     retry_after,
 )
-from forklift.handles import ArrayHandle
-from shared.schemas import ArrayInput, JobStatus, JobView
+from forklift.handles import ArrayHandle, JobOutput
+from shared.schemas import MAX_PARTS, ArrayInput, JobInput, JobStatus, JobView
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV, API_KEY_ENV = "FORKLIFT_URL", "FORKLIFT_API_KEY"
@@ -60,6 +60,8 @@ def _json_default(value: Any) -> Any:
         return value.item()
     if isinstance(value, ArrayHandle):
         return value.id
+    if isinstance(value, JobOutput):  # resolved by the client before; here: another's job
+        raise TypeError(f"{value!r}: a job of another client cannot be an input here")
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -72,11 +74,13 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 @dataclass
 class Arguments:
-    """A job's keyword arguments sorted into params, handles to reuse and arrays to upload."""
+    """A job's keyword arguments sorted into params, handles to reuse, arrays to upload and
+    other jobs' results (`JobInput`s: the client turns job handles into those first)."""
 
     params: dict[str, Any] = field(default_factory=dict)
     handles: dict[str, str] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    jobs: dict[str, JobInput] = field(default_factory=dict)
 
 
 def split_arguments(arguments: Mapping[str, Any]) -> Arguments:
@@ -88,19 +92,48 @@ def split_arguments(arguments: Mapping[str, Any]) -> Arguments:
             out.handles[name] = value.array
         elif isinstance(value, np.ndarray):
             out.arrays[name] = value
+        elif isinstance(value, JobInput):
+            out.jobs[name] = value
         else:
             out.params[name] = value
     return out
 
 
+Parallel = int | str | None  # a part count >= 1, "auto", or None (one part: not sent)
+
+
+def check_parallel(parallel: Parallel) -> Parallel:
+    """`parallel` as given, refused here (ValueError) unless an int >= 1 or "auto": before
+    any array is uploaded for a job the API would refuse."""
+    if parallel is None or parallel == "auto":
+        return parallel
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"parallel: an int >= 1 or 'auto', not {parallel!r}")
+    if parallel > MAX_PARTS:
+        raise ValueError(f"parallel: at most {MAX_PARTS} parts, not {parallel}")
+    return parallel
+
+
 def submission_body(
-    task: str, params: dict[str, Any], inputs: dict[str, str], time_limit: float | None
+    task: str,
+    params: dict[str, Any],
+    inputs: dict[str, str],
+    time_limit: float | None,
+    *,
+    jobs: Mapping[str, JobInput] | None = None,
+    parallel: Parallel = None,
 ) -> dict[str, Any]:
+    """A `POST /jobs` body: array inputs by id, job inputs as `{"job", "key"?}`; `parallel`
+    sent only when it asks for more than one part (1 is the API's default)."""
     body: dict[str, Any] = {"task": task, "params": params}
-    if inputs:
+    if inputs or jobs:
         body["inputs"] = {name: {"array": array_id} for name, array_id in inputs.items()}
+        for name, ref in (jobs or {}).items():
+            body["inputs"][name] = ref.model_dump(exclude_none=True)
     if time_limit is not None:
         body["timeout"] = time_limit
+    if check_parallel(parallel) not in (None, 1):
+        body["parallel"] = parallel
     return body
 
 

@@ -16,7 +16,16 @@ from typing import Any, cast
 import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from forklift import AsyncClient, AsyncJob, Client, Job, as_completed, async_as_completed
+from forklift import (
+    AsyncBatch,
+    AsyncClient,
+    AsyncJob,
+    Client,
+    Job,
+    JobOutput,
+    as_completed,
+    async_as_completed,
+)
 
 KINDS = ("sync", "async")
 
@@ -43,14 +52,55 @@ class Blocking:
         return f"Blocking({self.target!r})"
 
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _unwrapped(args), _unwrapped(kwargs)
         return self._wrap(self.portal.call(functools.partial(_invoke, method, args, kwargs)))
 
     def _wrap(self, value: Any) -> Any:
         if isinstance(value, AsyncJob):
             return Blocking(value, self.portal)
+        if isinstance(value, AsyncBatch):
+            return BlockingBatch(value, self.portal)
         if isinstance(value, AsyncIterator):
             return _iterate(value, self.portal)
         return value
+
+
+class BlockingBatch(Blocking):
+    """An `AsyncBatch` as a `Batch`: `with` runs its `async with` on the portal, and its
+    `submit` hands back the job unsent (not awaited: its id comes when the block ends)."""
+
+    def __enter__(self) -> BlockingBatch:
+        self.portal.call(self.target.__aenter__)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.portal.call(self.target.__aexit__, *exc_info)
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _unwrapped(args), _unwrapped(kwargs)
+
+        async def call() -> list[Any]:  # in a list: the portal would await an AsyncJob
+            return [method(*args, **kwargs)]
+
+        return self._wrap(self.portal.call(call)[0])
+
+
+def _unwrapped(values: Any) -> Any:
+    """Arguments with each `Blocking` job (also in a mapping, or in a `JobOutput`) as the
+    `AsyncJob` it wraps, as the async client takes it."""
+
+    def one(value: Any) -> Any:
+        if isinstance(value, Blocking):
+            return value.target
+        if isinstance(value, JobOutput) and isinstance(value.job, Blocking):
+            return JobOutput(value.job.target, value.key)
+        if isinstance(value, dict):
+            return {k: one(v) for k, v in value.items()}
+        return value
+
+    if isinstance(values, tuple):
+        return tuple(one(v) for v in values)
+    return {k: one(v) for k, v in values.items()}
 
 
 async def _invoke(method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

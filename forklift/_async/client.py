@@ -48,7 +48,7 @@ from forklift._concurrency import (
     async_sleep,
     async_watch,
 )
-from forklift.common import Backoff, Deadline, worth_retrying
+from forklift.common import Backoff, Deadline, Parallel, worth_retrying
 from forklift.errors import (
     ForkliftError,
     InvalidRequest,
@@ -60,7 +60,7 @@ from forklift.errors import (
     Unavailable,
     error_from_response,
 )
-from forklift.handles import ArrayHandle, array_id
+from forklift.handles import ArrayHandle, JobOutput, array_id
 from forklift.npy_stream import (
     CHUNK,
     NPY,
@@ -86,6 +86,7 @@ from shared.schemas import (
     Health,
     HealthDown,
     JobBatchView,
+    JobInput,
     JobStatus,
     JobView,
     Progress,
@@ -167,6 +168,12 @@ class AsyncJob:
         return self
 
     # unasync: end
+
+    def output(self, key: str) -> JobOutput:
+        """The array `key` of this job's dict result, as an input of another job:
+        `fl.submit("histogram", a=job.output("counts"))`. The job itself, passed as an input,
+        stands for its one array result; neither needs it to have finished."""
+        return JobOutput(self, key)
 
     async def status(self) -> JobView:
         """The job as the server sees it now (status, progress, timings, error, result)."""
@@ -357,6 +364,100 @@ async def async_as_completed(
                 yield job
         if pending and deadline.expired():
             raise deadline.timeout_error(f"{len(pending)} job(s)")
+
+
+class AsyncBatch:
+    """Jobs sent together, in one `POST /jobs/batch` (per 500), when the `with` block ends.
+
+        async with fl.batch() as batch:
+            normal = batch.submit("normalize", a=x)
+            spectrum = batch.submit("fft", a=normal)        # sent as {"job": "#0"}
+            counts = batch.submit("histogram", a=spectrum, bins=64)
+        print(await counts.result())
+
+    `submit` and `submit_job` take what the client's take and return the job's handle at
+    once; it has its id once the block has ended (the batch sent). A job of the batch passed
+    as an input of a later one is named by its place in the batch, so the whole pipeline is
+    one request and no array crosses HTTP between its steps. Arrays are uploaded when the
+    batch is sent (each ndarray object once); nothing is sent if the block raises. A refused
+    batch raises when the block ends, and the jobs of its chunks already accepted are
+    cancelled. `fl.map` is a batch of one task.
+    """
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.jobs: list[AsyncJob] = []
+        self._entries: list[tuple[str, Mapping[str, Any], float | None, Parallel]] = []
+        self._sent = False
+
+    def submit(
+        self,
+        task: str,
+        arguments: Mapping[str, Any] | None = None,
+        /,
+        *,
+        parallel: Parallel = None,
+        **kwargs: Any,
+    ) -> AsyncJob:
+        return self.submit_job(task, {**(arguments or {}), **kwargs}, parallel=parallel)
+
+    def submit_job(
+        self,
+        task: str,
+        arguments: Mapping[str, Any],
+        *,
+        time_limit: float | None = None,
+        parallel: Parallel = None,
+    ) -> AsyncJob:
+        if self._sent:
+            raise InvalidStateError("this batch has been sent: submit to a new one")
+        common.check_parallel(parallel)
+        job = AsyncJob(self.client, task=task)
+        self.jobs.append(job)
+        self._entries.append((task, dict(arguments), time_limit, parallel))
+        return job
+
+    async def __aenter__(self) -> AsyncBatch:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            await self._send()
+        self._sent = True
+
+    async def _send(self) -> None:
+        """Each chunk's bodies (a job of the same chunk as `#<index>`, of an earlier one by
+        its id), then its request; on any failure the accepted jobs are cancelled."""
+        self._sent = True
+        client = self.client
+        temps: list[str] = []
+        uploaded: dict[int, tuple[np.ndarray, str]] = {}
+        accepted: list[AsyncJob] = []
+        try:
+            for start in range(0, len(self.jobs), common.BATCH):
+                jobs = self.jobs[start : start + common.BATCH]
+                refs = {id(job): f"#{index}" for index, job in enumerate(jobs)}
+                bodies = [
+                    await client._body(task, args, limit, parallel, uploaded, temps, refs)
+                    for task, args, limit, parallel in self._entries[start : start + len(jobs)]
+                ]
+                response = await client._request(
+                    "POST",
+                    "/jobs/batch",
+                    content=common.encode_json({"jobs": bodies}),
+                    headers=common.JSON_HEADERS,
+                )
+                views = JobBatchView.model_validate(response.json()).jobs
+                for job, view in zip(jobs, views, strict=True):
+                    job._seen(view)
+                    accepted.append(job)
+        except BaseException:
+            for job in accepted:
+                with contextlib.suppress(ForkliftError, httpx.HTTPError):
+                    await job.cancel()
+            raise
+        finally:
+            await client._release(temps)
 
 
 class AsyncClient:
@@ -688,29 +789,54 @@ class AsyncClient:
     # -- jobs -----------------------------------------------------------------------------
 
     def submit(
-        self, task: str, arguments: Mapping[str, Any] | None = None, /, **kwargs: Any
+        self,
+        task: str,
+        arguments: Mapping[str, Any] | None = None,
+        /,
+        *,
+        parallel: Parallel = None,
+        **kwargs: Any,
     ) -> AsyncJob:
         """Submit a job: ndarrays are uploaded, `ArrayHandle`s (or `ArrayInput(array=id)`)
-        reused, the rest are params; the job's handle.
+        reused, job handles (or `job.output(key)`, `JobInput(job=id)`) taken as the array
+        results of those jobs once they succeed, the rest are params; the job's handle.
 
         `fl.submit("matmul", a=x, b=y)` or `fl.submit("fib", {"n": 30})`. Arrays uploaded
-        here are freed by the server as soon as the job ends.
+        here are freed by the server as soon as the job ends. `parallel`: run as this many
+        parts over the same arrays, or `"auto"` (one per worker process of the inputs'
+        host); a task that does not split refuses more than one part.
         """
-        return self.submit_job(task, {**(arguments or {}), **kwargs})
+        return self.submit_job(task, {**(arguments or {}), **kwargs}, parallel=parallel)
 
     def submit_job(
-        self, task: str, arguments: Mapping[str, Any], *, time_limit: float | None = None
+        self,
+        task: str,
+        arguments: Mapping[str, Any],
+        *,
+        time_limit: float | None = None,
+        parallel: Parallel = None,
     ) -> AsyncJob:
         """`submit` with the arguments as one mapping and an optional lower time limit."""
-        submission = AsyncPending(self._submit(task, arguments, time_limit))
+        common.check_parallel(parallel)
+        submission = AsyncPending(self._submit(task, arguments, time_limit, parallel))
         return AsyncJob(self, task=task, submission=submission)
 
+    def batch(self) -> AsyncBatch:
+        """Jobs submitted in one request when the block ends (`POST /jobs/batch`); a job of
+        the batch given as an input of a later one is a pipeline step the server runs
+        when that job has succeeded: `async with fl.batch() as batch: ...`."""
+        return AsyncBatch(self)
+
     async def _submit(
-        self, task: str, arguments: Mapping[str, Any], time_limit: float | None
+        self,
+        task: str,
+        arguments: Mapping[str, Any],
+        time_limit: float | None,
+        parallel: Parallel,
     ) -> JobView:
         temps: list[str] = []
         try:
-            body = await self._body(task, arguments, time_limit, {}, temps)
+            body = await self._body(task, arguments, time_limit, parallel, {}, temps)
             response = await self._request(
                 "POST", "/jobs", content=common.encode_json(body), headers=common.JSON_HEADERS
             )
@@ -723,11 +849,14 @@ class AsyncClient:
         task: str,
         arguments: Mapping[str, Any],
         time_limit: float | None,
+        parallel: Parallel,
         uploaded: dict[int, tuple[np.ndarray, str]],
         temps: list[str],
+        batch_refs: Mapping[int, str] | None = None,
     ) -> dict[str, Any]:
-        """A job's submission body; its ndarray arguments uploaded (each object once)."""
-        split = common.split_arguments(arguments)
+        """A job's submission body; its ndarray arguments uploaded (each object once), its
+        job handles as `JobInput`s (`batch_refs`: `#<index>` of a job of the same batch)."""
+        split = common.split_arguments(await self._job_inputs(arguments, batch_refs or {}))
         inputs = dict(split.handles)
         for name, arr in split.arrays.items():
             known = uploaded.get(id(arr))
@@ -737,7 +866,23 @@ class AsyncClient:
                 temps.append(handle.id)
                 known = uploaded[id(arr)] = (arr, handle.id)
             inputs[name] = known[1]
-        return common.submission_body(task, split.params, inputs, time_limit)
+        return common.submission_body(
+            task, split.params, inputs, time_limit, jobs=split.jobs, parallel=parallel
+        )
+
+    async def _job_inputs(
+        self, arguments: Mapping[str, Any], batch_refs: Mapping[int, str]
+    ) -> dict[str, Any]:
+        """The arguments with each job handle (or `job.output(key)`) as its `JobInput`: the
+        job's id once its own submission is through, or its `#<index>` in the batch."""
+        out = dict(arguments)
+        for name, value in arguments.items():
+            job, key = (value.job, value.key) if isinstance(value, JobOutput) else (value, None)
+            if isinstance(job, AsyncJob):
+                ref = batch_refs.get(id(job))
+                ident = ref if ref is not None else await job._submitted()
+                out[name] = JobInput(job=ident, key=key)
+        return out
 
     async def _release(self, temps: list[str]) -> None:
         """Ask the server to free uploads made for jobs: at once, or when those jobs end."""
@@ -759,27 +904,8 @@ class AsyncClient:
         The same ndarray object appearing in several mappings is uploaded once. A failed job
         raises its JobFailed/JobCancelled (or, with `return_exceptions`, takes its place).
         """
-        jobs: list[AsyncJob] = []
-        temps: list[str] = []
-        uploaded: dict[int, tuple[np.ndarray, str]] = {}
-        try:
-            bodies = [await self._body(task, args, None, uploaded, temps) for args in iterable]
-            for chunk in common.chunks(bodies):
-                response = await self._request(
-                    "POST",
-                    "/jobs/batch",
-                    content=common.encode_json({"jobs": chunk}),
-                    headers=common.JSON_HEADERS,
-                )
-                views = JobBatchView.model_validate(response.json()).jobs
-                jobs.extend(AsyncJob(self, task=task, view=view) for view in views)
-        except BaseException:
-            for job in jobs:
-                with contextlib.suppress(ForkliftError, httpx.HTTPError):
-                    await job.cancel()
-            raise
-        finally:
-            await self._release(temps)
+        async with self.batch() as batch:
+            jobs = [batch.submit_job(task, args) for args in iterable]
         await self._wait_all(jobs, Deadline(timeout))
         results: list[Any] = []
         for job in jobs:
