@@ -6,7 +6,9 @@
     forklift wait <job-id> -o out.npy        forklift tasks
 
 Arguments `k=v` are params (v parsed as JSON when it is valid JSON, else taken as a string);
-for a task's array inputs, `k=<array-id>` reuses an array and `k=@file.npy` uploads a file.
+for a task's array inputs, `k=<array-id>` reuses an array, `k=@file.npy` uploads a file and
+`k=job:<job-id>` (or `job:<job-id>:<key>`) takes another job's array result once it succeeds.
+`--parallel N|auto` runs a splittable task as N parts.
 Exit codes: 0 ok, 1 job failed or cancelled, 2 usage error or request refused (4xx),
 3 not found, 4 server unavailable or any other error (including a wait that timed out).
 
@@ -41,6 +43,7 @@ from forklift import (
     InvalidRequest,
     Job,
     JobError,
+    JobInput,
     NotFound,
     Timeout,
     common,
@@ -195,10 +198,10 @@ def parse_value(text: str) -> Any:
 
 def parse_arguments(
     pairs: Sequence[str], input_names: set[str]
-) -> tuple[dict[str, Any], dict[str, str], dict[str, Path]]:
-    """(params, array ids, files to upload) from `k=v` words."""
+) -> tuple[dict[str, Any], dict[str, ArrayInput | JobInput], dict[str, Path]]:
+    """(params, inputs by array or job id, files to upload) from `k=v` words."""
     params: dict[str, Any] = {}
-    ids: dict[str, str] = {}
+    ids: dict[str, ArrayInput | JobInput] = {}
     files: dict[str, Path] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -213,14 +216,39 @@ def parse_arguments(
                     raise UsageError(f"{key}=@{path}: no such file")
                 files[key] = path
             elif _ARRAY_ID.fullmatch(value):
-                ids[key] = value
+                ids[key] = ArrayInput(array=value)
+            elif value.startswith(JOB_PREFIX):
+                ids[key] = parse_job_input(key, value)
             else:
-                raise UsageError(f"{key} is an array input: give an array id or @file.npy")
+                raise UsageError(
+                    f"{key} is an array input: give an array id, @file.npy or job:<job-id>"
+                )
         elif value.startswith("@") and value.endswith(".npy"):
             raise UsageError(f"{key} is not an array input of this task")
         else:
             params[key] = parse_value(value)
     return params, ids, files
+
+
+JOB_PREFIX = "job:"
+
+
+def parse_job_input(name: str, value: str) -> JobInput:
+    """`job:<id>` (the job's array result) or `job:<id>:<key>` (one array of its dict)."""
+    ident, colon, key = value.removeprefix(JOB_PREFIX).partition(":")
+    if not _ARRAY_ID.fullmatch(ident) or (colon and not key):
+        raise UsageError(f"{name}={value}: expected job:<job-id> or job:<job-id>:<key>")
+    return JobInput(job=ident, key=key or None)
+
+
+def parse_parallel(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """`--parallel`: a part count >= 1 or `auto`."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return common.check_parallel(int(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: a number of parts >= 1, or auto") from None
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -253,9 +281,13 @@ def _describe_status(view: dict[str, Any]) -> str:
     progress = view.get("progress")
     if progress and view["status"] == "running":
         parts.append(f"{float(progress.get('fraction', 0)):.0%}")
-        if progress.get("note"):
-            parts.append(progress["note"])
+    if view.get("parts"):
+        parts.append(_parts_text(view["parts"]))
+    if progress and view["status"] == "running" and progress.get("note"):
+        parts.append(progress["note"])
     text = "  ".join(str(p) for p in parts if p != "")
+    if view.get("upstream_failed") and not view.get("error"):
+        text += f"\nupstream job {view['upstream_failed']} did not succeed"
     if view.get("error"):
         text += f"\nerror: {view['error']}"
     elif view["status"] == "succeeded":
@@ -266,6 +298,12 @@ def _describe_status(view: dict[str, Any]) -> str:
         else:
             text += f"\nresult: {_show_value(result)}"
     return text
+
+
+def _parts_text(parts: dict[str, Any]) -> str:
+    """A parallel job's parts: `3/8 parts` (`, 1 failed`)."""
+    text = f"{parts.get('done', 0)}/{parts.get('total', 0)} parts"
+    return text + (f", {parts['failed']} failed" if parts.get("failed") else "")
 
 
 def _file_size(path: Path) -> int | None:
@@ -292,6 +330,8 @@ def _wait(job: Job, timeout: float | None, no_progress: bool) -> dict[str, Any]:
                 item = as_data(event)
                 if "status" in item:
                     status, progress = item["status"], item.get("progress") or progress
+                    if item.get("parts"):  # a parallel job: its parts beside its status
+                        status = f"{item['status']} {_parts_text(item['parts'])}"
                 else:
                     progress = item
                 note = str(progress.get("note") or "")[:_NOTE_WIDTH]
@@ -417,6 +457,12 @@ def up(
 @click.argument("arguments", nargs=-1, metavar="[K=V]...")
 @click.option("--wait", is_flag=True, help="wait for the job and print its result")
 @click.option("--time-limit", type=float, metavar="S", help="lower the job's time limit")
+@click.option(
+    "--parallel",
+    metavar="N|auto",
+    callback=parse_parallel,
+    help="run as N parts over the same arrays (a splittable task); auto: one per worker",
+)
 @_waiting
 @client_options(top=False)
 def submit(
@@ -424,14 +470,17 @@ def submit(
     arguments: tuple[str, ...],
     wait: bool,
     time_limit: float | None,
+    parallel: int | str | None,
     timeout: float | None,
     output: str | None,
     no_progress: bool,
 ) -> int:
     """Submit a job; with --wait, wait for its result.
 
-    Params as K=V (V is JSON if it parses, else a string); array inputs as K=<array-id> or
-    K=@file.npy (uploaded for this job, freed when it ends).
+    Params as K=V (V is JSON if it parses, else a string); array inputs as K=<array-id>,
+    K=@file.npy (uploaded for this job, freed when it ends) or K=job:<job-id> (that job's
+    array result, K=job:<job-id>:<key> for one array of a dict result; it need not have
+    finished).
     """
     with _client() as client:
         info = as_data(client.task(task))
@@ -441,11 +490,9 @@ def submit(
             for name, path in files.items():
                 handle = _put_file(client, path)
                 uploads.append(handle)
-                ids[name] = handle.id
-            values: dict[str, Any] = {**params}
-            for name, ident in ids.items():
-                values[name] = ArrayInput(array=ident)
-            job = client.submit_job(task, values, time_limit=time_limit)
+                ids[name] = ArrayInput(array=handle.id)
+            values: dict[str, Any] = {**params, **ids}
+            job = client.submit_job(task, values, time_limit=time_limit, parallel=parallel)
         finally:
             for handle in uploads:  # freed by the server when the job ends
                 with contextlib.suppress(ForkliftError):

@@ -10,12 +10,14 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import InvalidStateError
+from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 import pytest
 
-from forklift import ArrayInput, Client, InvalidRequest, JobInput, common
+from forklift import ArrayInput, Client, InvalidRequest, JobInput, cli, common
 from shared.schemas import is_id
 from tests.clients import KINDS, open_client
 
@@ -191,3 +193,31 @@ def test_a_long_batch_names_earlier_chunks_by_id_and_cancels_them_when_refused(
         assert second["jobs"][0]["inputs"] == {"a": {"job": jobs[common.BATCH - 1].id}}
         cancelled = [p for method, p, _ in recorded if method == "DELETE"]
         assert cancelled == [f"/jobs/{job.id}" for job in jobs[: common.BATCH]]
+
+
+# -- the command's side: its words become the same inputs --------------------------------
+
+
+def test_the_command_reads_job_inputs_beside_array_ids_and_files(tmp_path: Path) -> None:
+    data = tmp_path / "x.npy"
+    data.write_bytes(b"")
+    job_id, array_id = uuid.uuid4().hex, uuid.uuid4().hex
+    params, inputs, files = cli.parse_arguments(
+        [f"a=job:{job_id}", f"b=job:{job_id}:counts", f"c={array_id}", f"d=@{data}", "bins=8"],
+        {"a", "b", "c", "d"},
+    )
+    assert params == {"bins": 8} and files == {"d": data}
+    assert inputs == {
+        "a": JobInput(job=job_id, key=None),
+        "b": JobInput(job=job_id, key="counts"),
+        "c": ArrayInput(array=array_id),
+    }
+    for bad in ("job:", "job:xyz", f"job:{job_id}:"):
+        with pytest.raises(click.UsageError, match="job:<job-id>"):
+            cli.parse_arguments([f"a={bad}"], {"a"})
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "many", str(common.MAX_PARTS + 1)])
+def test_the_command_refuses_a_bad_parallel_before_it_asks_the_server(bad: str) -> None:
+    nowhere = "http://127.0.0.1:9"  # nothing is asked: a request here would exit 4
+    assert cli.main(["--url", nowhere, "submit", "sum", "--parallel", bad]) == 2
