@@ -27,7 +27,10 @@ log = logging.getLogger("forklift.api")
 def route(settings: Settings, payload: TaskPayload, live: Collection[str] | None = None) -> str:
     """Jobs whose array inputs all live in one shm domain run there (no copy) while a worker
     of that domain is alive (`live`: domains with a fresh heartbeat; None = assume so); the
-    rest go to the common queue, which every worker consumes, and pull what they lack."""
+    rest go to the common queue, which every worker consumes, and pull what they lack.
+    A part of a parallel job runs where its job's output segment lives, and waits there."""
+    if payload.output is not None:
+        return settings.domain_queue(payload.output.domain)
     domains = {ref.domain for ref in payload.inputs.values()}
     if len(domains) == 1:
         domain = domains.pop()

@@ -40,9 +40,10 @@ import redis
 
 from shared.arrays import lifecycle
 from shared.arrays.store import ArrayStore
+from shared.dependencies import CLAIM_LEASE_S
 from shared.jobstore import JobStore
 from shared.keys import UNACKED, UNACKED_INDEX, queue_keys
-from shared.schemas import JobStatus, TaskPayload
+from shared.schemas import ArrayRef, JobStatus, PartRef, TaskPayload
 from shared.settings import Settings
 from shared.workers import INTERVAL_S as HEARTBEAT_S
 from shared.workers import WorkerStore
@@ -99,6 +100,11 @@ _FIELDS = (
     "released",
     "cancelled_from",
     "input_ids",
+    "parts_total",
+    "parts_released",
+    "combining_at",
+    "ready",
+    "claimed_at",
 )
 
 
@@ -110,6 +116,7 @@ class ReapReport:
     lost_messages: list[str] = field(default_factory=list)  # queued, message gone: failed
     released: list[str] = field(default_factory=list)  # ended, inputs released here
     dropped_acks: list[str] = field(default_factory=list)  # unacked entries of ended jobs
+    announced: list[str] = field(default_factory=list)  # waiting and ready, not launched
     suspects: int = 0
 
 
@@ -343,6 +350,8 @@ class _Pass:
             inputs=inputs,
             timeout=record.timeout,
             owner=record.owner,
+            part=PartRef.model_validate(record.part) if record.part else None,
+            output=ArrayRef.model_validate(record.output) if record.output else None,
         )
 
     def lost_running(self, job_id: str, rec: dict[str, str | None], in_queue: bool) -> None:
@@ -388,6 +397,40 @@ class _Pass:
             self.report.lost_messages.append(job_id)
             log.warning("job %s: %s", job_id, error)
 
+    def lost_combine(self, job_id: str, rec: dict[str, str | None]) -> None:
+        """A parallel job whose parts are all released but whose combine never ended it (the
+        child combining died): end it and release it, once the combine's task is past its
+        hard time limit (the combine runs inside its last part's task)."""
+        if rec["released"] or int(rec["parts_released"] or 0) < int(rec["parts_total"] or 0):
+            return
+        began = _num(rec["combining_at"])
+        if began is None:
+            return
+        settings = self.settings
+        limit = settings.job_time_limit + settings.job_kill_grace + self.lost_after
+        if self.now - began < limit or not self.confirmed(job_id, "combine lost"):
+            return
+        error = "worker lost: the process combining the job's parts died; not retried"
+        if rec["status"] in ("queued", "running"):
+            _, due = self.jobs.end_lost(job_id, JobStatus.failed, error, force=True)
+            self.report.failed.append(job_id)
+        else:
+            due = self.jobs.release_inputs(job_id, mode="ended", force=True)
+            self.report.released.append(job_id)
+        self.free(due)
+        log.warning("job %s: %s", job_id, error)
+
+    def announce_if_ready(self, job_id: str, rec: dict[str, str | None]) -> None:
+        """A waiting job whose inputs are all resolved and that no API holds (its `ready`
+        event was lost, or the API launching it died): announced again, an API launches it
+        (api/pipelines.py)."""
+        claimed = _num(rec["claimed_at"])
+        if rec["ready"] != "1" or (claimed is not None and self.now - claimed < CLAIM_LEASE_S):
+            return
+        event = {"id": job_id, "status": "waiting", "ready": True}
+        self.client.publish(self.settings.keys.events, json.dumps(event))
+        self.report.announced.append(job_id)
+
     def release_ended(self, job_id: str) -> None:
         due = self.jobs.release_inputs(job_id, mode="ended")
         self.free(due)
@@ -418,6 +461,12 @@ class _Pass:
                     self.client.zrem(self.jobs.live_key, job_id)
                 continue
             message = self.unacked.get(job_id)
+            if rec["parts_total"]:  # a parallel job: its parts are reaped, not the job
+                self.lost_combine(job_id, rec)
+                continue
+            if status == "waiting":  # no message yet: its upstream jobs end it or queue it
+                self.announce_if_ready(job_id, rec)
+                continue
             if status == "running":
                 since = _num(rec["started_at"]) or self.now
                 if self.holder_gone(job_id, rec["node"] or "", since) and self.confirmed(

@@ -26,44 +26,48 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Generic
+from typing import Any, Generic, NamedTuple
 
+from shared.dependencies import LUA_DEPENDENTS
 from shared.metrics import LUA_JOB_ENDED
 from shared.redis_io import ClientT, MaybeAwaitable, ready, round_trip, then
-from shared.schemas import JobBase, JobStatus, JobView, WorkerInfo
+from shared.schemas import JobBase, JobStatus, JobView, Parts, WorkerInfo
 from shared.settings import Settings
 
-# Unpinning, shared by every script that may release a job's inputs.
-#   ids: space-separated array ids, ap: array key prefix, now: seconds, grace: seconds an
-#   unpinned array outlives its expiry (the janitor frees it). Returns ids due to be freed.
-#   fl_release(job, ...) unpins a job's inputs once (`released`); a record that is final then
-#   gets its TTL and leaves the live index.
-LUA_RELEASE = """
-local function fl_unpin(ids, ap, now, grace)
+# The context every state script opens with: KEYS[1..4] = job, events channel, live index,
+# cancel channel; ARGV[1..8] = now, array-key prefix, grace (seconds an unpinned array
+# outlives its expiry), record TTL, metrics prefix, job-key prefix, attempt token, force.
+# Script-specific KEYS and ARGV follow (from KEYS[5], ARGV[9]).
+#
+# fl_release(job, force) unpins a record's inputs once (`released`), once no attempt holds
+# it; a record that is final then gets its TTL and leaves the live index. It returns the ids
+# of arrays now due to be freed, and `combine:<id>` for a parallel job whose last part just
+# succeeded (its caller runs the combine). Releasing a part counts it on its parallel job:
+# a part that did not succeed ends the job and stops the other parts; the job itself is
+# released (its inputs unpinned, its in-place output freed unless it succeeded) only once
+# every part is released and no combine holds it, so no part ever writes into a segment
+# that was freed. A final record's dependents are resolved (`fl_dependents`).
+LUA_RELEASE = (
+    """
+local C = {job = KEYS[1], events = KEYS[2], live = KEYS[3], cancel = KEYS[4],
+  now = tonumber(ARGV[1]), ap = ARGV[2], grace = tonumber(ARGV[3]), ttl = tonumber(ARGV[4]),
+  m = ARGV[5], jp = ARGV[6], token = ARGV[7], force = ARGV[8] == '1'}
+local fl_release
+local function fl_unpin(ids)
   local free = {}
   for id in string.gmatch(ids, '%S+') do
-    local key = ap .. id
+    local key = C.ap .. id
     if redis.call('EXISTS', key) == 1 then
       local pins = redis.call('HINCRBY', key, 'pins', -1)
       if pins <= 0 then
         local a = redis.call('HMGET', key, 'delete_requested', 'expires_at')
-        if a[1] == '1' or tonumber(a[2]) <= now then
+        if a[1] == '1' or tonumber(a[2]) <= C.now then
           table.insert(free, id)
         else
-          redis.call('EXPIREAT', key, math.ceil(tonumber(a[2]) + grace))
+          redis.call('EXPIREAT', key, math.ceil(tonumber(a[2]) + C.grace))
         end
       end
     end
-  end
-  return free
-end
-local function fl_release(job, ap, now, grace, ttl, live)
-  if redis.call('HSETNX', job, 'released', '1') == 0 then return {} end
-  local f = redis.call('HMGET', job, 'id', 'input_ids', 'status')
-  local free = fl_unpin(f[2] or '', ap, now, grace)
-  if f[3] ~= 'queued' and f[3] ~= 'running' then
-    redis.call('EXPIRE', job, ttl)
-    redis.call('ZREM', live, f[1])
   end
   return free
 end
@@ -71,10 +75,92 @@ local function fl_append(out, more)
   for _, v in ipairs(more) do table.insert(out, v) end
   return out
 end
+local function fl_publish(id, status)
+  redis.call('PUBLISH', C.events, cjson.encode({id = id, status = status}))
+end
 """
+    + LUA_DEPENDENTS
+    + """
+local function fl_stop_parts(ids, reason)
+  local out = {}
+  for id in string.gmatch(ids, '%S+') do
+    local key = C.jp .. id
+    local st = redis.call('HGET', key, 'status')
+    if st == 'queued' or st == 'running' then
+      fl_job_ended(key, st, 'cancelled', C.now, C.m)
+      redis.call('HSET', key, 'status', 'cancelled', 'finished_at', C.now, 'error', reason,
+        'cancelled_from', st)
+      fl_publish(id, 'cancelled')
+      if st == 'running' then
+        redis.call('PUBLISH', C.cancel, id)  -- its attempt releases it once it has stopped
+      else
+        fl_append(out, fl_release(key, false))
+      end
+    end
+  end
+  return out
+end
+local function fl_part_released(part, status, parent_id)
+  local parent = C.jp .. parent_id
+  local p = redis.call('HMGET', parent, 'status', 'parts_total', 'part_ids')
+  if not p[1] then return {} end
+  local out = {}
+  local index = redis.call('HGET', part, 'part_index') or '0'
+  if status == 'succeeded' then
+    redis.call('HINCRBY', parent, 'parts_done', 1)
+    redis.call('HSET', parent .. ':progress', index, 1)
+  elseif status == 'failed' then
+    redis.call('HINCRBY', parent, 'parts_failed', 1)
+  end
+  redis.call('HINCRBY', parent, 'parts_released', 1)
+  if status ~= 'succeeded' and (p[1] == 'queued' or p[1] == 'running') then
+    local ended = status == 'cancelled' and 'cancelled' or 'failed'
+    local why = redis.call('HGET', part, 'error') or status
+    fl_job_ended(parent, p[1], ended, C.now, C.m)
+    redis.call('HSET', parent, 'status', ended, 'finished_at', C.now, 'error',
+      'part ' .. (tonumber(index) + 1) .. ' of ' .. p[2] .. ' ' .. status .. ': ' .. why)
+    fl_publish(parent_id, ended)
+    fl_append(out, fl_stop_parts(p[3], 'cancelled: another part of its job ' .. status))
+  end
+  local released = tonumber(redis.call('HGET', parent, 'parts_released'))
+  if released >= tonumber(p[2]) then
+    local st = redis.call('HGET', parent, 'status')
+    if st == 'running' then  -- every part succeeded: this attempt combines, and holds the job
+      redis.call('HSET', parent, 'combining', C.token, 'attempt_token', C.token,
+        'combining_at', C.now)
+      table.insert(out, 'combine:' .. parent_id)
+    elseif st ~= 'queued' then
+      fl_append(out, fl_release(parent, false))
+    end
+  end
+  return out
+end
+fl_release = function(job, force)
+  local f = redis.call('HMGET', job, 'id', 'input_ids', 'status', 'parts_total',
+    'parts_released', 'parent', 'output_id', 'combining')
+  if f[4] and not force then
+    if tonumber(f[5] or '0') < tonumber(f[4]) then return {} end  -- parts still run
+    if f[8] and f[8] ~= C.token then return {} end  -- its combine still runs
+  end
+  if redis.call('HSETNX', job, 'released', '1') == 0 then return {} end
+  local free = fl_unpin(f[2] or '')
+  local final = f[3] ~= 'queued' and f[3] ~= 'running' and f[3] ~= 'waiting'
+  if final then
+    redis.call('EXPIRE', job, C.ttl)
+    redis.call('ZREM', C.live, f[1])
+    if f[4] then redis.call('DEL', job .. ':progress') end
+  end
+  if f[7] and f[3] ~= 'succeeded' then table.insert(free, f[7]) end
+  if f[6] then fl_append(free, fl_part_released(job, f[3], f[6])) end
+  if final then fl_append(free, fl_dependents(job, f[3])) end
+  return free
+end
+"""
+)
 
 _CREATE = """
--- KEYS: job, jobs-index, live-index, array keys...   ARGV: now, owner, fields-json, metrics
+-- KEYS: job, jobs-index, live-index, array keys...
+-- ARGV: now, owner, fields-json, metrics, parts-json, job-key prefix, output key or ''
 local now = tonumber(ARGV[1])
 for i = 4, #KEYS do
   local a = redis.call('HMGET', KEYS[i], 'state', 'owner', 'delete_requested')
@@ -86,124 +172,158 @@ for i = 4, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'pins', 1)
   redis.call('PERSIST', KEYS[i])
 end
-local fields = cjson.decode(ARGV[3])
-local flat = {'status', 'queued', 'created_at', ARGV[1], 'attempts', 0}
-for k, v in pairs(fields) do
-  flat[#flat + 1] = k
-  flat[#flat + 1] = v
+local function put(key, fields)
+  local flat = {'status', 'queued', 'created_at', ARGV[1], 'attempts', 0}
+  for k, v in pairs(fields) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  redis.call('HSET', key, unpack(flat))
 end
-redis.call('HSET', KEYS[1], unpack(flat))
+local fields = cjson.decode(ARGV[3])
+put(KEYS[1], fields)
 redis.call('ZADD', KEYS[2], now, fields['id'])
 redis.call('ZADD', KEYS[3], now, fields['id'])
+for _, part in ipairs(cjson.decode(ARGV[5])) do  -- parts: live, not listed among the jobs
+  put(ARGV[6] .. part['id'], part)
+  redis.call('ZADD', KEYS[3], now, part['id'])
+end
+if ARGV[7] ~= '' then redis.call('PERSIST', ARGV[7]) end  -- the output lives as long as the job
 redis.call('HINCRBY', ARGV[4] .. 'submitted', fields['task'], 1)
 return {'ok'}
 """
 
 _START = """
--- KEYS: job, events, live   ARGV: now, hostname, pid, domain, max-attempts, metrics-prefix,
---   node, token, array-key-prefix, grace, ttl   -> {outcome, attempts, ids to free...}
-local st = redis.call('HGET', KEYS[1], 'status')
+-- KEYS: context   ARGV: context, hostname, pid, domain, max-attempts, node
+--   -> {outcome, attempts, ids to free...}
+local st = redis.call('HGET', C.job, 'status')
 if not st then return {'missing', 0} end
-local now = tonumber(ARGV[1])
-if st == 'running' and redis.call('HGET', KEYS[1], 'attempt_token') == ARGV[8] then
-  return {'started', tonumber(redis.call('HGET', KEYS[1], 'attempts'))}  -- a retried call
+if st == 'running' and redis.call('HGET', C.job, 'attempt_token') == C.token then
+  return {'started', tonumber(redis.call('HGET', C.job, 'attempts'))}  -- a retried call
 end
 if st ~= 'queued' and st ~= 'running' then
   local out = {st, 0}
-  if redis.call('HGET', KEYS[1], 'cancelled_from') == 'queued' then  -- no attempt holds it
-    fl_append(out, fl_release(KEYS[1], ARGV[9], now, tonumber(ARGV[10]), ARGV[11], KEYS[3]))
+  if redis.call('HGET', C.job, 'cancelled_from') == 'queued' then  -- no attempt holds it
+    fl_append(out, fl_release(C.job, false))
   end
   return out
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts > tonumber(ARGV[5]) then
-  fl_job_ended(KEYS[1], 'lost', 'failed', now, ARGV[6])
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error',
+local attempts = redis.call('HINCRBY', C.job, 'attempts', 1)
+if attempts > tonumber(ARGV[12]) then
+  fl_job_ended(C.job, 'lost', 'failed', C.now, C.m)
+  redis.call('HSET', C.job, 'status', 'failed', 'finished_at', ARGV[1], 'error',
     'worker lost: the worker process running this job died ' .. (attempts - 1) ..
     ' time(s) (killed, out of memory or crashed); not retried again')
-  redis.call('PUBLISH', KEYS[2], cjson.encode({id = redis.call('HGET', KEYS[1], 'id'),
-    status = 'failed'}))
-  return fl_append({'exhausted', attempts},
-    fl_release(KEYS[1], ARGV[9], now, tonumber(ARGV[10]), ARGV[11], KEYS[3]))
+  fl_publish(redis.call('HGET', C.job, 'id'), 'failed')
+  return fl_append({'exhausted', attempts}, fl_release(C.job, false))
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'hostname', ARGV[2],
-  'pid', ARGV[3], 'domain', ARGV[4], 'node', ARGV[7], 'attempt_token', ARGV[8])
-local job = redis.call('HMGET', KEYS[1], 'id', 'task')
-redis.call('HSET', ARGV[6] .. 'running', job[1], cjson.encode({domain = ARGV[4],
-  node = ARGV[7], task = job[2], started_at = tonumber(ARGV[1]), pid = tonumber(ARGV[3])}))
-redis.call('PUBLISH', KEYS[2], cjson.encode({id = redis.call('HGET', KEYS[1], 'id'),
-  status = 'running'}))
+redis.call('HSET', C.job, 'status', 'running', 'started_at', ARGV[1], 'hostname', ARGV[9],
+  'pid', ARGV[10], 'domain', ARGV[11], 'node', ARGV[13], 'attempt_token', C.token)
+local job = redis.call('HMGET', C.job, 'id', 'task', 'parent')
+redis.call('HSET', C.m .. 'running', job[1], cjson.encode({domain = ARGV[11],
+  node = ARGV[13], task = job[2], started_at = C.now, pid = tonumber(ARGV[10])}))
+fl_publish(job[1], 'running')
+if job[3] then  -- a part: its parallel job runs from its first part's start
+  local parent = C.jp .. job[3]
+  if redis.call('HGET', parent, 'status') == 'queued' then
+    redis.call('HSET', parent, 'status', 'running', 'started_at', ARGV[1])
+    fl_publish(job[3], 'running')
+  end
+end
 return {'started', attempts}
 """
 
 _PROGRESS = """
--- KEYS: job, events   ARGV: progress-json
+-- KEYS: job, events   ARGV: progress-json, fraction, job-key prefix
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
-redis.call('PUBLISH', KEYS[2], cjson.encode({id = redis.call('HGET', KEYS[1], 'id'),
-  status = 'running', progress = cjson.decode(ARGV[1])}))
+local f = redis.call('HMGET', KEYS[1], 'id', 'parent', 'part_index')
+redis.call('PUBLISH', KEYS[2], cjson.encode({id = f[1], status = 'running',
+  progress = cjson.decode(ARGV[1])}))
+if f[2] then  -- a part: its job's progress is the mean of its parts'
+  local parent = ARGV[3] .. f[2]
+  local p = redis.call('HMGET', parent, 'status', 'parts_total')
+  if p[1] ~= 'running' then return 1 end
+  redis.call('HSET', parent .. ':progress', f[3], ARGV[2])
+  local sum = 0
+  for _, v in ipairs(redis.call('HVALS', parent .. ':progress')) do sum = sum + tonumber(v) end
+  local progress = {fraction = sum / tonumber(p[2]), note = ''}
+  redis.call('HSET', parent, 'progress', cjson.encode(progress))
+  redis.call('PUBLISH', KEYS[2], cjson.encode({id = f[2], status = 'running',
+    progress = progress}))
+end
 return 1
 """
 
 _FINISH = """
--- KEYS: job, events, live   ARGV: now, status, error, result-json, ttl, require-pid,
---   metrics-prefix, token, array-key-prefix, grace   -> {outcome, ids to free...}
-local st = redis.call('HGET', KEYS[1], 'status')
+-- KEYS: context   ARGV: context, status, error, result-json, require-pid
+--   -> {outcome, ids to free and combine markers...}
+local st = redis.call('HGET', C.job, 'status')
 if not st then return {'missing'} end
-if ARGV[8] ~= '' and redis.call('HGET', KEYS[1], 'ended_by') == ARGV[8] then
+if C.token ~= '' and redis.call('HGET', C.job, 'ended_by') == C.token then
   return {'ok'}  -- a retried call whose first reply was lost
 end
 if st ~= 'running' then return {st} end
-local holder = redis.call('HMGET', KEYS[1], 'pid', 'attempt_token')
-if ARGV[6] ~= '' and holder[1] ~= ARGV[6] then return {'moved'} end
-if ARGV[8] ~= '' and holder[2] ~= ARGV[8] then return {'moved'} end
-fl_job_ended(KEYS[1], 'running', ARGV[2], tonumber(ARGV[1]), ARGV[7])
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[1], 'ended_by', ARGV[8])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[4]) end
-redis.call('PUBLISH', KEYS[2], cjson.encode({id = redis.call('HGET', KEYS[1], 'id'),
-  status = ARGV[2]}))
-return fl_append({'ok'},
-  fl_release(KEYS[1], ARGV[9], tonumber(ARGV[1]), tonumber(ARGV[10]), ARGV[5], KEYS[3]))
+local holder = redis.call('HMGET', C.job, 'pid', 'attempt_token')
+if ARGV[12] ~= '' and holder[1] ~= ARGV[12] then return {'moved'} end
+if C.token ~= '' and holder[2] ~= C.token then return {'moved'} end
+fl_job_ended(C.job, 'running', ARGV[9], C.now, C.m)
+redis.call('HSET', C.job, 'status', ARGV[9], 'finished_at', ARGV[1], 'ended_by', C.token)
+if ARGV[10] ~= '' then redis.call('HSET', C.job, 'error', ARGV[10]) end
+if ARGV[11] ~= '' then redis.call('HSET', C.job, 'result', ARGV[11]) end
+fl_publish(redis.call('HGET', C.job, 'id'), ARGV[9])
+return fl_append({'ok'}, fl_release(C.job, false))
 """
 
 _CANCEL = """
--- KEYS: job, events, cancel-channel   ARGV: now, metrics-prefix
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 'missing' end
-if st ~= 'queued' and st ~= 'running' then return st end
-fl_job_ended(KEYS[1], st, 'cancelled', tonumber(ARGV[1]), ARGV[2])
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1],
-  'error', 'cancelled by the client', 'cancelled_from', st)
-local id = redis.call('HGET', KEYS[1], 'id')
-redis.call('PUBLISH', KEYS[2], cjson.encode({id = id, status = 'cancelled'}))
-if st == 'running' then redis.call('PUBLISH', KEYS[3], id) end
-return st
+-- KEYS: context   ARGV: context   -> {status before (or the final one), ids to free...}
+local f = redis.call('HMGET', C.job, 'status', 'part_ids', 'id')
+if not f[1] then return {'missing'} end
+if f[1] ~= 'queued' and f[1] ~= 'running' and f[1] ~= 'waiting' then return {f[1]} end
+fl_job_ended(C.job, f[1], 'cancelled', C.now, C.m)
+redis.call('HSET', C.job, 'status', 'cancelled', 'finished_at', ARGV[1],
+  'error', 'cancelled by the client', 'cancelled_from', f[1])
+fl_publish(f[3], 'cancelled')
+local out = {f[1]}
+if f[2] then  -- a parallel job: its parts stop, and the last to stop releases the job
+  fl_append(out, fl_stop_parts(f[2], 'cancelled: its job was cancelled'))
+elseif f[1] == 'running' then
+  redis.call('PUBLISH', C.cancel, f[3])
+end
+return out
 """
 
 _RELEASE = """
--- KEYS: job, live, tombstone   ARGV: array-key-prefix, now, grace, ttl, mode, token,
---   job id, input ids (mode 'missing')...
--- mode 'any': release now (the record is not running: cancelled while queued, or discarded);
--- 'owner': only the attempt holding `token`, once the record is final (after a cancel);
+-- KEYS: context, tombstone   ARGV: context, mode, job id, input ids (mode 'missing')...
+-- mode 'any': release now (the record is not running: cancelled while queued, or waiting);
+-- 'discard': the same for a record being removed (a parallel job's parts included);
+-- 'owner': only the attempt holding the token, once the record is final (after a cancel);
 -- 'ended': only if the record is final (the reaper, once no attempt holds it);
 -- 'missing': the record is gone; the ids come from the message, released once per job id.
-local now, grace = tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[5] ~= 'missing' then return {} end
-  redis.call('ZREM', KEYS[2], ARGV[7])
-  if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[4])) then return {} end
+local mode = ARGV[9]
+if redis.call('EXISTS', C.job) == 0 then
+  if mode ~= 'missing' then return {} end
+  redis.call('ZREM', C.live, ARGV[10])
+  if not redis.call('SET', KEYS[5], '1', 'NX', 'EX', C.ttl) then return {} end
   local ids = {}
-  for i = 8, #ARGV do table.insert(ids, ARGV[i]) end
-  return fl_unpin(table.concat(ids, ' '), ARGV[1], now, grace)
+  for i = 11, #ARGV do table.insert(ids, ARGV[i]) end
+  return fl_unpin(table.concat(ids, ' '))
 end
-if ARGV[5] == 'missing' then return {} end
-if ARGV[5] ~= 'any' then
-  local f = redis.call('HMGET', KEYS[1], 'status', 'attempt_token')
-  if f[1] == 'queued' or f[1] == 'running' then return {} end
-  if ARGV[5] == 'owner' and f[2] ~= ARGV[6] then return {} end
+if mode == 'missing' then return {} end
+if mode == 'discard' then
+  local parts = redis.call('HGET', C.job, 'part_ids') or ''
+  for id in string.gmatch(parts, '%S+') do
+    redis.call('DEL', C.jp .. id)
+    redis.call('ZREM', C.live, id)
+  end
+  return fl_release(C.job, true)
 end
-return fl_release(KEYS[1], ARGV[1], now, grace, ARGV[4], KEYS[2])
+if mode ~= 'any' then
+  local f = redis.call('HMGET', C.job, 'status', 'attempt_token')
+  if f[1] == 'queued' or f[1] == 'running' or f[1] == 'waiting' then return {} end
+  if mode == 'owner' and f[2] ~= C.token then return {} end
+end
+return fl_release(C.job, C.force)
 """
 
 # The reaper's transitions (shared/jobs_reaper.py), each conditioned on what it saw.
@@ -219,19 +339,18 @@ return 1
 """
 
 _END_LOST = """
--- KEYS: job, events, live   ARGV: now, status, error, expect ('queued'/'running'/'live'),
---   token ('' = any), metrics-prefix, array-key-prefix, grace, ttl
---   -> {outcome, ids to free...}
-local f = redis.call('HMGET', KEYS[1], 'status', 'attempt_token', 'id')
+-- KEYS: context   ARGV: context, status, error, expect ('queued'/'running'/'live')
+--   -> {outcome, ids to free...}; token '' = any attempt; force: a parallel job whose
+--   combine was lost (its parts are all released)
+local f = redis.call('HMGET', C.job, 'status', 'attempt_token', 'id')
 if not f[1] then return {'missing'} end
 local live = f[1] == 'queued' or f[1] == 'running'
-if not live or (ARGV[4] ~= 'live' and f[1] ~= ARGV[4]) then return {f[1]} end
-if ARGV[5] ~= '' and f[2] ~= ARGV[5] then return {'moved'} end
-local now = tonumber(ARGV[1])
-fl_job_ended(KEYS[1], f[1] == 'running' and 'running' or 'lost', ARGV[2], now, ARGV[6])
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[1], 'error', ARGV[3])
-redis.call('PUBLISH', KEYS[2], cjson.encode({id = f[3], status = ARGV[2]}))
-return fl_append({'ok'}, fl_release(KEYS[1], ARGV[7], now, tonumber(ARGV[8]), ARGV[9], KEYS[3]))
+if not live or (ARGV[11] ~= 'live' and f[1] ~= ARGV[11]) then return {f[1]} end
+if C.token ~= '' and f[2] ~= C.token then return {'moved'} end
+fl_job_ended(C.job, f[1] == 'running' and 'running' or 'lost', ARGV[9], C.now, C.m)
+redis.call('HSET', C.job, 'status', ARGV[9], 'finished_at', ARGV[1], 'error', ARGV[10])
+fl_publish(f[3], ARGV[9])
+return fl_append({'ok'}, fl_release(C.job, C.force))
 """
 
 
@@ -247,23 +366,61 @@ class JobRecord(JobBase):
     node: str = ""  # the Celery worker (heartbeat name) whose child holds the job
     attempt_token: str = ""
     released: bool = False
+    # A parallel job: its parts (each a record), counted as they are released, and the
+    # in-place output segment reserved for it (shared/splits.py).
+    parts_total: int = 0
+    parts_done: int = 0
+    parts_failed: int = 0
+    part_ids: str = ""
+    output_id: str = ""
+    parallel: int | str | None = None
+    # A part: its place in its job (`parent`), and what its message carries, so that the
+    # reaper can publish it again (TaskPayload.part and .output, as JSON).
+    part_index: int | None = None
+    part: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
 
     def view(self) -> JobView:
         worker = None
         if self.pid:
             worker = WorkerInfo(hostname=self.hostname, pid=self.pid, domain=self.domain)
+        parts = None
+        if self.parts_total:
+            parts = Parts(
+                total=self.parts_total,
+                done=self.parts_done,
+                failed=self.parts_failed,
+                ids=self.part_ids.split(),
+            )
         shared = {name: getattr(self, name) for name in JobBase.model_fields}
-        return JobView(**shared, worker=worker)
+        return JobView(**shared, worker=worker, parts=parts)
 
 
 def _parse_record(raw: dict[str, str]) -> JobRecord | None:
     if not raw or "status" not in raw:
         return None
     data: dict[str, Any] = {k: v for k, v in raw.items() if v != ""}
-    for name in ("params", "inputs", "progress", "result"):
+    for name in ("params", "inputs", "progress", "result", "part", "output", "upstream"):
         if name in data:
             data[name] = json.loads(data[name])
     return JobRecord.model_validate(data)
+
+
+class Due(NamedTuple):
+    """What an ending left to do: arrays to free, parallel jobs whose combine to run."""
+
+    free: list[str]
+    combine: list[str]
+
+
+def _due(items: Sequence[Any]) -> Due:
+    free, combine = [], []
+    for item in map(str, items):
+        if item.startswith("combine:"):
+            combine.append(item.removeprefix("combine:"))
+        else:
+            free.append(item)
+    return Due(free, combine)
 
 
 class JobStore(Generic[ClientT]):
@@ -279,25 +436,34 @@ class JobStore(Generic[ClientT]):
         self.live_key = keys.jobs_live
         self.metrics = keys.metrics_prefix
         self._create = client.register_script(_CREATE)
-        self._start = client.register_script(LUA_JOB_ENDED + LUA_RELEASE + _START)
         self._progress = client.register_script(_PROGRESS)
-        self._finish = client.register_script(LUA_JOB_ENDED + LUA_RELEASE + _FINISH)
-        self._cancel = client.register_script(LUA_JOB_ENDED + _CANCEL)
-        self._release = client.register_script(LUA_RELEASE + _RELEASE)
         self._requeue = client.register_script(_REQUEUE)
-        self._end_lost = client.register_script(LUA_JOB_ENDED + LUA_RELEASE + _END_LOST)
+        ending = LUA_JOB_ENDED + LUA_RELEASE
+        self._start = client.register_script(ending + _START)
+        self._finish = client.register_script(ending + _FINISH)
+        self._cancel = client.register_script(ending + _CANCEL)
+        self._release = client.register_script(ending + _RELEASE)
+        self._end_lost = client.register_script(ending + _END_LOST)
 
     def key(self, job_id: str) -> str:
         return self.keys.job(job_id)
 
-    def _release_args(self) -> list[Any]:
-        """Array key prefix, now, grace, record TTL: what every unpinning script needs."""
-        return [
-            self.keys.array_prefix,
+    def _context(
+        self, job_id: str, token: str = "", force: bool = False
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV every ending script opens with (`LUA_RELEASE`'s context `C`)."""
+        keys = [self.key(job_id), self.events_channel, self.live_key, self.cancel_channel]
+        args = [
             repr(time.time()),
+            self.keys.array_prefix,
             self.settings.janitor_interval,
             self.settings.job_ttl,
+            self.metrics,
+            self.keys.job_prefix,
+            token,
+            "1" if force else "",
         ]
+        return keys, args
 
     @round_trip
     def create(
@@ -308,8 +474,14 @@ class JobStore(Generic[ClientT]):
         inputs: dict[str, str],
         owner: str,
         timeout: float | None = None,
+        *,
+        extra: dict[str, str] | None = None,
+        parts: list[dict[str, str]] | None = None,
+        output_id: str = "",
     ) -> MaybeAwaitable[str | None]:
-        """Create a queued record and pin its input arrays, atomically.
+        """Create a queued record and pin its input arrays, atomically; with `parts`, the
+        records of a parallel job's parts too (queued, live, not in the jobs index), and
+        `output_id`'s reservation kept for as long as the job lives.
 
         Returns None on success, or the input name whose array is missing (or not the
         owner's, or being deleted: the caller cannot tell them apart, by design).
@@ -323,10 +495,13 @@ class JobStore(Generic[ClientT]):
             "inputs": json.dumps(inputs),
             "input_ids": " ".join(inputs[n] for n in names),
             "timeout": "" if timeout is None else repr(timeout),
+            **(extra or {}),
         }
         keys = [self.key(job_id), self.index_key, self.live_key]
         keys += [self.keys.array(inputs[n]) for n in names]
         args = [repr(time.time()), owner, json.dumps(fields), self.metrics]
+        args += [json.dumps(parts or []), self.keys.job_prefix]
+        args += [self.keys.array(output_id) if output_id else ""]
 
         def parse(reply: list[Any]) -> str | None:
             return None if reply[0] == "ok" else names[int(reply[1])]
@@ -389,22 +564,19 @@ class JobStore(Generic[ClientT]):
         that the job's worker still holds it); `token` names this attempt: only its holder may
         finish the record, and a call retried after a lost reply is recognised.
         """
-        args: list[str | int | float] = [repr(time.time()), hostname, pid, domain]
-        args += [self.settings.job_max_attempts, self.metrics, node, token or uuid.uuid4().hex]
-        args += [self.keys.array_prefix, self.settings.janitor_interval]
-        args += [self.settings.job_ttl]
-        keys = [self.key(job_id), self.events_channel, self.live_key]
+        keys, args = self._context(job_id, token or uuid.uuid4().hex)
+        args += [hostname, pid, domain, self.settings.job_max_attempts, node]
         return then(
             self._start(keys=keys, args=args),
-            lambda r: (str(r[0]), int(r[1]), [str(x) for x in r[2:]]),
+            lambda r: (str(r[0]), int(r[1]), _due(r[2:]).free),
         )
 
     @round_trip
     def report_progress(self, job_id: str, fraction: float, note: str = "") -> MaybeAwaitable[bool]:
-        payload = json.dumps({"fraction": max(0.0, min(1.0, float(fraction))), "note": note[:200]})
-        return then(
-            self._progress(keys=[self.key(job_id), self.events_channel], args=[payload]), bool
-        )
+        fraction = max(0.0, min(1.0, float(fraction)))
+        payload = json.dumps({"fraction": fraction, "note": note[:200]})
+        args = [payload, repr(fraction), self.keys.job_prefix]
+        return then(self._progress(keys=[self.key(job_id), self.events_channel], args=args), bool)
 
     @round_trip
     def finish(
@@ -416,35 +588,24 @@ class JobStore(Generic[ClientT]):
         result: Any = None,
         pid: int | None = None,
         token: str = "",
-    ) -> MaybeAwaitable[tuple[str, list[str]]]:
+    ) -> MaybeAwaitable[tuple[str, Due]]:
         """End a running record and release its inputs in the same script.
 
-        Returns (outcome, ids to free): 'ok', or the status that won (e.g. 'cancelled'), or
+        Returns (outcome, what is due): 'ok', or the status that won (e.g. 'cancelled'), or
         'moved' (another attempt holds it: `token` or `pid` did not match) or 'missing'.
+        A part's success may leave its parallel job's combine due to this caller.
         """
-        array_prefix, now, grace, ttl = self._release_args()
-        args = [
-            now,
-            status.value,
-            error or "",
-            "" if result is None else json.dumps(result),
-            ttl,
-            "" if pid is None else str(pid),
-            self.metrics,
-            token,
-            array_prefix,
-            grace,
-        ]
-        keys = [self.key(job_id), self.events_channel, self.live_key]
-        return then(
-            self._finish(keys=keys, args=args), lambda r: (str(r[0]), [str(x) for x in r[1:]])
-        )
+        keys, args = self._context(job_id, token)
+        args += [status.value, error or "", "" if result is None else json.dumps(result)]
+        args += ["" if pid is None else str(pid)]
+        return then(self._finish(keys=keys, args=args), lambda r: (str(r[0]), _due(r[1:])))
 
     @round_trip
-    def cancel(self, job_id: str) -> MaybeAwaitable[str]:
-        """Returns the status before cancelling ('queued'/'running'), else the final one."""
-        keys = [self.key(job_id), self.events_channel, self.cancel_channel]
-        return then(self._cancel(keys=keys, args=[repr(time.time()), self.metrics]), str)
+    def cancel(self, job_id: str) -> MaybeAwaitable[tuple[str, list[str]]]:
+        """Returns (the status before cancelling ('queued'/'running'/'waiting'), else the
+        final one; ids to free: a parallel job's parts that had not started are released)."""
+        keys, args = self._context(job_id)
+        return then(self._cancel(keys=keys, args=args), lambda r: (str(r[0]), _due(r[1:]).free))
 
     @round_trip
     def release_inputs(
@@ -454,16 +615,19 @@ class JobStore(Generic[ClientT]):
         mode: str = "any",
         token: str = "",
         input_ids: list[str] | None = None,
+        force: bool = False,
     ) -> MaybeAwaitable[list[str]]:
         """Unpin the job's inputs once; returns ids of arrays now due to be freed.
 
-        `mode` (see `_RELEASE`): 'any' for a record no attempt holds, 'owner' for the attempt
-        holding `token` once the record is final, 'ended' for the reaper, 'missing' when the
-        record is gone (`input_ids` from the message).
+        `mode` (see `_RELEASE`): 'any' for a record no attempt holds, 'discard' for one being
+        removed, 'owner' for the attempt holding `token` once the record is final, 'ended'
+        for the reaper, 'missing' when the record is gone (`input_ids` from the message).
+        `force`: release a parallel job whose combine was lost (the reaper).
         """
-        keys = [self.key(job_id), self.live_key, self.keys.released(job_id)]
-        args = [*self._release_args(), mode, token, job_id, *(input_ids or [])]
-        return then(self._release(keys=keys, args=args), lambda r: [str(x) for x in r])
+        keys, args = self._context(job_id, token, force)
+        keys.append(self.keys.released(job_id))
+        args += [mode, job_id, *(input_ids or [])]
+        return then(self._release(keys=keys, args=args), lambda r: _due(r).free)
 
     @round_trip
     def requeue(self, job_id: str, token: str) -> MaybeAwaitable[bool]:
@@ -481,24 +645,23 @@ class JobStore(Generic[ClientT]):
         *,
         expect: str = "live",
         token: str = "",
+        force: bool = False,
     ) -> MaybeAwaitable[tuple[str, list[str]]]:
         """End a live job no attempt will end (message revoked or lost, attempts spent) and
         release its inputs; `expect` and `token` say what the caller saw.
 
         Returns (outcome, ids to free); outcome 'ok' when this call ended it.
         """
-        array_prefix, now, grace, ttl = self._release_args()
-        keys = [self.key(job_id), self.events_channel, self.live_key]
-        args = [now, status.value, error, expect, token, self.metrics, array_prefix, grace, ttl]
-        return then(
-            self._end_lost(keys=keys, args=args), lambda r: (str(r[0]), [str(x) for x in r[1:]])
-        )
+        keys, args = self._context(job_id, token, force)
+        args += [status.value, error, expect]
+        return then(self._end_lost(keys=keys, args=args), lambda r: (str(r[0]), _due(r[1:]).free))
 
     @round_trip
     def discard(self, job_id: str, task: str) -> MaybeAwaitable[None]:
         """Undo a creation whose message could not be sent: no record, no count, no index.
 
-        Call `release_inputs` first (it needs the record); this removes the rest at once.
+        Call `release_inputs(mode="discard")` first (it needs the record; it removes a
+        parallel job's parts); this removes the rest at once.
         """
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.key(job_id))

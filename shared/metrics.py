@@ -50,7 +50,11 @@ THROUGHPUT_KEEP_S = 3900
 LUA_JOB_ENDED = (
     """
 local function fl_job_ended(job, before, status, now, m)
-  local f = redis.call('HMGET', job, 'id', 'task', 'started_at')
+  local f = redis.call('HMGET', job, 'id', 'task', 'started_at', 'parent')
+  if f[4] then  -- a part of a parallel job: the job is counted, not its parts
+    if f[1] then redis.call('HDEL', m .. 'running', f[1]) end
+    return
+  end
   local task = f[2] or '?'
   redis.call('HINCRBY', m .. 'finished', task .. '|' .. status, 1)
   if f[1] then redis.call('HDEL', m .. 'running', f[1]) end

@@ -243,6 +243,9 @@ class Settings(BaseSettings):
     internal_token: SecretStr | None = None
 
     worker_concurrency: int = Field(default_factory=_cpu_count, ge=1)
+    # `"parallel": "auto"` runs a job as at most one part per live worker process of its
+    # domain, and gives every part at least this many bytes of its split input.
+    parallel_min_part_bytes: int = Field(default=8 << 20, ge=1)
     max_tasks_per_child: int = Field(default=0, ge=0)
     # Address space a job may add to its worker child (RLIMIT_AS, set per job on top of what
     # the child maps already, attached input segments included); 0 = no limit. Default: the

@@ -12,6 +12,10 @@ neighbours where it needs them; other inputs whole), and how the parts make one 
   of them) and `combine(partials, params)` makes the result (a sum of sums, moments into a
   standard deviation).
 
+An output segment may be recycled (the pool hands out any owner's freed pages, on the rule
+that a writer overwrites every byte before anyone can see it): the parts and the combine
+together must write every element of the output.
+
 The same declaration runs a one-part job: the API plans one part covering everything, so a
 job with an in-place output writes its result straight into its segment, no copy.
 

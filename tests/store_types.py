@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from shared.arrays.replicas import Claim, ReplicaStore
 from shared.arrays.store import ArrayRecord, ArrayStore, Dropped
-from shared.jobstore import JobRecord, JobStore
+from shared.jobstore import Due, JobRecord, JobStore
 from shared.schemas import JobStatus, WorkerSeen
 from shared.settings import Settings
 from shared.workers import WorkerStore
@@ -24,7 +24,7 @@ def sync_stores(client: redis.Redis, settings: Settings) -> None:
     jobs = JobStore(client, settings)
     assert_type(jobs.get("j"), JobRecord | None)
     assert_type(jobs.start("j", "host", 1, "domain"), tuple[str, int, list[str]])
-    assert_type(jobs.finish("j", JobStatus.succeeded), tuple[str, list[str]])
+    assert_type(jobs.finish("j", JobStatus.succeeded), tuple[str, Due])
     arrays = ArrayStore(client, settings)
     assert_type(arrays.get_many(["a"]), list[ArrayRecord | None])
     assert_type(arrays.drop("a"), Dropped | None)
@@ -37,9 +37,9 @@ def sync_stores(client: redis.Redis, settings: Settings) -> None:
 async def async_stores(client: aioredis.Redis, settings: Settings) -> None:
     jobs = JobStore(client, settings)
     assert_type(await jobs.get("j"), JobRecord | None)
-    assert_type(await jobs.cancel("j"), str)
+    assert_type(await jobs.cancel("j"), tuple[str, list[str]])
     arrays = ArrayStore(client, settings)
     assert_type(await arrays.reserve("a", (2,), "<f8", "C", 16, "owner"), int | None)
     assert_type(await WorkerStore(client, settings).live_domains(), set[str])
-    outcome: str = jobs.cancel("j")  # type: ignore[assignment]  # a missing await
+    outcome: tuple[str, list[str]] = jobs.cancel("j")  # type: ignore[assignment]  # no await
     del outcome

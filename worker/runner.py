@@ -3,11 +3,17 @@
 Celery-free on purpose (only its time-limit exception is named), so the job lifecycle reads
 top to bottom in one place. Every path ends the record and releases the inputs exactly once;
 the attempt that ends the record releases them in the same script (shared/jobstore.py).
+
+A part of a parallel job (shared/splits.py) runs the same way over its slice, writing into
+its slice of the job's reserved output; the part whose success completes the job (its finish
+says so) then runs the combine and ends the job. A job whose split has an in-place output
+runs as one part even when not parallel, so its result is written straight into its segment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -19,14 +25,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 from billiard.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel
 
+from shared import splits
 from shared.arrays import lifecycle, mappings, replicas
 from shared.arrays.copying import copy_into
 from shared.arrays.npy import check_dtype
 from shared.arrays.segments import Segment, ShmFullError, ndarray_view
 from shared.arrays.store import ArrayRecord
+from shared.jobstore import Due
 from shared.redis_io import REDIS_ERRORS
-from shared.registry import get_job
+from shared.registry import JobSpec, get_job
 from shared.schemas import ArrayRef, JobStatus, TaskPayload
 from worker import cancel
 from worker.runtime import Runtime, runtime
@@ -135,6 +144,7 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
         error = f"{type(exc).__name__}: {exc}"
         log.info("job %s failed: %s", job_id, error)
     final = status
+    ending = Due([], [])
     ended = status.value  # what this attempt logs: a status, or 'moved' (another one holds it)
     if status is JobStatus.cancelled:
         # The record turned final when the client cancelled; this attempt has stopped
@@ -144,16 +154,20 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
             f"job {job_id} release",
         )
     else:
-        won, due = redis_retrying(
+        won, ending = redis_retrying(
             lambda: rt.jobs.finish(job_id, status, error=error, result=result, token=token),
             f"job {job_id} finish",
         )
+        due = ending.free
         if won != "ok":  # cancelled meanwhile, or another attempt holds it (it releases)
             final = JobStatus(won) if won in JobStatus.__members__ else JobStatus.cancelled
             ended = won
     if final is not JobStatus.succeeded:
         _free(rt, created)
     _free(rt, due)
+    if status is JobStatus.succeeded and final is JobStatus.succeeded:
+        for parent_id in ending.combine:  # this part completed its job: combine it
+            _combine(rt, payload, parent_id, token)
     duration = time.monotonic() - began
     log.info(
         "job %s ended %s in %.3f s",
@@ -177,9 +191,191 @@ def _execute(rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:
     with attached(payload.inputs, rt) as arrays:
         spec.check_inputs(arrays, params)
         limit = rt.settings.child_memory_limit_bytes
+        if payload.part is not None:
+            return _run_part(rt, spec, payload, params, arrays)
+        split = _in_place_split(spec, arrays, params)
+        if split is not None:
+            return _run_in_place(rt, payload, params, arrays, split, created)
         with cancel.armed(), memory_limit(limit):
             value = spec.call(params, arrays, progress)
         return encode_result(value, rt, payload, created)
+
+
+def _split(spec: JobSpec, arrays: dict[str, np.ndarray], params: BaseModel) -> splits.Split:
+    try:
+        return spec.split_for(arrays, params)
+    except splits.NotSplittable as exc:  # the API planned it: the job modules differ
+        raise JobFailure(f"{spec.name}: {exc}") from None
+
+
+def _in_place_split(
+    spec: JobSpec, arrays: dict[str, np.ndarray], params: BaseModel
+) -> splits.Split | None:
+    """The job's split when it writes its output in place (run as one part), else None."""
+    if spec.split is None:
+        return None
+    try:
+        split = spec.split_for(arrays, params)
+    except splits.NotSplittable:
+        return None
+    return split if split.output is not None else None
+
+
+def _run_part(
+    rt: Runtime,
+    spec: JobSpec,
+    payload: TaskPayload,
+    params: BaseModel,
+    arrays: dict[str, np.ndarray],
+) -> Any:
+    """One part: its slices, its slice of the job's output; returns its partial (JSON)."""
+    assert payload.part is not None
+    split = _split(spec, arrays, params)
+    part = payload.part
+    info = splits.PartInfo(
+        index=part.index,
+        total=part.total,
+        axis=split.axis(),
+        start=part.start,
+        stop=part.stop,
+        length=part.length,
+    )
+    limit = rt.settings.child_memory_limit_bytes
+    with output_view(payload.output, rt) as out:
+        with cancel.armed(), memory_limit(limit):
+            partial = splits.run_part(split, arrays, params, out, info)
+        del out
+    encoded = splits.encode_partial(partial)
+    size = len(json.dumps(encoded))
+    if size > splits.MAX_PARTIAL_BYTES:
+        raise JobFailure(
+            f"part {part.index + 1} returned {size} bytes; a part's partial may have at most"
+            f" {splits.MAX_PARTIAL_BYTES}"
+        )
+    return encoded
+
+
+def _run_in_place(
+    rt: Runtime,
+    payload: TaskPayload,
+    params: BaseModel,
+    arrays: dict[str, np.ndarray],
+    split: splits.Split,
+    created: list[str],
+) -> Any:
+    """A whole job as one part writing straight into its result segment: no private copy
+    of the result, no second copy into shared memory."""
+    output = split.output
+    assert output is not None
+    dtype = check_dtype(np.dtype(output.dtype))
+    (info,) = splits.plan(split.length(arrays), 1, split.axis())
+    limit = rt.settings.child_memory_limit_bytes
+    try:
+        with lifecycle.writing(
+            rt.arrays,
+            uuid.uuid4().hex,
+            output.shape,
+            dtype.str,
+            output.order,
+            output.nbytes,
+            payload.owner,
+            job=payload.job_id,
+        ) as write:
+            out = ndarray_view(write.open(), dtype, output.shape, output.order)
+            with cancel.armed(), memory_limit(limit):
+                partial = splits.run_part(split, arrays, params, out, info)
+                splits.finish(split, [partial], params, out)
+            del out
+    except ShmFullError as exc:
+        raise JobFailure(f"{exc} (the job's result)") from None
+    assert write.record is not None
+    created.append(write.record.id)
+    return {"array": write.record.meta().model_dump(mode="json")}
+
+
+@contextlib.contextmanager
+def output_view(ref: ArrayRef | None, rt: Runtime) -> Iterator[np.ndarray | None]:
+    """A writable view of a parallel job's reserved output (None for a job without one)."""
+    if ref is None:
+        yield None
+        return
+    try:
+        segment = mappings.attach(ref.segment, ref.nbytes, writable=True)
+    except FileNotFoundError:
+        raise JobFailure(f"the job's output segment {ref.segment} is gone") from None
+    try:
+        yield ndarray_view(segment, np.dtype(ref.dtype), ref.shape, ref.order)
+    finally:
+        with contextlib.suppress(BufferError):
+            segment.close()
+
+
+def _combine(rt: Runtime, payload: TaskPayload, parent_id: str, token: str) -> None:
+    """Make a parallel job's result from its parts' partials and end the job.
+
+    Run by the attempt whose part completed the job; its token holds the job until it ends,
+    so the job's inputs and output are released only after this (shared/jobstore.py).
+    """
+    began = time.monotonic()
+    spec = get_job(payload.task)
+    created: list[str] = []
+    status, error, result = JobStatus.failed, None, None
+    try:
+        if spec is None:
+            raise JobFailure(f"unknown task '{payload.task}' on worker {rt.hostname}")
+        params = spec.validate_params(payload.params)
+        parent = rt.jobs.get(parent_id)
+        if parent is None:
+            raise JobFailure(f"job {parent_id} vanished before its combine")
+        records = rt.jobs.get_many(parent.part_ids.split())
+        partials = [splits.decode_partial(r.result if r else None) for r in records]
+        meta = {name: ref.info() for name, ref in payload.inputs.items()}
+        split = spec.split_for(meta, params)
+        limit = rt.settings.child_memory_limit_bytes
+        with output_view(payload.output, rt) as out:
+            with memory_limit(limit):
+                value = splits.finish(split, partials, params, out)
+            del out
+        if payload.output is not None:
+            del value
+            array_id = payload.output.id
+            if not rt.arrays.commit(array_id):
+                raise JobFailure("the job's output reservation expired before its combine")
+            record = rt.arrays.get(array_id)
+            if record is None:
+                raise JobFailure("the job's output vanished right after its commit")
+            result = {"array": record.meta().model_dump(mode="json")}
+        else:
+            whole = payload.model_copy(update={"job_id": parent_id, "part": None})
+            result = encode_result(value, rt, whole, created)
+        status = JobStatus.succeeded
+    except JobFailure as exc:
+        error = str(exc)
+    except MemoryError:
+        error = "memory limit: the combine of the job's parts ran out of memory"
+    except Exception as exc:
+        error = f"combining the parts: {type(exc).__name__}: {exc}"
+        log.info("job %s combine failed: %s", parent_id, error)
+    won, ending = redis_retrying(
+        lambda: rt.jobs.finish(parent_id, status, error=error, result=result, token=token),
+        f"job {parent_id} finish",
+    )
+    due = ending.free
+    if won != "ok":  # cancelled while combining: this attempt still holds it, release it
+        due += redis_retrying(
+            lambda: rt.jobs.release_inputs(parent_id, mode="owner", token=token),
+            f"job {parent_id} release",
+        )
+    if won != "ok" or status is not JobStatus.succeeded:
+        _free(rt, created)
+    _free(rt, due)
+    log.info(
+        "job %s (%d parts) ended %s after a %.3f s combine",
+        parent_id,
+        payload.part.total if payload.part else 0,
+        status.value if won == "ok" else won,
+        time.monotonic() - began,
+    )
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ class JobRequest(Request):
                 f"job {job_id} time limit",
                 MAIN_PROCESS_RETRY_S,
             )
-            lifecycle.free(rt.arrays, due)
+            lifecycle.free(rt.arrays, due.free)
         except Exception as exc:  # the reaper ends it: its worker no longer holds it
             log.warning("job %s: could not record the time limit: %s", job_id, exc)
 

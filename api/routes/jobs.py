@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 
-from api import submissions
+from api import pipelines, submissions
 from api.arrays_io import npy_response
 from api.deps import AppState, Owner, State, load_job
 from api.errors import ApiError, not_found
@@ -33,7 +33,8 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 )
 async def submit_job(body: JobSubmission, state: State, owner: Owner, response: Response) -> Any:
     """Validate a job, queue it, and answer at once with its id (`Location: /jobs/{id}`)."""
-    job = await submissions.prepare(state, body, owner)
+    resolved = await pipelines.resolve(state, body, owner)
+    job = await submissions.prepare(state, resolved.body, owner, resolved.upstream)
     (view,) = await submissions.submit(state, [job], owner)
     response.headers["Location"] = f"/jobs/{job.job_id}"
     return view
@@ -48,11 +49,16 @@ async def submit_job(body: JobSubmission, state: State, owner: Owner, response: 
 )
 async def submit_jobs(body: JobBatch, state: State, owner: Owner) -> Any:
     """Queue many jobs in one request: all are validated first, and none is queued unless
-    every one is valid (the error's `detail.index` names the first bad one)."""
-    prepared = []
+    every one is valid (the error's `detail.index` names the first bad one). An input
+    `{"job": "#i"}` takes the result of entry i, an earlier one (api/pipelines.py)."""
+    prepared: list[submissions.Prepared] = []
+    ids: list[str] = []  # of the entries so far, which `#i` names
     for index, submission in enumerate(body.jobs):
         try:
-            prepared.append(await submissions.prepare(state, submission, owner))
+            resolved = await pipelines.resolve(state, submission, owner, ids, index)
+            job = await submissions.prepare(state, resolved.body, owner, resolved.upstream)
+            prepared.append(job)
+            ids.append(job.job_id)
         except ApiError as exc:
             exc.message = f"jobs[{index}]: {exc.message}"
             exc.detail = {"index": index, "error": exc.detail}
@@ -189,8 +195,17 @@ async def get_job_result(
 async def cancel_job(job_id: str, state: State, owner: Owner) -> Any:
     """Cancel a queued job, or stop a running one (its worker process is interrupted)."""
     record = await load_job(state, job_id, owner)
-    before = await state.jobs.cancel(job_id)
-    if before == "queued":
+    if record.parent:
+        raise ApiError(
+            409,
+            "job_part",
+            f"job {job_id} is part {(record.part_index or 0) + 1} of job {record.parent};"
+            f" DELETE /jobs/{record.parent} cancels the job and all its parts",
+            {"parent": record.parent},
+        )
+    before, due = await state.jobs.cancel(job_id)
+    await lifecycle.free_async(state.arrays, due)
+    if before in ("queued", "waiting"):
         await lifecycle.free_async(state.arrays, await state.jobs.release_inputs(job_id))
     elif before != "running":
         raise ApiError(
