@@ -56,6 +56,14 @@ def inspect_input(a: np.ndarray, hold: Annotated[float, Field(ge=0, le=30)] = 0.
     }
 
 
+@job
+def slow_copy(a: np.ndarray, seconds: Annotated[float, Field(ge=0, le=30)] = 1.0) -> np.ndarray:
+    """Sleeps, then returns a copy of `a`: an upstream still running when the job that takes
+    its result is submitted (tests/integration/test_client_parallel.py)."""
+    time.sleep(seconds)
+    return np.array(a)
+
+
 # --- fault-injection jobs (tests/integration/test_faults.py, test_leaks.py) ---------------
 
 
