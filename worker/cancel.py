@@ -96,6 +96,7 @@ def _watch() -> None:
 def install() -> None:
     """Run in each child right after the fork."""
     signal.signal(signal.SIGUSR2, _on_sigusr2)
+    mappings.close_in_background()  # the jobs' sweeps never wait for an unmap
     threading.Thread(target=_watch, name="forklift-cancel-watch", daemon=True).start()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -124,6 +125,24 @@ def test_an_unlinked_segment_is_swept(prefix: str, cache: MappingCache) -> None:
     assert mapping.closed, "the sweep unmaps what the unlinked segment's memory hung on"
     assert cache.sweep() == 0
     unlink_segment(keep)
+
+
+def test_a_background_closer_unmaps_what_a_sweep_drops(prefix: str) -> None:
+    """close_in_background (worker children): the sweep returns before the unmap, which
+    still happens, in the closer's thread."""
+    cache = MappingCache(max_entries=4, min_bytes=0)
+    cache.close_in_background()
+    gone = prefix + "gone"
+    make(gone, np.ones(10))
+    cache.attach(gone, 80).close()
+    mapping = kept_mapping(cache, gone)
+    unlink_segment(gone)
+    assert cache.sweep() == 1 and len(cache) == 0
+    deadline = time.monotonic() + 10
+    while not mapping.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mapping.closed, "the closer thread never unmapped the dropped mapping"
+    assert [t for t in threading.enumerate() if t.name == "forklift-unmap"]
 
 
 def test_sweep_leaves_a_mapping_in_use_to_its_views(prefix: str, cache: MappingCache) -> None:
