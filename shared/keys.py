@@ -45,6 +45,12 @@ class Keys:
         """hash: one job record (fields: `shared/jobstore.py:JobRecord`); JobStore writes."""
         return self._k("job", job_id)
 
+    def dependents(self, job_id: str) -> str:
+        """set: ids of waiting jobs with an input from this job (`job(id)` + `:dependents`,
+        so scripts derive it from the job key); `shared/dependencies.py` adds, the job's
+        release resolves and drops it."""
+        return self._k("job", job_id, "dependents")
+
     @property
     def job_prefix(self) -> str:
         """`job(id)` without the id, for scripts that read records of ids they find."""
