@@ -178,7 +178,7 @@ def test_matmul(dtype: str) -> None:
             check("matmul", {"a": arr(sa, dtype, order), "b": arr(sb, dtype, order)}, {}, exact)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "int32", "uint8", "float32"])
+@pytest.mark.parametrize("dtype", ["float64", "int32", "uint8", "float32", "complex128", "bool"])
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_sort(dtype: str, order: str) -> None:
     for shape in [(1,), (29,), (11, 7), (3, 5, 4), (1, 40), (40, 1), (0,), (4, 0)]:
@@ -187,6 +187,8 @@ def test_sort(dtype: str, order: str) -> None:
                 x = arr(shape, dtype, order)
                 check("sort", {"a": x}, {"axis": axis, "kind": kind}, True)
     check("sort", {"a": with_nans(arr((50,)))}, {"axis": None}, True)
+    check("sort", {"a": np.full((30,), np.nan)}, {"axis": None}, True)
+    check("sort", {"a": arr((300,), "int64") % 3}, {"axis": None}, True)  # few distinct values
 
 
 @pytest.mark.parametrize("order", ["C", "F"])

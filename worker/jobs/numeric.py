@@ -395,7 +395,7 @@ def _bounded(split: Split, what: str) -> Split:
     return split
 
 
-def _reduction_axis(arr: HasShapeAndDtype, axis: int | None, what: str) -> int | None:
+def _reduction_axis(arr: HasShapeAndDtype, axis: int | None, what: str) -> int:
     """The split axis of a reduction: the reduced one, or the outer one for axis null."""
     if not arr.shape:
         raise NotSplittable(f"{what} of a 0-dimensional input has nothing to split")
@@ -521,7 +521,6 @@ def _split_std(arrays: Arrays, params: Any) -> Split:
     with _quiet():
         dtype = np.std(np.zeros(2, dtype=a.dtype)).dtype
     split_axis = _reduction_axis(a, params.axis, "std")
-    assert split_axis is not None
 
     def part(arrs: dict[str, np.ndarray], p: Any, out: Any, info: PartInfo) -> Any:
         n, mean, m2 = _block_moments(arrs["a"], p.axis, split_axis)
@@ -643,7 +642,7 @@ def _split_matmul(arrays: Arrays, params: Any) -> Split:
 
 
 def _fft_transform(params: Any) -> Callable[..., np.ndarray]:
-    return np.fft.rfft if params.real else np.fft.fft  # type: ignore[no-any-return]
+    return np.fft.rfft if params.real else np.fft.fft
 
 
 def _split_fft(arrays: Arrays, params: Any) -> Split:
@@ -691,6 +690,52 @@ def _merge_runs(flat: np.ndarray, bounds: list[tuple[int, int]]) -> None:
         flat.sort(kind="stable")
 
 
+def _flat_view(x: np.ndarray) -> np.ndarray:
+    """The values of `x` as 1-D, a view in memory order when `x` is contiguous."""
+    return x.reshape(-1, order="A") if x.flags.forc else x.ravel()
+
+
+def _sort_bucket(arrs: dict[str, np.ndarray], p: Any, out: Any, info: PartInfo) -> None:
+    x = _flat_view(arrs["a"])
+    flat = out.reshape(-1, order="A")
+    parts = info.total
+    if parts == 1:
+        np.copyto(flat, x)
+        flat.sort(kind=p.kind)
+        return
+    # the same sample in every part: evenly spaced values, NaNs left out (they sort last)
+    sample = np.sort(x[:: max(1, x.size // (1024 * parts))])
+    if sample.dtype.kind == "f":
+        sample = sample[~np.isnan(sample)]
+    if sample.size == 0:
+        lo = hi = None
+    else:
+        picks = [sample[min(sample.size - 1, sample.size * i // parts)] for i in range(parts + 1)]
+        lo = picks[info.index] if info.index > 0 else None
+        hi = picks[info.index + 1] if info.index < parts - 1 else None
+    if lo is None and hi is None and info.index > 0:
+        return  # no splitters (all NaN, or nothing): the first part takes everything
+    step = max(1, (1 << 20) // max(1, x.itemsize))
+    pos = 0
+    if lo is not None:  # values below this bucket come first
+        for start in range(0, x.size, step):
+            pos += int(np.count_nonzero(x[start : start + step] < lo))
+    begin = pos
+    for start in range(0, x.size, step):
+        block = x[start : start + step]
+        if hi is None:
+            mask = ~(block < lo) if lo is not None else np.ones(block.shape, bool)
+        elif lo is None:
+            mask = block < hi
+        else:
+            mask = (block >= lo) & (block < hi)
+        k = int(np.count_nonzero(mask))
+        if k:
+            np.compress(mask, block, out=flat[pos : pos + k])
+            pos += k
+    flat[begin:pos].sort(kind=p.kind)
+
+
 def _split_sort(arrays: Arrays, params: Any) -> Split:
     a = arrays["a"]
     shape = _shape(a)
@@ -711,11 +756,24 @@ def _split_sort(arrays: Arrays, params: Any) -> Split:
 
             output = Output(shape, np.dtype(a.dtype), order, split_axis)
             return Split(inputs={"a": split_axis}, part=rows, output=output)
-    # The flattened sort (or one row only): each part sorts its share of the values into its
-    # own range of the output, and the combine merges the sorted runs in place.
     split_axis = _outer_axis(a)
-    per = size // shape[split_axis] if shape[split_axis] else 0
     out_shape = (size,) if params.axis is None else shape
+    out_order = "C" if params.axis is None else order
+    if np.dtype(a.dtype).kind in "iuf":
+        # The flattened sort (or one row only), as a sample sort: every part sees the whole
+        # input (its halo), picks the same splitters from the same sample, counts the values
+        # below its own splitter, copies the values of its bucket to that place in the output
+        # and sorts them there. No merge, no buffer; two passes over the input per part.
+        length = shape[split_axis]
+        return Split(
+            inputs={"a": split_axis},
+            part=_sort_bucket,
+            output=Output(out_shape, np.dtype(a.dtype), out_order, 0, lambda lo, hi: (0, 1 << 62)),
+            halo={"a": (length, length)},
+        )
+    # Other dtypes: each part sorts its share of the values into its own range of the output,
+    # and the combine merges the sorted runs in place.
+    per = size // shape[split_axis] if shape[split_axis] else 0
 
     def runs(arrs: dict[str, np.ndarray], p: Any, out: Any, info: PartInfo) -> list[int]:
         x = arrs["a"]
