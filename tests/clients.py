@@ -51,7 +51,7 @@ class Blocking:
     def __repr__(self) -> str:
         return f"Blocking({self.target!r})"
 
-    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _call(self, method: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = _unwrapped(args), _unwrapped(kwargs)
         return self._wrap(self.portal.call(functools.partial(_invoke, method, args, kwargs)))
 
@@ -76,7 +76,7 @@ class BlockingBatch(Blocking):
     def __exit__(self, *exc_info: Any) -> None:
         self.portal.call(self.target.__aexit__, *exc_info)
 
-    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _call(self, method: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = _unwrapped(args), _unwrapped(kwargs)
 
         async def call() -> list[Any]:  # in a list: the portal would await an AsyncJob
