@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field
 
-from shared.registry import job
+from shared.registry import HasShapeAndDtype, job
+from shared.splits import Output, PartInfo, Split
 
 
 @job
@@ -113,3 +115,33 @@ def hog(
         held.append(np.ones(step_megabytes << 20, dtype=np.uint8))
         time.sleep(pause)
     return sum(a.nbytes for a in held) >> 20
+
+
+def _slow_double_split(arrays: Mapping[str, HasShapeAndDtype], params: Any) -> Split:
+    a = arrays["a"]
+    return Split(
+        inputs={"a": 0},
+        part=_slow_double_part,
+        output=Output(shape=tuple(a.shape), dtype=np.dtype(a.dtype)),
+    )
+
+
+def _slow_double_part(
+    arrays: dict[str, np.ndarray], params: Any, out: np.ndarray | None, info: PartInfo
+) -> None:
+    if info.index == params.fail_part:
+        raise ValueError(f"part {info.index} fails on purpose")
+    time.sleep(params.seconds)
+    assert out is not None
+    np.multiply(arrays["a"], 2, out=out)
+
+
+@job(split=_slow_double_split)
+def slow_double(
+    a: np.ndarray,
+    seconds: Annotated[float, Field(ge=0, le=30)] = 0.5,
+    fail_part: int = -1,
+) -> np.ndarray:
+    """a * 2 after `seconds`; as parts, each part sleeps, and part `fail_part` raises."""
+    time.sleep(seconds)
+    return a * 2
