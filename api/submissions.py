@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,17 +64,23 @@ class Prepared:
 
     def payloads(self, owner: str) -> list[TaskPayload]:
         """The job's message, or one per part."""
-        inputs = {name: record.ref() for name, record in self.inputs.items()}
-        common = {"task": self.body.task, "params": self.params, "inputs": inputs}
-        common |= {"timeout": self.body.timeout, "owner": owner}
+        whole = TaskPayload(
+            job_id=self.job_id,
+            task=self.body.task,
+            params=self.params,
+            inputs={name: record.ref() for name, record in self.inputs.items()},
+            timeout=self.body.timeout,
+            owner=owner,
+        )
         if not self.parts:
-            return [TaskPayload(job_id=self.job_id, **common)]
+            return [whole]
         return [
-            TaskPayload(
-                job_id=part_id,
-                part=_part_ref(self.job_id, info),
-                output=self.output_ref,
-                **common,
+            whole.model_copy(
+                update={
+                    "job_id": part_id,
+                    "part": _part_ref(self.job_id, info),
+                    "output": self.output_ref,
+                }
             )
             for part_id, info in zip(self.part_ids, self.parts, strict=True)
         ]
@@ -151,7 +158,7 @@ async def _plan_parts(
     state: AppState,
     job: Prepared,
     spec: JobSpec,
-    infos: dict[str, HasShapeAndDtype],
+    infos: Mapping[str, HasShapeAndDtype],
     params: BaseModel,
 ) -> None:
     """Cut a parallel job into parts (`parallel` N, or `auto`: this domain's live worker

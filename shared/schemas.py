@@ -57,7 +57,7 @@ class ArrayRef(BaseModel):
 
     def info(self) -> ArrayInfo:
         """Shape and NumPy dtype, what input checks look at (`@job(check=)`)."""
-        return ArrayInfo(self.shape, np.dtype(self.dtype))
+        return ArrayInfo(self.shape, np.dtype(self.dtype), self.order)
 
 
 class ArrayMeta(ArrayRef):
@@ -69,10 +69,12 @@ class ArrayMeta(ArrayRef):
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    """An array's shape and dtype without its bytes: an ndarray's look for input checks."""
+    """An array's shape, dtype and memory order without its bytes: an ndarray's look for
+    input checks and for planning a split (`order` as `shared/splits.py` reads it)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
+    order: str = "C"
 
 
 class ArrayInput(BaseModel):
@@ -91,7 +93,9 @@ class JobInput(BaseModel):
         " earlier entry of the same batch"
     )
     key: str | None = Field(
-        None, max_length=200, description="for a dict result: the name of the array to take"
+        default=None,
+        max_length=200,
+        description="for a dict result: the name of the array to take",
     )
 
 
@@ -118,7 +122,7 @@ class JobSubmission(BaseModel):
         None, gt=0, description="seconds; may only lower the server's job time limit"
     )
     parallel: Parallel = Field(
-        1,
+        default=1,
         description="run as this many parts over the same arrays (a splittable task);"
         " `auto`: the live worker processes of the inputs' domain",
     )
@@ -205,12 +209,12 @@ class JobBase(BaseModel):
     error: str | None = None
     result: Any = None
     attempts: int = 0
-    parent: str | None = Field(None, description="a part's parallel job")
+    parent: str | None = Field(default=None, description="a part's parallel job")
     upstream: dict[str, JobInput] | None = Field(
-        None, description="inputs that are other jobs' results (input name -> job)"
+        default=None, description="inputs that are other jobs' results (input name -> job)"
     )
     upstream_failed: str | None = Field(
-        None, description="the upstream job whose failure or cancellation ended this one"
+        default=None, description="the upstream job whose failure or cancellation ended this one"
     )
 
 
@@ -254,7 +258,7 @@ class TaskInfo(BaseModel):
     doc: str
     params_schema: dict[str, Any]
     inputs: dict[str, dict[str, Any]]
-    splittable: bool = Field(False, description="accepts `parallel` (runs as parts)")
+    splittable: bool = Field(default=False, description="accepts `parallel` (runs as parts)")
 
 
 class ErrorDetail(BaseModel):
