@@ -108,9 +108,9 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
     )
     _free(rt, due)
     began = time.monotonic()
-    if outcome == "missing" and payload.inputs:
+    if outcome == "missing" and payload.inputs and payload.part is None:
         # The record is gone (deleted by hand): release what the message says it pinned,
-        # once per job id.
+        # once per job id. (A part pins nothing: its job holds the inputs.)
         ids = [ref.id for ref in payload.inputs.values()]
         _free(
             rt,
