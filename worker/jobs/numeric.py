@@ -716,6 +716,19 @@ def _sort_bucket(arrs: dict[str, np.ndarray], p: Any, out: Any, info: PartInfo) 
     if lo is None and hi is None and info.index > 0:
         return  # no splitters (all NaN, or nothing): the first part takes everything
     step = max(1, (1 << 20) // max(1, x.itemsize))
+    if hi is None and lo is not None:
+        # The last bucket ends where the output ends: filled backwards in one pass (the order
+        # inside a bucket does not matter before its sort), no count of what comes before.
+        end = x.size
+        for start in range(0, x.size, step):
+            block = x[start : start + step]
+            mask = ~(block < lo)
+            k = int(np.count_nonzero(mask))
+            if k:
+                np.compress(mask, block, out=flat[end - k : end])
+                end -= k
+        flat[end:].sort(kind=p.kind)
+        return
     pos = 0
     if lo is not None:  # values below this bucket come first
         for start in range(0, x.size, step):
