@@ -15,12 +15,17 @@ measured in the same run on the same machine:
 - the floor of a same-host hand-off: `create_segment` + one copy, in this process.
 
 Two shapes: one job on a fresh array (upload or payload included), and ten jobs on the same
-array (forklift uploads once; the others send ten payloads). Memory: VmRSS/RssAnon/RssShmem of
+array (forklift uploads once; the others send ten payloads).
+Ten jobs on one array, cold and warm (issue 16), for sizes of 256 MiB and more: forklift
+(same-host put and HTTP upload, then one `POST /jobs/batch` of ten `sum` jobs and
+`POST /jobs/wait`) and Ray (`ray.put` + ten tasks) interleaved in rounds, with each run's
+phases from the job records (`--ten` runs only these, on 256 MiB and 1 GiB; what *cold* and
+*warm* mean is printed with the table). Memory: VmRSS/RssAnon/RssShmem of
 every process sampled every 20 ms, plus the bytes of forklift's segments in /dev/shm; growth
 is peak minus the median of the 0.3 s before the case. A path that fails (Redis refuses a
 bulk string over `proto-max-bulk-len`, 512 MB) is reported, not fatal.
 
-Run: python -m bench.arrays [--quick] [--no-ray] [--repeat 3]
+Run: python -m bench.arrays [--quick] [--no-ray] [--repeat 3] [--ten]
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import httpx
 import numpy as np
@@ -116,6 +122,7 @@ class Results:
     def __init__(self) -> None:
         self.cases: dict[tuple[str, str, int], Case] = {}
         self.memory: dict[tuple[str, str, int], Memory] = {}
+        self.ten: dict[tuple[str, str, int], list[TenRun]] = {}  # (path, cold|warm, MiB)
 
     def case(self, path: str, metric: str, size: int) -> Case:
         return self.cases.setdefault((path, metric, size), Case())
@@ -399,6 +406,295 @@ def run_ray(base: np.ndarray, sizes: list[int], repeat: int, res: Results) -> st
     )
 
 
+# --- ten jobs on one array, warm and cold (issue 16) -----------------------------------------
+
+TEN_PATHS = (
+    ("forklift same-host", "same-host client: `put_array(shared_memory=True)` + ten jobs"),
+    ("forklift HTTP", "HTTP upload (`POST /arrays`) + ten jobs"),
+    ("ray", "Ray: `ray.put` + ten tasks"),
+)
+
+
+@dataclass
+class TenRun:
+    """One ten-jobs run: its phases in seconds (client clock, job records)."""
+
+    put: float
+    submit: float  # the ten submissions (one `POST /jobs/batch`) after the put
+    jobs: float  # submission start → last result in hand
+    first_start: float = math.nan  # submission start → the first job's `started_at`
+    runs: list[float] = field(default_factory=list)  # each job's started → finished
+    tail: float = math.nan  # the last `finished_at` → its result in the client
+
+    @property
+    def total(self) -> float:
+        return self.put + self.jobs
+
+
+def ten_batch(fl: Forklift, array_id: str, arr: np.ndarray, put_s: float) -> TenRun:
+    """Ten `sum` jobs on one array: one `POST /jobs/batch`, then long-poll `POST /jobs/wait`."""
+    body = {"jobs": [{"task": "sum", "inputs": {"a": {"array": array_id}}}] * TEN}
+    t_wall, t0 = time.time(), time.perf_counter()
+    resp = fl.http.post("/jobs/batch", json=body)
+    if resp.status_code != 202:
+        raise RuntimeError(f"batch failed: {resp.status_code} {resp.text[:500]}")
+    ids = [v["id"] for v in resp.json()["jobs"]]
+    t_sub = time.perf_counter()
+    views: dict[str, dict[str, Any]] = {}
+    while len(views) < TEN:
+        pending = [i for i in ids if i not in views]
+        got = fl.http.post("/jobs/wait", json={"ids": pending, "wait": 30}).json()["jobs"]
+        for v in got:
+            if v["status"] in ("succeeded", "failed", "cancelled"):
+                views[v["id"]] = v
+    t_end, t_end_wall = time.perf_counter(), time.time()
+    expected = total(arr)
+    for v in views.values():
+        if v["status"] != "succeeded" or not math.isclose(v["result"], expected, rel_tol=1e-9):
+            raise RuntimeError(f"job {v['status']}: {v.get('error') or v.get('result')}")
+    vs = list(views.values())
+    return TenRun(
+        put=put_s,
+        submit=t_sub - t0,
+        jobs=t_end - t0,
+        first_start=min(v["started_at"] for v in vs) - t_wall,
+        runs=sorted(v["finished_at"] - v["started_at"] for v in vs),
+        tail=t_end_wall - max(v["finished_at"] for v in vs),
+    )
+
+
+TenKey = tuple[str, str, int]  # (path, "cold" | "warm", MiB)
+
+
+def forklift_ten_runs(
+    fl: Forklift, client: object | None, arr: np.ndarray, prefix: str, warm: int
+) -> dict[tuple[str, str], list[TenRun]]:
+    """One cold run, then `warm` warm ones, per forklift path.
+
+    Cold: the segment pool drained first, so the put allocates fresh pages and each worker
+    child maps the new segment and faults its pages on its first job. Warm: the put reuses
+    the segment the previous run freed (the pool recycles it by rename), which the client,
+    the API and every child still map (kept mappings): no allocation, no faults.
+    """
+    out: dict[tuple[str, str], list[TenRun]] = {}
+    puts: list[tuple[str, Callable[[], tuple[str, Callable[[], None]]]]] = []
+
+    def http_put() -> tuple[str, Callable[[], None]]:
+        meta = fl.upload(arr)
+        return meta["id"], lambda: fl.delete_array(meta["id"])
+
+    def shm_put() -> tuple[str, Callable[[], None]]:
+        handle = client.put_array(arr, shared_memory=True)  # type: ignore[union-attr]
+        return handle.id, lambda: client.delete_array(handle)  # type: ignore[union-attr]
+
+    if client is not None:
+        puts.append(("forklift same-host", shm_put))
+    puts.append(("forklift HTTP", http_put))
+    for path, put in puts:
+        drain_pool(prefix)
+        for i in range(warm + 1):
+            t0 = time.perf_counter()
+            array_id, free = put()
+            put_s = time.perf_counter() - t0
+            try:
+                run = ten_batch(fl, array_id, arr, put_s)
+            finally:
+                free()
+            out.setdefault((path, "cold" if i == 0 else "warm"), []).append(run)
+    drain_pool(prefix)
+    return out
+
+
+def ray_ten_runs(
+    ray: ModuleType, arr: np.ndarray, warm: int
+) -> tuple[dict[str, list[TenRun]], float]:
+    """Ray on a fresh `ray.init` (returns the runs and the init's seconds): cold = the first
+    put into the new object store (workers started and warmed with tiny tasks, the store's
+    pages untouched); warm = a put after an object of the same size was freed, into store
+    memory the driver and the workers have touched before."""
+    out: dict[str, list[TenRun]] = {}
+    t0 = time.perf_counter()
+    ray.init(
+        num_cpus=CORES,
+        include_dashboard=False,
+        object_store_memory=max(4 * GIB, 3 * arr.nbytes),
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
+    init_s = time.perf_counter() - t0
+    try:
+        remote_total = ray.remote(total)
+        ray.get([remote_total.remote(np.zeros(1)) for _ in range(2 * CORES)])
+        expected = total(arr)
+        for i in range(warm + 1):
+            t0 = time.perf_counter()
+            ref = ray.put(arr)
+            t_put = time.perf_counter()
+            values = ray.get([remote_total.remote(ref) for _ in range(TEN)])
+            t_end = time.perf_counter()
+            if not all(math.isclose(v, expected, rel_tol=1e-9) for v in values):
+                raise RuntimeError(f"Ray: wrong sums {values}")
+            del ref
+            run = TenRun(put=t_put - t0, submit=math.nan, jobs=t_end - t_put)
+            out.setdefault("cold" if i == 0 else "warm", []).append(run)
+            time.sleep(0.2)  # let the store free it
+    finally:
+        ray.shutdown()
+    return out, init_s
+
+
+def ten_rounds(
+    fl: Forklift,
+    client: object | None,
+    prefix: str,
+    base: np.ndarray,
+    sizes: list[int],
+    rounds: int,
+    use_ray: bool,
+    quiet: float,
+    ignore: Callable[[], list[int]],
+) -> tuple[dict[TenKey, list[TenRun]], list[str]]:
+    """Ten jobs on one array, cold and warm, forklift and Ray interleaved: each round runs
+    every path on every size back to back, so a load that comes and goes on a shared machine
+    hits them alike; ratios are taken within a round."""
+    ten: dict[TenKey, list[TenRun]] = {}
+    ray: ModuleType | None = None
+    notes: list[str] = []
+    if use_ray:
+        try:
+            ray = importlib.import_module("ray")
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        except ImportError:
+            notes.append("Ray is not installed (`pip install ray`): its ten-jobs rows are empty.")
+    inits: list[float] = []
+    loads: list[float] = []
+    for rnd in range(rounds):
+        for size_mib in sizes:
+            arr = base[: size_mib * MIB // 8]
+            if quiet:
+                wait_quiet(quiet, timeout=60, ignore=ignore())
+            print(f"--- ten jobs, round {rnd + 1}/{rounds}, {size_mib} MiB", flush=True)
+            loads.append(os.getloadavg()[0])
+            for (path, state), runs in forklift_ten_runs(fl, client, arr, prefix, 2).items():
+                ten.setdefault((path, state, size_mib), []).extend(runs)
+            if ray is not None:
+                got, init_s = ray_ten_runs(ray, arr, 2)
+                inits.append(init_s)
+                for state, runs in got.items():
+                    ten.setdefault(("ray", state, size_mib), []).extend(runs)
+    notes.append(
+        f"1-minute load average at the start of each ten-jobs round and size:"
+        f" {', '.join(f'{x:.1f}' for x in loads)} (this machine has {CORES} cores)."
+    )
+    if ray is not None and inits:
+        notes.append(
+            f"Ray {ray.__version__}: a fresh `ray.init(num_cpus={CORES})` (object store 4 GiB"
+            f" or 3× the array) per size and round, {min(inits):.1f}-{max(inits):.1f} s each,"
+            " not counted; its workers warmed with tiny tasks first."
+        )
+    return ten, notes
+
+
+def ten_report(ten: dict[TenKey, list[TenRun]], sizes: list[int]) -> str:
+    """The warm/cold table. Each round holds one cold and two warm runs per path; "Ray ÷
+    this" is Ray's total over this path's, within each round (warm: the medians of the
+    round's two), then the median and range over rounds; "wins" counts the rounds where it
+    is above 1."""
+
+    def med(runs: list[TenRun], what: Callable[[TenRun], float]) -> str:
+        vals = [what(r) for r in runs if not math.isnan(what(r))]
+        if not vals:
+            return "–"
+        text = fmt_s(statistics.median(vals))
+        if len(vals) > 1:
+            text += f" ({fmt_s(min(vals))}–{fmt_s(max(vals))})"
+        return text
+
+    def per_round(runs: list[TenRun], state: str) -> list[float]:
+        step = 1 if state == "cold" else 2
+        return [
+            statistics.median(r.total for r in runs[i : i + step])
+            for i in range(0, len(runs), step)
+        ]
+
+    rows = []
+    for s in sizes:
+        for path, _ in TEN_PATHS:
+            for state in ("cold", "warm"):
+                runs = ten.get((path, state, s))
+                if not runs:
+                    continue
+                ratio, wins = "–", "–"
+                ray_runs = ten.get(("ray", state, s))
+                if ray_runs and path != "ray":
+                    pairs = list(
+                        zip(per_round(ray_runs, state), per_round(runs, state), strict=False)
+                    )
+                    ratios = [theirs / mine for theirs, mine in pairs]
+                    ratio = f"{statistics.median(ratios):.2f}×"
+                    if len(ratios) > 1:
+                        ratio += f" ({min(ratios):.2f}–{max(ratios):.2f})"
+                    wins = f"{sum(r > 1 for r in ratios)}/{len(ratios)}"
+                rows.append(
+                    [
+                        f"{s} MiB" if s < 1024 else f"{s // 1024} GiB",
+                        path,
+                        state,
+                        str(len(runs)),
+                        med(runs, lambda r: r.total),
+                        med(runs, lambda r: r.put),
+                        med(runs, lambda r: r.jobs),
+                        med(runs, lambda r: r.submit),
+                        med(runs, lambda r: r.first_start),
+                        med(runs, lambda r: max(r.runs) if r.runs else math.nan),
+                        med(runs, lambda r: statistics.median(r.runs) if r.runs else math.nan),
+                        med(runs, lambda r: r.tail),
+                        ratio,
+                        wins,
+                    ]
+                )
+    return md_table(
+        [
+            "size",
+            "path",
+            "state",
+            "runs",
+            "total = put + ten jobs",
+            "put",
+            "ten jobs: submit → last result",
+            "of which the batch submit",
+            "submit → first `started_at`",
+            "slowest job run",
+            "median job run",
+            "last `finished_at` → client",
+            "Ray ÷ this (per round)",
+            "wins",
+        ],
+        rows,
+        align="lll" + "r" * 11,
+    )
+
+
+TEN_DEFINITIONS = (
+    "Each row is one put of the array and ten `sum` jobs on it. *total* = *put* + *ten jobs*."
+    " *put*: forklift same-host = `Client.put_array(arr, shared_memory=True)` (register,"
+    " create or reuse a segment, one copy, commit); forklift HTTP = `POST /arrays` with the"
+    " array's buffer as the body; Ray = `ray.put(arr)`. *ten jobs*: forklift = one"
+    " `POST /jobs/batch` of ten `sum` jobs on the array, then `POST /jobs/wait` long-polls until"
+    " all ten have ended (what `Client.map` does); Ray = ten `f.remote(ref)` and one `ray.get`"
+    " of all ten. The job-record columns (forklift only) come from the records' `started_at`"
+    " and `finished_at` on the same host's clock: *job run* is started → finished of one job"
+    " in a worker child (attach, page faults of a fresh mapping, the sum, storing the result)."
+    " **Cold**: forklift's segment pool drained first, so the put allocates fresh pages and"
+    " each worker child maps the new segment and faults its pages in on its first job; Ray on"
+    " a fresh `ray.init`, its first put into the new object store (workers already started)."
+    " **Warm**: the put reuses memory a same-size array freed just before: forklift's pooled"
+    " segment, which the client, the API and both worker children still map (kept mappings),"
+    " Ray's store memory after `del ref`. Deleting the array and freeing the Ray object are"
+    " outside the timings."
+)
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -414,6 +710,26 @@ def same_host_client(url: str) -> tuple[object | None, str]:
     if "/arrays/register" not in paths:
         return None, "missing: the API has no `POST /arrays/register`"
     return client_cls(url, timeout=600), "`forklift.Client.put_array(arr, shared_memory=True)`"
+
+
+def run_ten(
+    sizes: list[int], rounds: int, use_ray: bool, quiet: float
+) -> tuple[dict[TenKey, list[TenRun]], list[str]]:
+    """Only the ten-jobs cases, warm and cold, on a stack of their own (`--ten`)."""
+    base = np.arange(max(sizes) * MIB // 8, dtype=np.float64) * 0.5
+    with running_stack(concurrency=CORES) as st:
+        fl = Forklift(st.url)
+        client, status = same_host_client(st.url)
+        try:
+            ten, notes = ten_rounds(
+                fl, client, st.shm_prefix, base, sizes, rounds, use_ray, quiet,
+                lambda: _all_pids(st.groups()),
+            )  # fmt: skip
+        finally:
+            fl.close()
+            if client is not None:
+                client.close()  # type: ignore[attr-defined]
+    return ten, [f"same-host client path: {status}.", *notes]
 
 
 def run(sizes: list[int], repeat: int, use_ray: bool, quiet: float) -> tuple[Results, list[str]]:
@@ -505,6 +821,12 @@ def run(sizes: list[int], repeat: int, use_ray: bool, quiet: float) -> tuple[Res
                                     )
                                 _drain(plain)
                         print(f"    celery {shape}: {res.case(*key).show()}", flush=True)
+            ten_sizes = [s for s in sizes if s >= 256] or [max(sizes)]
+            res.ten, ten_notes = ten_rounds(
+                fl, client, prefix, base, ten_sizes, repeat, use_ray, quiet,
+                lambda: _all_pids(groups),
+            )  # fmt: skip
+            notes.extend(ten_notes)
             notes.append(f"lowest MemAvailable during the Celery runs: {fmt_bytes(guard.lowest)}.")
             notes.append(
                 "forklift runs with its default segment pool (`FORKLIFT_SHM_POOL_BYTES=-1`):"
@@ -647,6 +969,9 @@ def report(res: Results, sizes: list[int], notes: list[str], repeat: int, quick:
         md_table(["step", *cols], fl_rows),
         "## Paths side by side",
         md_table(["path", *cols], time_rows),
+        "## Ten jobs on one array, cold and warm, forklift and Ray interleaved (issue 16)",
+        TEN_DEFINITIONS,
+        ten_report(res.ten, sorted({k[2] for k in res.ten})),
         "## Peak memory growth above the pre-case baseline (RssAnon per group; /dev/shm bytes)",
         "Total = peak over time of Σ RssAnon of the path's processes + forklift's /dev/shm"
         " bytes, minus the same before the case: what the machine really had to find.",
@@ -761,6 +1086,23 @@ def targets(res: Results, sizes: list[int]) -> str:
                     "met" if api < 64 * MIB else "missed",
                 ]
             )
+    for s in sorted({k[2] for k in res.ten}):
+        for state in ("cold", "warm"):
+            mine = res.ten.get(("forklift same-host", state, s))
+            theirs = res.ten.get(("ray", state, s))
+            if not mine or not theirs:
+                continue
+            a = statistics.median(r.total for r in mine)
+            b = statistics.median(r.total for r in theirs)
+            rows.append(
+                [
+                    f"ten jobs on {s} MiB, {state}: same-host put + ten jobs faster than Ray's"
+                    " put + ten tasks (issue 16)",
+                    f"{fmt_s(a)} vs Ray {fmt_s(b)} ({b / a:.2f}×, medians; per round: see the"
+                    " ten-jobs table)",
+                    "met" if a < b else "missed",
+                ]
+            )
     return md_table(["target", "measured", "met?"], rows, align="lll")
 
 
@@ -857,7 +1199,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of the fast paths")
     parser.add_argument("--no-ray", action="store_true", help="skip Ray even if installed")
     parser.add_argument("--quiet", type=float, default=0.25, help="see bench/cpu.py; 0: off")
+    parser.add_argument(
+        "--ten", action="store_true", help="only ten jobs on one array, warm and cold"
+    )
     args = parser.parse_args()
+    if args.ten:
+        given = args.sizes != parser.get_default("sizes")
+        sizes = [int(s) for s in args.sizes.split(",")] if given else [256, 1024]
+        ten, notes = run_ten(sizes, args.repeat, not args.no_ray, args.quiet)
+        text = "\n\n".join(
+            [TEN_DEFINITIONS, ten_report(ten, sizes), "\n".join(f"- {n}" for n in notes)]
+        )
+        print("\n" + text)
+        return
     sizes = [1, 16] if args.quick else [int(s) for s in args.sizes.split(",")]
     repeat = 1 if args.quick else args.repeat
     start = time.perf_counter()
