@@ -6,8 +6,9 @@ the attempt that ends the record releases them in the same script (shared/jobsto
 
 A part of a parallel job (shared/splits.py) runs the same way over its slice, writing into
 its slice of the job's reserved output; the part whose success completes the job (its finish
-says so) then runs the combine and ends the job. A job whose split has an in-place output
-runs as one part even when not parallel, so its result is written straight into its segment.
+says so) then runs the combine and ends the job. A splittable job runs as one part even when
+not parallel: an in-place output is written straight into its result segment, and partials
+are computed the split's way (blockwise, without the plain function's temporaries).
 """
 
 from __future__ import annotations
@@ -193,9 +194,15 @@ def _execute(rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:
         limit = rt.settings.child_memory_limit_bytes
         if payload.part is not None:
             return _run_part(rt, spec, payload, params, arrays)
-        split = _in_place_split(spec, arrays, params)
-        if split is not None:
+        split = _one_part_split(spec, arrays, params)
+        if split is not None and split.output is not None:
             return _run_in_place(rt, payload, params, arrays, split, created)
+        if split is not None:  # partials computed the split's way (blockwise, no temporaries)
+            (info,) = splits.plan(split.length(arrays), 1, split.axis())
+            with cancel.armed(), memory_limit(limit):
+                partial = splits.run_part(split, arrays, params, None, info)
+                value = splits.finish(split, [partial], params, None)
+            return encode_result(value, rt, payload, created)
         with cancel.armed(), memory_limit(limit):
             value = spec.call(params, arrays, progress)
         return encode_result(value, rt, payload, created)
@@ -208,17 +215,17 @@ def _split(spec: JobSpec, arrays: dict[str, np.ndarray], params: BaseModel) -> s
         raise JobFailure(f"{spec.name}: {exc}") from None
 
 
-def _in_place_split(
+def _one_part_split(
     spec: JobSpec, arrays: dict[str, np.ndarray], params: BaseModel
 ) -> splits.Split | None:
-    """The job's split when it writes its output in place (run as one part), else None."""
+    """The job's split, which one job runs as its one part (an in-place output written
+    straight into its segment; partials as the split computes them), else None."""
     if spec.split is None:
         return None
     try:
-        split = spec.split_for(arrays, params)
+        return spec.split_for(arrays, params)
     except splits.NotSplittable:
         return None
-    return split if split.output is not None else None
 
 
 def _run_part(
