@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from shared.redis_io import async_redis
@@ -37,6 +37,8 @@ class JobEventHub:
         self._all: set[asyncio.Queue[dict[str, Any]]] = set()
         self._task: asyncio.Task[None] | None = None
         self.closing = False
+        # Called with the id of a waiting job announced ready (api/pipelines.py launches it).
+        self.on_ready: Callable[[str], None] | None = None
 
     def close(self) -> None:
         """The server is shutting down: wake every waiter, and let none wait any more."""
@@ -88,7 +90,10 @@ class JobEventHub:
                 backoff = 0.2
                 async for message in _messages(pubsub):
                     with contextlib.suppress(ValueError, TypeError):
-                        self._dispatch(json.loads(message["data"]))
+                        event = json.loads(message["data"])
+                        self._dispatch(event)
+                        if event.get("ready") and self.on_ready is not None:
+                            self.on_ready(str(event["id"]))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -13,7 +13,7 @@ from typing import Any
 from anyio import to_thread
 from fastapi import FastAPI
 
-from api import errors, openapi
+from api import errors, openapi, pipelines
 from api.deps import AppState
 from api.enqueue import publish
 from api.events import JobEventHub
@@ -125,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub=hub,
             limits=KeyLimits(settings),
         )
+        launcher = pipelines.Launcher(app.state.forklift)
+        hub.on_ready = launcher  # waiting jobs announced ready are launched here
         with contextlib.suppress(*REDIS_ERRORS):  # Redis down: /cluster finds it via workers
             await announce_domain(client, settings)
         bind_check = asyncio.create_task(check_bind(settings), name="forklift-bind-check")
@@ -154,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield
         finally:
             hub.close()
+            await launcher.close()
             for task in (bind_check, *background):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
