@@ -5,6 +5,9 @@
 - `docs/examples/myjobs/stats.py`, the job module of docs/jobs.md, through the tests that page
   shows: called as plain functions (`test_stats.py`), and loaded through `FORKLIFT_JOB_MODULES`
   by a stack of its own (`test_stats_on_a_stack.py`).
+- `docs/examples/myjobs/signals.py`, the splittable jobs of docs/jobs.md ("Running a job as
+  parts"): their splits against the plain functions (`test_signals.py`), and `parallel=2` on a
+  stack of its own against one job (`test_signals_on_a_stack.py`).
 """
 
 from __future__ import annotations
@@ -111,4 +114,4 @@ def test_the_job_tests_docs_jobs_md_shows_pass() -> None:
     argv = [sys.executable, "-m", "pytest", str(EXAMPLES), "-q", "-p", "no:cacheprovider"]
     result = subprocess.run(argv, cwd=stack.REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 passed" in result.stdout, result.stdout
+    assert "37 passed" in result.stdout, result.stdout
