@@ -28,7 +28,10 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
     response_model=JobView,
     responses={
         202: {"description": "queued; `Location` is the job's path", "headers": LOCATION},
-        422: {"description": "unknown task, bad params, inputs or timeout, unknown array"},
+        422: {
+            "description": "unknown task, bad params, inputs or timeout, unknown array or"
+            " job, a failed upstream, `parallel` on a job that does not split"
+        },
     },
 )
 async def submit_job(body: JobSubmission, state: State, owner: Owner, response: Response) -> Any:
