@@ -341,12 +341,15 @@ def test_a_waiting_job_launches_in_parts(http: httpx.Client, live: Stack) -> Non
     x = upload(http, rng.standard_normal((37, 256)))["id"]
     views = _batch(
         http,
-        _job("normalize", {"a": {"array": x}}),
+        {**_job("normalize", {"a": {"array": x}}), "parallel": 2},
         {**_job("fft", {"a": {"job": "#0"}}, mode="magnitude"), "parallel": 2},
     )
+    assert views[0]["parts"]["total"] == 2 and views[1]["parts"] is None  # planned at launch
     end = wait(http, views[1]["id"], 60)
     assert end["status"] == "succeeded", end
     assert end["parts"]["total"] == 2 and end["parts"]["done"] == 2
+    first = wait(http, views[0]["id"])
+    assert end["inputs"] == {"a": first["result"]["array"]["id"]}  # the parallel job's output
     alone = wait(
         http, _post(http, _job("fft", {"a": {"array": end["inputs"]["a"]}}, mode="magnitude"))["id"]
     )
