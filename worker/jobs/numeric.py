@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, Field
 
 from shared.arrays.copying import _pool as _copy_pool
+from shared.arrays.copying import copy_into
 from shared.arrays.copying import copy_threads as _copy_threads
 from shared.registry import (
     ArraySpec,
@@ -699,8 +700,8 @@ def _sort_bucket(arrs: dict[str, np.ndarray], p: Any, out: Any, info: PartInfo) 
     x = _flat_view(arrs["a"])
     flat = out.reshape(-1, order="A")
     parts = info.total
-    if parts == 1:
-        np.copyto(flat, x)
+    if parts == 1:  # one job: the copy into the result segment on every core
+        copy_into(flat, x)
         flat.sort(kind=p.kind)
         return
     # the same sample in every part: evenly spaced values, NaNs left out (they sort last)
