@@ -26,10 +26,11 @@ sorts slices then merges them in the driver (a stable sort of the runs, which ti
 `matmul` splits the rows of `a`, the pipeline is min-max normalize -> |rfft| along the last
 axis of a (n/4096, 4096) view -> a 100-bin histogram on a fixed range.
 
-Columns: wall time (best of N, and the range), speedup over one forklift job (and over NumPy
-on one thread), CPU cores used (utime+stime, with reaped children's, of every process of the
-path: this driver, the stack's API/worker/children/Redis, pool children, Ray's processes;
-over the wall time), and peak private memory growth per process. Private memory: every 0.1 s
+Columns: wall time (best of N timed runs, and the range; each case runs once before them, the
+cold run, which alone is memory-sampled and shown as `first run`), speedup over one forklift
+job (and over NumPy on one thread), CPU cores used (utime+stime, with reaped children's, of
+every process of the path: this driver, the stack's API/worker/children/Redis, pool children,
+Ray's processes; over the wall time), and peak private memory growth per process. Private memory: every 0.1 s
 a thread reads each process's Private_Clean + Private_Dirty of its MAP_PRIVATE mappings
 (/proc/<pid>/smaps; the cheaper smaps_rollup when the process maps no shmem), so pages of
 /dev/shm segments, memfds and other MAP_SHARED mappings count as shared even where one
@@ -265,6 +266,7 @@ def descendants_of_me() -> list[int]:
 @dataclass
 class Row:
     runs: list[float] = field(default_factory=list)
+    first: float | None = None  # the first run: cold, memory metered, not among `runs`
     cores: list[float] = field(default_factory=list)
     others: list[float] = field(default_factory=list)
     mem: dict[str, Any] | None = None
@@ -294,23 +296,29 @@ class Bench:
     ) -> None:
         row = self.rows.setdefault((path, work, size), Row())
         try:
-            for i in range(self.repeat):
+            # Run 0 samples memory (reading /proc/<pid>/smaps of processes that map GiBs costs
+            # a core's worth of kernel time on 2 cores, and slows whoever it reads): it is the
+            # cold run, reported on its own; the timed runs after it are not sampled.
+            for i in range(self.repeat + 1):
                 before = pids()
                 cpu0 = {p: cpu_seconds(p) for p in before}
                 sys0 = system_busy_seconds()
-                self.meter.begin(pids)
+                if i == 0:
+                    self.meter.begin(pids)
                 t0 = time.perf_counter()
                 value = fn()
                 wall = time.perf_counter() - t0
-                mem = self.meter.end()
                 sys1 = system_busy_seconds()
                 used = sum(cpu_seconds(p) - cpu0.get(p, 0.0) for p in set(before) | set(pids()))
                 if i == 0:
+                    row.mem = self.meter.end()
                     check(value)
-                    row.mem = mem
                 if after is not None:
                     after(value)
                 del value
+                if i == 0:
+                    row.first = wall
+                    continue
                 row.runs.append(wall)
                 row.cores.append(used / wall)
                 row.others.append(max(0.0, (sys1 - sys0) - used) / wall)
@@ -1039,7 +1047,11 @@ def report(b: Bench, sizes: list[str], quick: bool) -> str:
         machine_info(),
         "",
         f"Command: `python -m bench.parallel{' --quick' if quick else ''} --repeat {b.repeat}`."
-        " Wall time: best of the runs (range min–max). Speedup: over one forklift job of the"
+        " Wall time: best of the timed runs (range min–max); each case runs once more before"
+        " them, untimed in those columns: the first run (cold: fresh pages, first attaches)"
+        " and the only one whose memory is sampled (`first run`; sampling /proc/<pid>/smaps"
+        " of processes that map GiBs costs a core's worth of kernel time and slowed parallel"
+        " paths by up to 40% when it shared the timed runs). Speedup: over one forklift job of the"
         " same work (and over NumPy on one thread). Cores: CPU seconds of every process of"
         " the path / wall (others' = the rest of the machine meanwhile, a noise gauge)."
         " Memory: peak private growth (MAP_PRIVATE Private_Clean+Private_Dirty, shmem excluded)"
@@ -1047,7 +1059,7 @@ def report(b: Bench, sizes: list[str], quick: bool) -> str:
         " /dev/shm growth (whole machine).",
         "",
     ]
-    headers = ["work", "size", "path", "wall (best)", "range", "× 1 forklift job",
+    headers = ["work", "size", "path", "wall (best)", "range", "first run", "× 1 forklift job",
                "× NumPy 1 thread", "cores", "others'", "driver +priv", "largest other +priv",
                "others Σ +priv", "/dev/shm +"]  # fmt: skip
     rows: list[list[object]] = []
@@ -1060,7 +1072,7 @@ def report(b: Bench, sizes: list[str], quick: bool) -> str:
                 if r is None:
                     continue
                 if r.error:
-                    rows.append([w, size, LABELS[p], f"fails: {r.error}", *[""] * 9])
+                    rows.append([w, size, LABELS[p], f"fails: {r.error}", *[""] * 10])
                     continue
                 best = r.best or float("nan")
                 sp1 = f"{base.best / best:.2f}×" if base and base.best else "–"
@@ -1068,12 +1080,13 @@ def report(b: Bench, sizes: list[str], quick: bool) -> str:
                 mem = r.mem or {}
                 rows.append([
                     w, size, LABELS[p], fmt_s(best),
-                    f"{fmt_s(min(r.runs))}–{fmt_s(max(r.runs))}", sp1, sp2,
+                    f"{fmt_s(min(r.runs))}–{fmt_s(max(r.runs))}",
+                    fmt_s(r.first) if r.first is not None else "–", sp1, sp2,
                     *cores_cells(r),
                     fmt_bytes(mem.get("driver")), fmt_bytes(mem.get("other_max")),
                     fmt_bytes(mem.get("other_sum")), fmt_bytes(mem.get("shm")),
                 ])  # fmt: skip
-    lines.append(md_table(headers, rows, "lll" + "r" * 10))
+    lines.append(md_table(headers, rows, "lll" + "r" * 11))
     lines += ["", "Notes:", ""] + [f"- {n}" for n in b.notes]
     return "\n".join(lines)
 

@@ -108,7 +108,15 @@ local function fl_part_released(part, status, parent_id)
   local index = redis.call('HGET', part, 'part_index') or '0'
   if status == 'succeeded' then
     redis.call('HINCRBY', parent, 'parts_done', 1)
-    redis.call('HSET', parent .. ':progress', index, 1)
+    if p[1] == 'running' then  -- the job's progress: the mean of its parts'
+      redis.call('HSET', parent .. ':progress', index, 1)
+      local sum = 0
+      for _, v in ipairs(redis.call('HVALS', parent .. ':progress')) do sum = sum + tonumber(v) end
+      local progress = {fraction = sum / tonumber(p[2]), note = ''}
+      redis.call('HSET', parent, 'progress', cjson.encode(progress))
+      redis.call('PUBLISH', C.events, cjson.encode({id = parent_id, status = 'running',
+        progress = progress}))
+    end
   elseif status == 'failed' then
     redis.call('HINCRBY', parent, 'parts_failed', 1)
   end

@@ -216,6 +216,7 @@ def test_parts_run_in_different_worker_processes(http: httpx.Client, live: Stack
     parts = _parts(http, done)
     assert [p["parent"] for p in parts] == [job["id"]] * 2
     assert len({p["worker"]["pid"] for p in parts}) == 2
+    assert done["progress"]["fraction"] == 1.0  # the mean of its parts' progress
     assert np.array_equal(_value(http, done["result"]), arr * 2)
     _assert_released(live, http, job["id"], [a])
 
