@@ -30,12 +30,13 @@ Columns: wall time (best of N timed runs, and the range; each case runs once bef
 cold run, which alone is memory-sampled and shown as `first run`), speedup over one forklift
 job (and over NumPy on one thread), CPU cores used (utime+stime, with reaped children's, of
 every process of the path: this driver, the stack's API/worker/children/Redis, pool children,
-Ray's processes; over the wall time), and peak private memory growth per process. Private memory: every 0.1 s
-a thread reads each process's Private_Clean + Private_Dirty of its MAP_PRIVATE mappings
-(/proc/<pid>/smaps; the cheaper smaps_rollup when the process maps no shmem), so pages of
-/dev/shm segments, memfds and other MAP_SHARED mappings count as shared even where one
-process alone maps them; growth is the peak minus the reading just before the run (a process
-born during the run: its peak). /dev/shm growth (statvfs, the whole machine) is its own column.
+Ray's processes; over the wall time), and peak private memory growth per process. Private
+memory: every 0.1 s a thread reads each process's Private_Clean + Private_Dirty of its
+MAP_PRIVATE mappings (/proc/<pid>/smaps; the cheaper smaps_rollup when the process maps no
+shmem), so pages of /dev/shm segments, memfds and other MAP_SHARED mappings count as shared
+even where one process alone maps them; growth is the peak minus the reading just before the
+run (a process born during the run: its peak). /dev/shm growth (statvfs, the whole machine) is
+its own column.
 
 Run: python -m bench.parallel [--quick] [--repeat 3] [--only numpy,dask,...] [--no-forklift]
 """
