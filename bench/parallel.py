@@ -26,6 +26,9 @@ sorts slices then merges them in the driver (a stable sort of the runs, which ti
 `matmul` splits the rows of `a`, the pipeline is min-max normalize -> |rfft| along the last
 axis of a (n/4096, 4096) view -> a 100-bin histogram on a fixed range.
 
+Each run starts once the machine is idle (under 0.1 busy cores, waited for up to 5 s), so
+what a case leaves running (freed segments being unmapped) is not charged to the next.
+
 Columns: wall time (best of N timed runs, and the range; each case runs once before them, the
 cold run, which alone is memory-sampled and shown as `first run`), speedup over one forklift
 job (and over NumPy on one thread), CPU cores used (utime+stime, with reaped children's, of
@@ -264,6 +267,22 @@ def descendants_of_me() -> list[int]:
     return tree(os.getpid())
 
 
+SETTLE_CORES = 0.1  # busy cores, machine-wide, under which a run may start
+SETTLE_MAX_S = 5.0
+
+
+def settle() -> None:
+    """Wait (up to SETTLE_MAX_S) until the machine is idle: what the last case left running
+    (freed GiB segments being unmapped and their pages returned to the host take about a
+    second of CPU per GiB here) must not be charged to the next case."""
+    deadline = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < deadline:
+        busy = system_busy_seconds()
+        time.sleep(0.1)
+        if (system_busy_seconds() - busy) / 0.1 < SETTLE_CORES:
+            return
+
+
 @dataclass
 class Row:
     runs: list[float] = field(default_factory=list)
@@ -301,6 +320,7 @@ class Bench:
             # a core's worth of kernel time on 2 cores, and slows whoever it reads): it is the
             # cold run, reported on its own; the timed runs after it are not sampled.
             for i in range(self.repeat + 1):
+                settle()
                 before = pids()
                 cpu0 = {p: cpu_seconds(p) for p in before}
                 sys0 = system_busy_seconds()
@@ -1048,6 +1068,7 @@ def report(b: Bench, sizes: list[str], quick: bool) -> str:
         machine_info(),
         "",
         f"Command: `python -m bench.parallel{' --quick' if quick else ''} --repeat {b.repeat}`."
+        " Each run starts once the machine is idle (under 0.1 busy cores, up to 5 s)."
         " Wall time: best of the timed runs (range min–max); each case runs once more before"
         " them, untimed in those columns: the first run (cold: fresh pages, first attaches)"
         " and the only one whose memory is sampled (`first run`; sampling /proc/<pid>/smaps"
