@@ -190,17 +190,13 @@ for _, id in ipairs(ids) do
   redis.call('PERSIST', ARGV[7] .. id)
 end
 local fields = cjson.decode(ARGV[3])
-local flat = {'status', 'waiting', 'created_at', ARGV[1], 'attempts', 0, 'unresolved', pending,
+local first = {'status', 'waiting', 'created_at', ARGV[1], 'attempts', 0, 'unresolved', pending,
   'inputs', cjson.encode(inputs), 'input_ids', table.concat(ids, ' ')}
 if pending == 0 then
-  flat[#flat + 1] = 'ready'
-  flat[#flat + 1] = '1'
+  first[#first + 1] = 'ready'
+  first[#first + 1] = '1'
 end
-for k, v in pairs(fields) do
-  flat[#flat + 1] = k
-  flat[#flat + 1] = v
-end
-redis.call('HSET', KEYS[1], unpack(flat))
+fl_hset(KEYS[1], fields, first)
 for _, set in ipairs(links) do redis.call('SADD', set, fields['id']) end
 local now = tonumber(ARGV[1])
 redis.call('ZADD', KEYS[2], now, fields['id'])
@@ -232,22 +228,8 @@ local f = redis.call('HMGET', KEYS[1], 'status', 'claim', 'id')
 if not f[1] then return 'missing' end
 if f[1] ~= 'waiting' then return f[1] end
 if f[2] ~= ARGV[1] then return 'moved' end
-local function put(key, fields, status)
-  local flat = {'status', status}
-  for k, v in pairs(fields) do
-    flat[#flat + 1] = k
-    flat[#flat + 1] = v
-  end
-  redis.call('HSET', key, unpack(flat))
-end
-put(KEYS[1], cjson.decode(ARGV[2]), 'queued')
-redis.call('HSET', KEYS[1], 'launched_at', ARGV[6])
-local now = tonumber(ARGV[6])
-for _, part in ipairs(cjson.decode(ARGV[3])) do
-  put(ARGV[4] .. part['id'], part, 'queued')
-  redis.call('HSET', ARGV[4] .. part['id'], 'created_at', ARGV[6], 'attempts', 0)
-  redis.call('ZADD', KEYS[3], now, part['id'])
-end
+fl_hset(KEYS[1], cjson.decode(ARGV[2]), {'status', 'queued', 'launched_at', ARGV[6]})
+fl_put_parts(cjson.decode(ARGV[3]), ARGV[4], KEYS[3], tonumber(ARGV[6]), ARGV[6])
 if ARGV[5] ~= '' then redis.call('PERSIST', ARGV[5]) end
 redis.call('PUBLISH', KEYS[2], cjson.encode({id = f[3], status = 'queued'}))
 return 'ok'
@@ -282,16 +264,16 @@ class DependencyStore(Generic[ClientT]):
 
     def __init__(self, client: ClientT, settings: Settings) -> None:
         # jobstore imports LUA_DEPENDENTS from here: its own names are imported late.
-        from shared.jobstore import LUA_RELEASE, JobStore
+        from shared.jobstore import LUA_RECORDS, LUA_RELEASE, JobStore
         from shared.metrics import LUA_JOB_ENDED
 
         self.client: ClientT = client
         self.settings = settings
         self.keys = settings.keys
         self.jobs: JobStore[ClientT] = JobStore(client, settings)
-        self._wait = client.register_script(_WAIT)
+        self._wait = client.register_script(LUA_RECORDS + _WAIT)
         self._claim = client.register_script(_CLAIM)
-        self._launch = client.register_script(_LAUNCH)
+        self._launch = client.register_script(LUA_RECORDS + _LAUNCH)
         self._abort = client.register_script(LUA_JOB_ENDED + LUA_RELEASE + _ABORT)
 
     @round_trip

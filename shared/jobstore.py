@@ -34,6 +34,42 @@ from shared.redis_io import ClientT, MaybeAwaitable, ready, round_trip, then
 from shared.schemas import JobBase, JobStatus, JobView, Parts, WorkerInfo
 from shared.settings import Settings
 
+# Writing job records, for every script that creates one or moves its progress (JobStore's
+# create and progress, the release below, the launch of a waiting job in
+# shared/dependencies.py):
+#   fl_hset(key, fields, first): one HSET of the pairs in `first` (a flat list), then `fields`;
+#   fl_put_parts(parts, jp, live, now, stamp): a parallel job's part records, queued and live
+#     (`jp`: the job-key prefix), not listed among the jobs;
+#   fl_part_progress(parent, parent_id, index, fraction, events): a part's progress moves its
+#     running job's, the mean of its parts' (kept in `<job>:progress`), published.
+LUA_RECORDS = """
+local function fl_hset(key, fields, first)
+  local flat = first
+  for k, v in pairs(fields) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  redis.call('HSET', key, unpack(flat))
+end
+local function fl_put_parts(parts, jp, live, now, stamp)
+  for _, part in ipairs(parts) do
+    fl_hset(jp .. part['id'], part, {'status', 'queued', 'created_at', stamp, 'attempts', 0})
+    redis.call('ZADD', live, now, part['id'])
+  end
+end
+local function fl_part_progress(parent, parent_id, index, fraction, events)
+  local p = redis.call('HMGET', parent, 'status', 'parts_total')
+  if p[1] ~= 'running' then return end
+  redis.call('HSET', parent .. ':progress', index, fraction)
+  local sum = 0
+  for _, v in ipairs(redis.call('HVALS', parent .. ':progress')) do sum = sum + tonumber(v) end
+  local progress = {fraction = sum / tonumber(p[2]), note = ''}
+  redis.call('HSET', parent, 'progress', cjson.encode(progress))
+  redis.call('PUBLISH', events, cjson.encode({id = parent_id, status = 'running',
+    progress = progress}))
+end
+"""
+
 # The context every state script opens with: KEYS[1..4] = job, events channel, live index,
 # cancel channel; ARGV[1..8] = now, array-key prefix, grace (seconds an unpinned array
 # outlives its expiry), record TTL, metrics prefix, job-key prefix, attempt token, force.
@@ -48,7 +84,8 @@ from shared.settings import Settings
 # every part is released and no combine holds it, so no part ever writes into a segment
 # that was freed. A final record's dependents are resolved (`fl_dependents`).
 LUA_RELEASE = (
-    """
+    LUA_RECORDS
+    + """
 local C = {job = KEYS[1], events = KEYS[2], live = KEYS[3], cancel = KEYS[4],
   now = tonumber(ARGV[1]), ap = ARGV[2], grace = tonumber(ARGV[3]), ttl = tonumber(ARGV[4]),
   m = ARGV[5], jp = ARGV[6], token = ARGV[7], force = ARGV[8] == '1'}
@@ -108,15 +145,7 @@ local function fl_part_released(part, status, parent_id)
   local index = redis.call('HGET', part, 'part_index') or '0'
   if status == 'succeeded' then
     redis.call('HINCRBY', parent, 'parts_done', 1)
-    if p[1] == 'running' then  -- the job's progress: the mean of its parts'
-      redis.call('HSET', parent .. ':progress', index, 1)
-      local sum = 0
-      for _, v in ipairs(redis.call('HVALS', parent .. ':progress')) do sum = sum + tonumber(v) end
-      local progress = {fraction = sum / tonumber(p[2]), note = ''}
-      redis.call('HSET', parent, 'progress', cjson.encode(progress))
-      redis.call('PUBLISH', C.events, cjson.encode({id = parent_id, status = 'running',
-        progress = progress}))
-    end
+    fl_part_progress(parent, parent_id, index, 1, C.events)
   elseif status == 'failed' then
     redis.call('HINCRBY', parent, 'parts_failed', 1)
   end
@@ -180,22 +209,11 @@ for i = 4, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'pins', 1)
   redis.call('PERSIST', KEYS[i])
 end
-local function put(key, fields)
-  local flat = {'status', 'queued', 'created_at', ARGV[1], 'attempts', 0}
-  for k, v in pairs(fields) do
-    flat[#flat + 1] = k
-    flat[#flat + 1] = v
-  end
-  redis.call('HSET', key, unpack(flat))
-end
 local fields = cjson.decode(ARGV[3])
-put(KEYS[1], fields)
+fl_hset(KEYS[1], fields, {'status', 'queued', 'created_at', ARGV[1], 'attempts', 0})
 redis.call('ZADD', KEYS[2], now, fields['id'])
 redis.call('ZADD', KEYS[3], now, fields['id'])
-for _, part in ipairs(cjson.decode(ARGV[5])) do  -- parts: live, not listed among the jobs
-  put(ARGV[6] .. part['id'], part)
-  redis.call('ZADD', KEYS[3], now, part['id'])
-end
+fl_put_parts(cjson.decode(ARGV[5]), ARGV[6], KEYS[3], now, ARGV[1])
 if ARGV[7] ~= '' then redis.call('PERSIST', ARGV[7]) end  -- the output lives as long as the job
 redis.call('HINCRBY', ARGV[4] .. 'submitted', fields['task'], 1)
 return {'ok'}
@@ -248,18 +266,7 @@ redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 local f = redis.call('HMGET', KEYS[1], 'id', 'parent', 'part_index')
 redis.call('PUBLISH', KEYS[2], cjson.encode({id = f[1], status = 'running',
   progress = cjson.decode(ARGV[1])}))
-if f[2] then  -- a part: its job's progress is the mean of its parts'
-  local parent = ARGV[3] .. f[2]
-  local p = redis.call('HMGET', parent, 'status', 'parts_total')
-  if p[1] ~= 'running' then return 1 end
-  redis.call('HSET', parent .. ':progress', f[3], ARGV[2])
-  local sum = 0
-  for _, v in ipairs(redis.call('HVALS', parent .. ':progress')) do sum = sum + tonumber(v) end
-  local progress = {fraction = sum / tonumber(p[2]), note = ''}
-  redis.call('HSET', parent, 'progress', cjson.encode(progress))
-  redis.call('PUBLISH', KEYS[2], cjson.encode({id = f[2], status = 'running',
-    progress = progress}))
-end
+if f[2] then fl_part_progress(ARGV[3] .. f[2], f[2], f[3], ARGV[2], KEYS[2]) end  -- a part
 return 1
 """
 
@@ -443,8 +450,8 @@ class JobStore(Generic[ClientT]):
         self.index_key = keys.jobs
         self.live_key = keys.jobs_live
         self.metrics = keys.metrics_prefix
-        self._create = client.register_script(_CREATE)
-        self._progress = client.register_script(_PROGRESS)
+        self._create = client.register_script(LUA_RECORDS + _CREATE)
+        self._progress = client.register_script(LUA_RECORDS + _PROGRESS)
         self._requeue = client.register_script(_REQUEUE)
         ending = LUA_JOB_ENDED + LUA_RELEASE
         self._start = client.register_script(ending + _START)
