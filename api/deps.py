@@ -16,6 +16,7 @@ from api.limits import KeyLimits
 from api.owners import owner_id
 from shared.arrays.replicas import ReplicaStore
 from shared.arrays.store import ArrayStore, RegistrationStore
+from shared.dependencies import DependencyStore
 from shared.jobstore import JobRecord, JobStore
 from shared.schemas import is_id
 from shared.settings import Settings
@@ -34,10 +35,12 @@ class AppState:
     # open same-host registrations; this domain's cross-host counters
     registrations: RegistrationStore[aioredis.Redis] = field(init=False)
     replicas: ReplicaStore[aioredis.Redis] = field(init=False)
+    dependencies: DependencyStore[aioredis.Redis] = field(init=False)  # waiting jobs
 
     def __post_init__(self) -> None:
         self.registrations = RegistrationStore(self.redis, self.settings)
         self.replicas = ReplicaStore(self.redis, self.settings)
+        self.dependencies = DependencyStore(self.redis, self.settings)
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def`

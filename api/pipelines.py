@@ -25,7 +25,6 @@ from api import submissions
 from api.deps import AppState
 from api.errors import ApiError
 from shared.arrays import lifecycle
-from shared.dependencies import DependencyStore
 from shared.schemas import (
     ArrayInput,
     JobInput,
@@ -158,7 +157,7 @@ def _parallel(value: object) -> Parallel:
 async def launch(state: AppState, job_id: str) -> bool:
     """Claim a ready waiting job and queue it through the submission steps; a launch whose
     checks fail ends it failed. Returns whether this call launched (or ended) it."""
-    store = DependencyStore(state.redis, state.settings)
+    store = state.dependencies
     token = uuid.uuid4().hex
     if not await store.claim(job_id, token):
         return False  # not ready, launched already, or another API launches it

@@ -24,7 +24,6 @@ from api.errors import ApiError
 from shared import splits
 from shared.arrays import lifecycle
 from shared.arrays.store import ArrayRecord
-from shared.dependencies import DependencyStore
 from shared.registry import HasShapeAndDtype, InputError, JobSpec, LimitError, get_job
 from shared.schemas import (
     ArrayInput,
@@ -269,7 +268,7 @@ async def _record(state: AppState, job: Prepared, owner: str) -> JobView:
     if job.claim:  # a waiting job's launch: its record (and pins) exist
         fields = {"params": json.dumps(job.params), **extra}
         output_id = extra.get("output_id", "")
-        outcome = await DependencyStore(state.redis, state.settings).launch(
+        outcome = await state.dependencies.launch(
             job.job_id, job.claim, fields, parts=parts, output_id=output_id
         )
         if outcome != "ok":  # cancelled meanwhile
@@ -318,7 +317,7 @@ async def _record_waiting(state: AppState, job: Prepared, owner: str) -> JobView
     `prepare` looked is resolved, or refuses the job, in the same script)."""
     body = job.body
     input_ids = {name: record.id for name, record in job.inputs.items()}
-    outcome, name, status = await DependencyStore(state.redis, state.settings).create(
+    outcome, name, status = await state.dependencies.create(
         job.job_id,
         body.task,
         owner,
@@ -350,7 +349,7 @@ async def _undo(state: AppState, jobs: list[Prepared]) -> None:
     waiting job's launch that could not be published ends it failed instead)."""
     for job in jobs:
         if job.claim:
-            _, released = await DependencyStore(state.redis, state.settings).abort(
+            _, released = await state.dependencies.abort(
                 job.job_id, job.claim, "the job could not be queued (its message was not sent)"
             )
         else:
@@ -359,7 +358,7 @@ async def _undo(state: AppState, jobs: list[Prepared]) -> None:
         await lifecycle.free_async(state.arrays, released)
     discarded = [job.job_id for job in jobs if not job.claim]
     if discarded:  # a batch's links to its own entries
-        await DependencyStore(state.redis, state.settings).unlink(discarded)
+        await state.dependencies.unlink(discarded)
 
 
 async def submit(state: AppState, jobs: list[Prepared], owner: str) -> list[JobView]:
