@@ -184,7 +184,7 @@ async def _plan_parts(
         settings = state.settings
         workers = await WorkerStore(state.redis, settings).live()
         slots = sum(w.concurrency for w in workers if w.domain == settings.shm_domain)
-        split_bytes = max(_nbytes(infos[name]) for name in split.inputs)
+        split_bytes = max(job.inputs[name].nbytes for name in split.inputs)
         wanted = min(max(1, slots), max(1, split_bytes // settings.parallel_min_part_bytes))
     else:
         assert isinstance(job.body.parallel, int)
@@ -195,13 +195,6 @@ async def _plan_parts(
     job.parts = parts
     job.part_ids = [uuid.uuid4().hex for _ in parts]
     job.output = split.output
-
-
-def _nbytes(info: HasShapeAndDtype) -> int:
-    count = 1
-    for n in info.shape:
-        count *= int(n)
-    return count * info.dtype.itemsize
 
 
 async def _reserve_output(state: AppState, job: Prepared, owner: str) -> None:
@@ -230,6 +223,12 @@ async def _reserve_output(state: AppState, job: Prepared, owner: str) -> None:
     )
 
 
+async def _free_output(state: AppState, job: Prepared) -> None:
+    """The reserved output of a job whose record was not written (nothing else holds it)."""
+    if job.output_ref is not None:
+        await lifecycle.free_async(state.arrays, [job.output_ref.id])
+
+
 async def _record(state: AppState, job: Prepared, owner: str) -> JobView:
     """Create the queued record (and a parallel job's parts) and pin the inputs; the view is
     built, not read back."""
@@ -249,20 +248,23 @@ async def _record(state: AppState, job: Prepared, owner: str) -> JobView:
             "output_id": output_id,
             "parallel": str(body.parallel),
         }
-        for payload in job.payloads(owner):
-            assert payload.part is not None
+        common = {  # what every part's record holds alike
+            "task": body.task,
+            "owner": owner,
+            "params": json.dumps(job.params),
+            "inputs": json.dumps(input_ids),
+            "timeout": "" if body.timeout is None else repr(body.timeout),
+            "parent": job.job_id,
+            "output": job.output_ref.model_dump_json() if job.output_ref else "",
+        }
+        for part_id, info in zip(job.part_ids, job.parts, strict=True):
+            part = _part_ref(job.job_id, info)
             parts.append(
                 {
-                    "id": payload.job_id,
-                    "task": body.task,
-                    "owner": owner,
-                    "params": json.dumps(job.params),
-                    "inputs": json.dumps(input_ids),
-                    "timeout": "" if body.timeout is None else repr(body.timeout),
-                    "parent": job.job_id,
-                    "part_index": str(payload.part.index),
-                    "part": payload.part.model_dump_json(),
-                    "output": payload.output.model_dump_json() if payload.output else "",
+                    **common,
+                    "id": part_id,
+                    "part_index": str(part.index),
+                    "part": part.model_dump_json(),
                 }
             )
     if job.claim:  # a waiting job's launch: its record (and pins) exist
@@ -272,8 +274,7 @@ async def _record(state: AppState, job: Prepared, owner: str) -> JobView:
             job.job_id, job.claim, fields, parts=parts, output_id=output_id
         )
         if outcome != "ok":  # cancelled meanwhile
-            if job.output_ref is not None:
-                await lifecycle.free_async(state.arrays, [job.output_ref.id])
+            await _free_output(state, job)
             raise ApiError(409, "job_finished", f"job {job.job_id} is {outcome}")
         missing = None
     else:
@@ -289,8 +290,7 @@ async def _record(state: AppState, job: Prepared, owner: str) -> JobView:
             output_id=extra.get("output_id", ""),
         )
     if missing is not None:  # deleted between the check and the pin
-        if job.output_ref is not None:
-            await lifecycle.free_async(state.arrays, [job.output_ref.id])
+        await _free_output(state, job)
         raise ApiError(422, "unknown_array", f"input '{missing}': array is gone")
     return JobView(
         id=job.job_id,
