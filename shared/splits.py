@@ -200,6 +200,15 @@ def finish(split: Split, partials: Sequence[Any], params: Any, out: np.ndarray |
     return split.combine(list(partials), params)
 
 
+def run_whole(
+    split: Split, arrays: Mapping[str, np.ndarray], params: Any, out: np.ndarray | None
+) -> Any:
+    """The job as its one part (the whole range) and its combine: what a job that is not
+    parallel runs, writing into `out` when the split has an in-place output."""
+    (info,) = plan(split.length(arrays), 1, split.axis())
+    return finish(split, [run_part(split, arrays, params, out, info)], params, out)
+
+
 def run_locally(split: Split, arrays: Mapping[str, np.ndarray], params: Any, parts: int) -> Any:
     """The whole split in this process, part after part: what the workers compute together."""
     infos = plan(split.length(arrays), parts, split.axis())

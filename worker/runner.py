@@ -198,10 +198,8 @@ def _execute(rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:
         if split is not None and split.output is not None:
             return _run_in_place(rt, payload, params, arrays, split, created)
         if split is not None:  # partials computed the split's way (blockwise, no temporaries)
-            (info,) = splits.plan(split.length(arrays), 1, split.axis())
             with cancel.armed(), memory_limit(limit):
-                partial = splits.run_part(split, arrays, params, None, info)
-                value = splits.finish(split, [partial], params, None)
+                value = splits.run_whole(split, arrays, params, None)
             return encode_result(value, rt, payload, created)
         with cancel.armed(), memory_limit(limit):
             value = spec.call(params, arrays, progress)
@@ -275,7 +273,6 @@ def _run_in_place(
     output = split.output
     assert output is not None
     dtype = check_dtype(np.dtype(output.dtype))
-    (info,) = splits.plan(split.length(arrays), 1, split.axis())
     limit = rt.settings.child_memory_limit_bytes
     try:
         with lifecycle.writing(
@@ -290,8 +287,7 @@ def _run_in_place(
         ) as write:
             out = ndarray_view(write.open(), dtype, output.shape, output.order)
             with cancel.armed(), memory_limit(limit):
-                partial = splits.run_part(split, arrays, params, out, info)
-                splits.finish(split, [partial], params, out)
+                splits.run_whole(split, arrays, params, out)
             del out
     except ShmFullError as exc:
         raise JobFailure(f"{exc} (the job's result)") from None
