@@ -75,3 +75,12 @@ def stack_env(redis_url: str, **extra: str) -> dict[str, str]:
 def array_segments(prefix: str) -> set[str]:
     """The stack's segments that hold arrays: all but the pool's freed ones (`pool_*`)."""
     return {name for name in segments(prefix) if not name.startswith(f"{prefix}pool_")}
+
+
+def wait_arrays_freed(prefix: str, before: set[str], within: float = 15) -> None:
+    """Until the stack holds no array segment beyond `before` (a test's after-check)."""
+    wait_until(
+        lambda: array_segments(prefix) <= before,
+        within,
+        what=f"segments freed: {sorted(array_segments(prefix) - before)}",
+    )

@@ -71,11 +71,7 @@ def no_leftovers(live: Stack) -> Iterator[None]:
     (freed segments the pool keeps are not arrays: the stack unlinks them when it stops)."""
     before = stack.array_segments(live.shm_prefix)
     yield
-    stack.wait_until(
-        lambda: stack.array_segments(live.shm_prefix) <= before,
-        15,
-        what=f"segments freed: {sorted(stack.array_segments(live.shm_prefix) - before)}",
-    )
+    stack.wait_arrays_freed(live.shm_prefix, before)
 
 
 MakeClient = Callable[..., AbstractContextManager[Client]]

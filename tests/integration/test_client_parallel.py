@@ -31,11 +31,7 @@ def no_leftovers(live: Stack) -> Iterator[None]:
     those of intermediate steps it asked for as handles, go with the client)."""
     before = stack.array_segments(live.shm_prefix)
     yield
-    stack.wait_until(
-        lambda: stack.array_segments(live.shm_prefix) <= before,
-        15,
-        what=f"segments freed: {sorted(stack.array_segments(live.shm_prefix) - before)}",
-    )
+    stack.wait_arrays_freed(live.shm_prefix, before)
 
 
 @pytest.fixture(params=KINDS)

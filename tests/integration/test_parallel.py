@@ -33,11 +33,7 @@ def no_leftovers(live: Stack, http: httpx.Client) -> Iterator[None]:
     for array_id in _made:
         assert http.delete(f"/arrays/{array_id}").status_code in (202, 204, 404)
     _made.clear()
-    stack.wait_until(
-        lambda: stack.array_segments(live.shm_prefix) <= before,
-        15,
-        what=f"segments freed: {sorted(stack.array_segments(live.shm_prefix) - before)}",
-    )
+    stack.wait_arrays_freed(live.shm_prefix, before)
 
 
 def upload(http: httpx.Client, arr: np.ndarray) -> dict[str, Any]:
