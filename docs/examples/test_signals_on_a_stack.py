@@ -1,5 +1,5 @@
-"""Splittable jobs on a real stack: `parallel=2` runs two parts in the stack's two worker
-processes and gives what one job gives (docs/jobs.md, "Running a job as parts (parallel)").
+"""Splittable jobs on a real stack: `parallel=2` runs the job as two parts and gives what one
+job gives (docs/jobs.md, "Running a job as parts (parallel)").
 Run with `python -m pytest docs/examples/test_signals_on_a_stack.py`."""
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def test_two_parts_give_what_one_job_gives(fl: Client) -> None:
     assert view.parts is not None and (view.parts.total, view.parts.done) == (2, 2)
     parts = [fl.job(part_id).status() for part_id in view.parts.ids]
     assert {p.parent for p in parts} == {job.id}
-    assert len({p.worker.pid for p in parts if p.worker}) == 2  # two worker processes
+    # Which processes ran the parts is the scheduler's business: a part this small can end
+    # before the other is taken, and the same process then takes both.
 
     single = fl.submit("weighted_mean", x=x, w=w).result(timeout=60)
     split = fl.submit("weighted_mean", x=x, w=w, parallel=2)
