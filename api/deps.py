@@ -17,6 +17,7 @@ from api.owners import owner_id
 from shared.arrays.replicas import ReplicaStore
 from shared.arrays.store import ArrayStore, RegistrationStore
 from shared.dependencies import DependencyStore
+from shared.due import DueStore
 from shared.jobstore import JobRecord, JobStore
 from shared.schemas import is_id
 from shared.settings import Settings
@@ -36,11 +37,13 @@ class AppState:
     registrations: RegistrationStore[aioredis.Redis] = field(init=False)
     replicas: ReplicaStore[aioredis.Redis] = field(init=False)
     dependencies: DependencyStore[aioredis.Redis] = field(init=False)  # waiting jobs
+    due: DueStore[aioredis.Redis] = field(init=False)  # delayed jobs and retries
 
     def __post_init__(self) -> None:
         self.registrations = RegistrationStore(self.redis, self.settings)
         self.replicas = ReplicaStore(self.redis, self.settings)
         self.dependencies = DependencyStore(self.redis, self.settings)
+        self.due = DueStore(self.redis, self.settings)
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def`

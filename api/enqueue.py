@@ -17,7 +17,7 @@ from kombu import Producer
 
 from shared.celery_app import TASK_NAME, create_app
 from shared.redis_io import REDIS_ERRORS, sync_redis
-from shared.schemas import TaskPayload
+from shared.schemas import MAX_PRIORITY, TaskPayload
 from shared.settings import Settings
 from shared.workers import WorkerStore
 
@@ -37,6 +37,12 @@ def route(settings: Settings, payload: TaskPayload, live: Collection[str] | None
         if live is None or domain in live:
             return settings.domain_queue(domain)
     return settings.queue
+
+
+def broker_priority(priority: int) -> int:
+    """forklift's 0..9 (higher first) as the message priority: kombu's Redis transport
+    serves its lowest number first (shared/keys.py: one list per step)."""
+    return MAX_PRIORITY - priority
 
 
 _clients: dict[str, redis.Redis] = {}
@@ -94,6 +100,7 @@ def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
                 "task_id": payload.job_id,
                 "queue": queue,
                 "ignore_result": True,
+                "priority": broker_priority(payload.priority),
             }
             if payload.timeout is not None:
                 options["soft_time_limit"] = payload.timeout

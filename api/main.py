@@ -36,9 +36,11 @@ from api.routes import (
     tasks,
 )
 from api.topology import announce_domain
+from shared import due
 from shared.arrays import mappings, pool
 from shared.arrays.janitor import sweep
 from shared.arrays.store import ArrayStore
+from shared.due import DueMover
 from shared.jobs_reaper import interval as reaper_interval
 from shared.jobs_reaper import reap
 from shared.jobstore import JobStore
@@ -131,7 +133,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await announce_domain(client, settings)
         bind_check = asyncio.create_task(check_bind(settings), name="forklift-bind-check")
         janitor_redis, reaper_redis = sync_redis(settings), sync_redis(settings)
+        move_due = DueMover(sync_redis(settings), settings, lambda p: publish(settings, p))
         passes = [
+            _every(due.INTERVAL_S, move_due, "publishing due jobs"),
             _every(
                 settings.janitor_interval,
                 lambda: sweep(janitor_redis, settings),

@@ -170,10 +170,14 @@ async def launch(state: AppState, job_id: str) -> bool:
         inputs={name: ArrayInput(array=a) for name, a in record.inputs.items()},
         timeout=record.timeout,
         parallel=_parallel(record.parallel),
+        priority=record.priority,
+        retries=record.retries,
+        tags=record.tags,
     )
     try:
         job = await submissions.prepare(state, body, record.owner)
         job.job_id, job.claim = job_id, token
+        job.not_before = record.not_before  # a delay counts from the submission
         await submissions.submit(state, [job], record.owner)
     except ApiError as exc:  # its checks failed on the arrays it got: it ends here
         outcome, due = await store.abort(job_id, token, exc.message)

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from shared.arrays import lifecycle
 from shared.arrays.store import ArrayRecord
 from shared.registry import HasShapeAndDtype, InputError, JobSpec, LimitError, get_job
 from shared.schemas import (
+    MAX_DELAY_S,
     ArrayInput,
     ArrayRef,
     JobInput,
@@ -60,6 +62,27 @@ class Prepared:
     upstream: dict[str, JobInput] = field(default_factory=dict)
     # The launch of a waiting job (its claim token): the record exists and is promoted.
     claim: str = ""
+    # Retries allowed (the job's, lowered by the submission's); the start time of a delayed
+    # job (unix time; None: now).
+    retries: int = 0
+    not_before: float | None = None
+
+    def queue_fields(self) -> dict[str, str]:
+        """The record's fields for the queue features (priority, tags, retries, delay)."""
+        body = self.body
+        fields = {"priority": str(body.priority), "retries": str(self.retries)}
+        if body.tags:
+            fields["tags"] = json.dumps(body.tags)
+        if self.not_before is not None:
+            fields["not_before"] = repr(self.not_before)
+        return fields
+
+    @property
+    def due(self) -> float | None:
+        """When a delayed job is to be published (None: at once)."""
+        if self.not_before is None or self.not_before <= time.time():
+            return None
+        return self.not_before
 
     def payloads(self, owner: str) -> list[TaskPayload]:
         """The job's message, or one per part."""
@@ -70,6 +93,8 @@ class Prepared:
             inputs={name: record.ref() for name, record in self.inputs.items()},
             timeout=self.body.timeout,
             owner=owner,
+            priority=self.body.priority,
+            retries=self.retries,
         )
         if not self.parts:
             return [whole]
@@ -79,6 +104,7 @@ class Prepared:
                     "job_id": part_id,
                     "part": _part_ref(self.job_id, info),
                     "output": self.output_ref,
+                    "retries": 0,  # a part is not retried: its failure fails the job
                 }
             )
             for part_id, info in zip(self.part_ids, self.parts, strict=True)
@@ -123,6 +149,8 @@ async def prepare(
         raise ApiError(
             422, "invalid_timeout", f"timeout may only lower the job time limit of {limit:g} s"
         )
+    retries = spec.retries if body.retries is None else min(spec.retries, body.retries)
+    not_before = _start_time(body)
     input_ids = {}
     for name, ref in body.inputs.items():
         if not isinstance(ref, ArrayInput):
@@ -136,7 +164,12 @@ async def prepare(
         refs[name] = record
     if upstream:
         return Prepared(
-            body=body, params=params.model_dump(mode="json"), inputs=refs, upstream=upstream
+            body=body,
+            params=params.model_dump(mode="json"),
+            inputs=refs,
+            upstream=upstream,
+            retries=retries,
+            not_before=not_before,
         )
     try:
         infos = {n: r.info() for n, r in refs.items()}
@@ -147,10 +180,33 @@ async def prepare(
         raise ApiError(422, "job_too_large", f"{body.task}: {exc}", detail) from None
     except InputError as exc:
         raise ApiError(422, "invalid_inputs", f"{body.task}: {exc}") from None
-    job = Prepared(body=body, params=params.model_dump(mode="json"), inputs=refs)
+    job = Prepared(
+        body=body,
+        params=params.model_dump(mode="json"),
+        inputs=refs,
+        retries=retries,
+        not_before=not_before,
+    )
     if body.parallel != 1:
         await _plan_parts(state, job, spec, infos, params)
     return job
+
+
+def _start_time(body: JobSubmission) -> float | None:
+    """A delayed job's start (unix time), from `delay` or `not_before` (naive = UTC)."""
+    if body.delay is not None:
+        return time.time() + body.delay
+    if body.not_before is None:
+        return None
+    when = body.not_before
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    at = when.timestamp()
+    if at > time.time() + MAX_DELAY_S:
+        raise ApiError(
+            422, "invalid_delay", f"not_before may be at most {MAX_DELAY_S:g} s from now"
+        )
+    return at
 
 
 async def _plan_parts(
@@ -236,13 +292,13 @@ async def _record(state: AppState, job: Prepared, owner: str) -> JobView:
     if job.upstream:
         return await _record_waiting(state, job, owner)
     input_ids = {name: record.id for name, record in job.inputs.items()}
-    extra: dict[str, str] = {}
+    extra: dict[str, str] = job.queue_fields()
     parts: list[dict[str, str]] = []
     if job.parts:
         if job.output is not None:
             await _reserve_output(state, job, owner)
         output_id = job.output_ref.id if job.output_ref else ""
-        extra = {
+        extra |= {
             "parts_total": str(len(job.parts)),
             "part_ids": " ".join(job.part_ids),
             "output_id": output_id,
@@ -256,6 +312,7 @@ async def _record(state: AppState, job: Prepared, owner: str) -> JobView:
             "timeout": "" if body.timeout is None else repr(body.timeout),
             "parent": job.job_id,
             "output": job.output_ref.model_dump_json() if job.output_ref else "",
+            "priority": str(body.priority),
         }
         for part_id, info in zip(job.part_ids, job.parts, strict=True):
             part = _part_ref(job.job_id, info)
@@ -288,6 +345,7 @@ async def _record(state: AppState, job: Prepared, owner: str) -> JobView:
             extra=extra,
             parts=parts,
             output_id=extra.get("output_id", ""),
+            due=job.due,
         )
     if missing is not None:  # deleted between the check and the pin
         await _free_output(state, job)
@@ -300,6 +358,10 @@ async def _record(state: AppState, job: Prepared, owner: str) -> JobView:
         inputs=input_ids,
         created_at=time.time(),
         parts=Parts(total=len(job.parts), ids=job.part_ids) if job.parts else None,
+        priority=body.priority,
+        tags=body.tags,
+        retries=job.retries,
+        not_before=job.not_before,
     )
 
 
@@ -325,7 +387,7 @@ async def _record_waiting(state: AppState, job: Prepared, owner: str) -> JobView
         input_ids,
         job.upstream,
         timeout=body.timeout,
-        extra={"parallel": str(body.parallel)},
+        extra={"parallel": str(body.parallel), **job.queue_fields()},
     )
     if outcome != "ok":
         code, text = _REFUSED[outcome]
@@ -341,10 +403,14 @@ async def _record_waiting(state: AppState, job: Prepared, owner: str) -> JobView
         inputs=input_ids,
         created_at=time.time(),
         upstream=job.upstream,
+        priority=body.priority,
+        tags=body.tags,
+        retries=job.retries,
+        not_before=job.not_before,
     )
 
 
-async def _undo(state: AppState, jobs: list[Prepared]) -> None:
+async def _undo(state: AppState, jobs: list[Prepared], owner: str) -> None:
     """Remove records whose messages could not be published: nothing is left behind (a
     waiting job's launch that could not be published ends it failed instead)."""
     for job in jobs:
@@ -354,7 +420,7 @@ async def _undo(state: AppState, jobs: list[Prepared]) -> None:
             )
         else:
             released = await state.jobs.release_inputs(job.job_id, mode="discard")
-            await state.jobs.discard(job.job_id, job.body.task)
+            await state.jobs.discard(job.job_id, job.body.task, owner)
         await lifecycle.free_async(state.arrays, released)
     discarded = [job.job_id for job in jobs if not job.claim]
     if discarded:  # a batch's links to its own entries
@@ -366,10 +432,17 @@ async def submit(state: AppState, jobs: list[Prepared], owner: str) -> list[JobV
     try:
         for job in jobs:
             views.append(await _record(state, job, owner))
-        payloads = [p for job in jobs if not job.upstream for p in job.payloads(owner)]
-        if payloads:  # waiting jobs have no message until their launch
+        # Waiting jobs have no message until their launch, delayed ones until they are due
+        # (the create script put them in the due index; shared/due.py publishes them).
+        for job in jobs:
+            if job.claim and (at := job.due) is not None:
+                await state.due.put(job.job_id, at)
+        payloads = [
+            p for job in jobs if not job.upstream and job.due is None for p in job.payloads(owner)
+        ]
+        if payloads:
             await enqueue_many(state.settings, payloads)
     except BaseException:
-        await _undo(state, jobs[: len(views)])
+        await _undo(state, jobs[: len(views)], owner)
         raise
     return views

@@ -11,6 +11,7 @@ import math
 
 from celery import Celery
 
+from shared.keys import KOMBU_PRIORITY_STEPS
 from shared.settings import Settings, get_settings
 
 TASK_NAME = "forklift.run_job"
@@ -29,6 +30,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # sweep every interval instead, so redelivery follows the timeout closely.
         "unacked_restore_interval": max(1, min(10, visibility // 4)),
         "unacked_restore_throttle": 1,
+        # One list per priority (api/enqueue.py:broker_priority), so 0..9 are ten levels.
+        "priority_steps": list(KOMBU_PRIORITY_STEPS),
     }
     return {
         "broker_url": settings.redis_url,

@@ -147,7 +147,8 @@ end
 _WAIT = (
     _ARRAY_OF
     + """
--- KEYS: job, jobs-index, live-index, events, arrays..., then per upstream input its job key
+-- KEYS: job, jobs-index, live-index, events, owner-index, owners, arrays..., then per
+--   upstream input its job key
 --   and that job's dependents set
 -- ARGV: now, owner, fields-json, metrics prefix, arrays-json [[name, id], ...] (in KEYS
 --   order), upstream-json [[name, job id, key or ''], ...], array-key prefix
@@ -160,7 +161,7 @@ local function usable(key)
   return a[1] == 'ready' and a[2] == ARGV[2] and a[3] ~= '1'
 end
 for i = 1, na do
-  if not usable(KEYS[4 + i]) then return {'missing', arrays[i][1], ''} end
+  if not usable(KEYS[6 + i]) then return {'missing', arrays[i][1], ''} end
 end
 local inputs, ids, links, pending = {}, {}, {}, 0
 for _, a in ipairs(arrays) do
@@ -168,7 +169,7 @@ for _, a in ipairs(arrays) do
   table.insert(ids, a[2])
 end
 for j, u in ipairs(ups) do
-  local f = redis.call('HMGET', KEYS[4 + na + 2 * j - 1], 'status', 'owner', 'result')
+  local f = redis.call('HMGET', KEYS[6 + na + 2 * j - 1], 'status', 'owner', 'result')
   if not f[1] or f[2] ~= ARGV[2] then return {'unknown_job', u[1], ''} end
   if f[1] == 'succeeded' then  -- ended since the API looked: resolved here
     local ok, result = pcall(cjson.decode, f[3] or 'null')
@@ -182,7 +183,7 @@ for j, u in ipairs(ups) do
     return {'upstream_failed', u[1], f[1]}
   else
     pending = pending + 1
-    table.insert(links, KEYS[4 + na + 2 * j])
+    table.insert(links, KEYS[6 + na + 2 * j])
   end
 end
 for _, id in ipairs(ids) do
@@ -201,6 +202,8 @@ for _, set in ipairs(links) do redis.call('SADD', set, fields['id']) end
 local now = tonumber(ARGV[1])
 redis.call('ZADD', KEYS[2], now, fields['id'])
 redis.call('ZADD', KEYS[3], now, fields['id'])
+redis.call('ZADD', KEYS[5], now, fields['id'])
+redis.call('SADD', KEYS[6], ARGV[2])
 redis.call('HINCRBY', ARGV[4] .. 'submitted', fields['task'], 1)
 if pending == 0 then
   redis.call('PUBLISH', KEYS[4], cjson.encode({id = fields['id'], status = 'waiting',
@@ -305,6 +308,7 @@ class DependencyStore(Generic[ClientT]):
             **(extra or {}),
         }
         keys = [self.keys.job(job_id), self.keys.jobs, self.keys.jobs_live, self.keys.events]
+        keys += [self.keys.jobs_by_owner(owner), self.keys.jobs_owners]
         keys += [self.keys.array(array_id) for array_id in arrays.values()]
         links = []
         for name, ref in upstream.items():

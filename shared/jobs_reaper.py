@@ -41,9 +41,10 @@ import redis
 from shared.arrays import lifecycle
 from shared.arrays.store import ArrayStore
 from shared.dependencies import CLAIM_LEASE_S
+from shared.due import payload_of
 from shared.jobstore import JobStore
 from shared.keys import UNACKED, UNACKED_INDEX, queue_keys
-from shared.schemas import ArrayRef, JobStatus, PartRef, TaskPayload
+from shared.schemas import JobStatus, TaskPayload
 from shared.settings import Settings
 from shared.workers import INTERVAL_S as HEARTBEAT_S
 from shared.workers import WorkerStore
@@ -97,6 +98,8 @@ _FIELDS = (
     "started_at",
     "finished_at",
     "requeued_at",
+    "not_before",
+    "retry_at",
     "released",
     "cancelled_from",
     "input_ids",
@@ -335,24 +338,7 @@ class _Pass:
 
     def rebuild(self, job_id: str) -> TaskPayload | None:
         record = self.jobs.get(job_id)
-        if record is None:
-            return None
-        inputs = {}
-        for name, array_id in record.inputs.items():
-            array = self.arrays.get(array_id)
-            if array is None:
-                return None
-            inputs[name] = array.ref()
-        return TaskPayload(
-            job_id=record.id,
-            task=record.task,
-            params=record.params,
-            inputs=inputs,
-            timeout=record.timeout,
-            owner=record.owner,
-            part=PartRef.model_validate(record.part) if record.part else None,
-            output=ArrayRef.model_validate(record.output) if record.output else None,
-        )
+        return payload_of(record, self.arrays) if record is not None else None
 
     def lost_running(self, job_id: str, rec: dict[str, str | None], in_queue: bool) -> None:
         token = rec.get("attempt_token") or ""
@@ -474,7 +460,9 @@ class _Pass:
                 ):
                     lost[job_id] = rec
             elif status == "queued":
-                queued_since = max(_num(rec["created_at"]) or 0, _num(rec["requeued_at"]) or 0)
+                # A delayed job or a retry has no message before it is due (shared/due.py).
+                times = ("created_at", "requeued_at", "not_before", "retry_at")
+                queued_since = max(_num(rec[name]) or 0 for name in times)
                 if queued_since > old:
                     continue
                 if message is not None:

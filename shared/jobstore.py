@@ -28,10 +28,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Generic, NamedTuple
 
+from pydantic import Field
+
 from shared.dependencies import LUA_DEPENDENTS
 from shared.metrics import LUA_JOB_ENDED
 from shared.redis_io import ClientT, MaybeAwaitable, ready, round_trip, then
-from shared.schemas import JobBase, JobStatus, JobView, Parts, WorkerInfo
+from shared.schemas import Attempt, JobBase, JobStatus, JobView, Parts, WorkerInfo
 from shared.settings import Settings
 
 # Writing job records, for every script that creates one or moves its progress (JobStore's
@@ -41,8 +43,35 @@ from shared.settings import Settings
 #   fl_put_parts(parts, jp, live, now, stamp): a parallel job's part records, queued and live
 #     (`jp`: the job-key prefix), not listed among the jobs;
 #   fl_part_progress(parent, parent_id, index, fraction, events): a part's progress moves its
-#     running job's, the mean of its parts' (kept in `<job>:progress`), published.
+#     running job's, the mean of its parts' (kept in `<job>:progress`), published;
+#   fl_attempt_begin(job, now) / fl_attempt_end(job, now, error): the record's list of runs
+#     (`attempt_log`, the view's `attempts`): a start appends one (ending the one before as
+#     lost if nothing ended it: a redelivery), an end stamps the last with its error.
 LUA_RECORDS = """
+local function fl_attempt_log(job)
+  local raw = redis.call('HGET', job, 'attempt_log')
+  if raw then return cjson.decode(raw) end
+  return {}
+end
+local function fl_attempt_end(job, now, error)
+  local runs = fl_attempt_log(job)
+  local last = runs[#runs]
+  if not last or last['finished_at'] then return end
+  last['finished_at'] = now
+  if error and error ~= '' then last['error'] = error end
+  redis.call('HSET', job, 'attempt_log', cjson.encode(runs))
+end
+local function fl_attempt_begin(job, now)
+  local runs = fl_attempt_log(job)
+  local last = runs[#runs]
+  if last and not last['finished_at'] then
+    last['finished_at'] = now
+    last['error'] = 'worker lost: the process running it died or lost it'
+  end
+  table.insert(runs, {started_at = now})
+  while #runs > 50 do table.remove(runs, 1) end
+  redis.call('HSET', job, 'attempt_log', cjson.encode(runs))
+end
 local function fl_hset(key, fields, first)
   local flat = first
   for k, v in pairs(fields) do
@@ -196,16 +225,17 @@ end
 )
 
 _CREATE = """
--- KEYS: job, jobs-index, live-index, array keys...
--- ARGV: now, owner, fields-json, metrics, parts-json, job-key prefix, output key or ''
+-- KEYS: job, jobs-index, live-index, owner-index, owners, due, array keys...
+-- ARGV: now, owner, fields-json, metrics, parts-json, job-key prefix, output key or '',
+--   due time or '' (a delayed job: no message until then, shared/due.py)
 local now = tonumber(ARGV[1])
-for i = 4, #KEYS do
+for i = 7, #KEYS do
   local a = redis.call('HMGET', KEYS[i], 'state', 'owner', 'delete_requested')
   if a[1] ~= 'ready' or a[2] ~= ARGV[2] or a[3] == '1' then
-    return {'missing', i - 4}
+    return {'missing', i - 7}
   end
 end
-for i = 4, #KEYS do
+for i = 7, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'pins', 1)
   redis.call('PERSIST', KEYS[i])
 end
@@ -213,6 +243,9 @@ local fields = cjson.decode(ARGV[3])
 fl_hset(KEYS[1], fields, {'status', 'queued', 'created_at', ARGV[1], 'attempts', 0})
 redis.call('ZADD', KEYS[2], now, fields['id'])
 redis.call('ZADD', KEYS[3], now, fields['id'])
+redis.call('ZADD', KEYS[4], now, fields['id'])
+redis.call('SADD', KEYS[5], ARGV[2])
+if ARGV[8] ~= '' then redis.call('ZADD', KEYS[6], tonumber(ARGV[8]), fields['id']) end
 fl_put_parts(cjson.decode(ARGV[5]), ARGV[6], KEYS[3], now, ARGV[1])
 if ARGV[7] ~= '' then redis.call('PERSIST', ARGV[7]) end  -- the output lives as long as the job
 redis.call('HINCRBY', ARGV[4] .. 'submitted', fields['task'], 1)
@@ -240,11 +273,13 @@ if attempts > tonumber(ARGV[12]) then
   redis.call('HSET', C.job, 'status', 'failed', 'finished_at', ARGV[1], 'error',
     'worker lost: the worker process running this job died ' .. (attempts - 1) ..
     ' time(s) (killed, out of memory or crashed); not retried again')
+  fl_attempt_end(C.job, C.now, 'worker lost: the process running it died or lost it')
   fl_publish(redis.call('HGET', C.job, 'id'), 'failed')
   return fl_append({'exhausted', attempts}, fl_release(C.job, false))
 end
 redis.call('HSET', C.job, 'status', 'running', 'started_at', ARGV[1], 'hostname', ARGV[9],
   'pid', ARGV[10], 'domain', ARGV[11], 'node', ARGV[13], 'attempt_token', C.token)
+fl_attempt_begin(C.job, C.now)
 local job = redis.call('HMGET', C.job, 'id', 'task', 'parent')
 redis.call('HSET', C.m .. 'running', job[1], cjson.encode({domain = ARGV[11],
   node = ARGV[13], task = job[2], started_at = C.now, pid = tonumber(ARGV[10])}))
@@ -284,6 +319,7 @@ if ARGV[12] ~= '' and holder[1] ~= ARGV[12] then return {'moved'} end
 if C.token ~= '' and holder[2] ~= C.token then return {'moved'} end
 fl_job_ended(C.job, 'running', ARGV[9], C.now, C.m)
 redis.call('HSET', C.job, 'status', ARGV[9], 'finished_at', ARGV[1], 'ended_by', C.token)
+fl_attempt_end(C.job, C.now, ARGV[10])
 if ARGV[10] ~= '' then redis.call('HSET', C.job, 'error', ARGV[10]) end
 if ARGV[11] ~= '' then redis.call('HSET', C.job, 'result', ARGV[11]) end
 fl_publish(redis.call('HGET', C.job, 'id'), ARGV[9])
@@ -298,6 +334,7 @@ if f[1] ~= 'queued' and f[1] ~= 'running' and f[1] ~= 'waiting' then return {f[1
 fl_job_ended(C.job, f[1], 'cancelled', C.now, C.m)
 redis.call('HSET', C.job, 'status', 'cancelled', 'finished_at', ARGV[1],
   'error', 'cancelled by the client', 'cancelled_from', f[1])
+if f[1] == 'running' then fl_attempt_end(C.job, C.now, 'cancelled by the client') end
 fl_publish(f[3], 'cancelled')
 local out = {f[1]}
 if f[2] then  -- a parallel job: its parts stop, and the last to stop releases the job
@@ -364,6 +401,7 @@ if not live or (ARGV[11] ~= 'live' and f[1] ~= ARGV[11]) then return {f[1]} end
 if C.token ~= '' and f[2] ~= C.token then return {'moved'} end
 fl_job_ended(C.job, f[1] == 'running' and 'running' or 'lost', ARGV[9], C.now, C.m)
 redis.call('HSET', C.job, 'status', ARGV[9], 'finished_at', ARGV[1], 'error', ARGV[10])
+if f[1] == 'running' then fl_attempt_end(C.job, C.now, ARGV[10]) end
 fl_publish(f[3], ARGV[9])
 return fl_append({'ok'}, fl_release(C.job, C.force))
 """
@@ -394,6 +432,12 @@ class JobRecord(JobBase):
     part_index: int | None = None
     part: dict[str, Any] | None = None
     output: dict[str, Any] | None = None
+    # Deliveries of the current run (the worker-lost bound, FORKLIFT_JOB_MAX_ATTEMPTS; a
+    # retry starts it again), retries made, and every run's start and error (the view's
+    # `attempts`).
+    attempts: int = 0
+    retried: int = 0
+    attempt_log: list[Attempt] = Field(default_factory=list)
 
     def view(self) -> JobView:
         worker = None
@@ -408,14 +452,15 @@ class JobRecord(JobBase):
                 ids=self.part_ids.split(),
             )
         shared = {name: getattr(self, name) for name in JobBase.model_fields}
-        return JobView(**shared, worker=worker, parts=parts)
+        return JobView(**shared, worker=worker, parts=parts, attempts=self.attempt_log)
 
 
 def _parse_record(raw: dict[str, str]) -> JobRecord | None:
     if not raw or "status" not in raw:
         return None
     data: dict[str, Any] = {k: v for k, v in raw.items() if v != ""}
-    for name in ("params", "inputs", "progress", "result", "part", "output", "upstream"):
+    json_fields = ("params", "inputs", "progress", "result", "part", "output", "upstream")
+    for name in (*json_fields, "tags", "attempt_log"):
         if name in data:
             data[name] = json.loads(data[name])
     return JobRecord.model_validate(data)
@@ -493,10 +538,12 @@ class JobStore(Generic[ClientT]):
         extra: dict[str, str] | None = None,
         parts: list[dict[str, str]] | None = None,
         output_id: str = "",
+        due: float | None = None,
     ) -> MaybeAwaitable[str | None]:
         """Create a queued record and pin its input arrays, atomically; with `parts`, the
         records of a parallel job's parts too (queued, live, not in the jobs index), and
-        `output_id`'s reservation kept for as long as the job lives.
+        `output_id`'s reservation kept for as long as the job lives. With `due`, the job is
+        put in the due index instead of being published now (a delayed job).
 
         Returns None on success, or the input name whose array is missing (or not the
         owner's, or being deleted: the caller cannot tell them apart, by design).
@@ -512,11 +559,13 @@ class JobStore(Generic[ClientT]):
             "timeout": "" if timeout is None else repr(timeout),
             **(extra or {}),
         }
-        keys = [self.key(job_id), self.index_key, self.live_key]
+        keys = [self.key(job_id), self.index_key, self.live_key, self.keys.jobs_by_owner(owner)]
+        keys += [self.keys.jobs_owners, self.keys.jobs_due]
         keys += [self.keys.array(inputs[n]) for n in names]
         args = [repr(time.time()), owner, json.dumps(fields), self.metrics]
         args += [json.dumps(parts or []), self.keys.job_prefix]
         args += [self.keys.array(output_id) if output_id else ""]
+        args += ["" if due is None else repr(due)]
 
         def parse(reply: list[Any]) -> str | None:
             return None if reply[0] == "ok" else names[int(reply[1])]
@@ -672,7 +721,7 @@ class JobStore(Generic[ClientT]):
         return then(self._end_lost(keys=keys, args=args), lambda r: (str(r[0]), _due(r[1:]).free))
 
     @round_trip
-    def discard(self, job_id: str, task: str) -> MaybeAwaitable[None]:
+    def discard(self, job_id: str, task: str, owner: str = "") -> MaybeAwaitable[None]:
         """Undo a creation whose message could not be sent: no record, no count, no index.
 
         Call `release_inputs(mode="discard")` first (it needs the record; it removes a
@@ -682,5 +731,7 @@ class JobStore(Generic[ClientT]):
         pipe.delete(self.key(job_id))
         pipe.zrem(self.index_key, job_id)
         pipe.zrem(self.live_key, job_id)
+        pipe.zrem(self.keys.jobs_due, job_id)
+        pipe.zrem(self.keys.jobs_by_owner(owner), job_id)
         pipe.hincrby(self.keys.metrics_submitted, task, -1)
         return then(pipe.execute(), lambda _: None)

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-# Redis transport priority steps (kombu): a queue's messages live in `name` and `name\x06\x16N`.
+# Redis transport priority steps (kombu): a queue's messages live in `name` and `name\x06\x16N`,
+# one list per step, 0 first (kombu's Redis priorities run the other way from forklift's and
+# AMQP's: `api/enqueue.py` sends 9 - priority). Ten steps: every forklift priority its own list.
 _KOMBU_SEP = "\x06\x16"
-KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+KOMBU_PRIORITY_STEPS = tuple(range(10))
 # kombu's Redis transport keeps delivered, unacked messages here (Channel.unacked_key and
 # unacked_index_key; forklift sets no global key prefix, so they are not under ours):
 UNACKED = "unacked"  # hash: delivery tag -> [message, exchange, routing key]; kombu writes
@@ -65,6 +67,42 @@ class Keys:
     def jobs_live(self) -> str:
         """zset: job ids not yet ended and released, by creation time; JobStore scripts."""
         return self._k("jobs", "live")
+
+    def jobs_by_owner(self, owner: str) -> str:
+        """zset: one owner's job ids (not parts) by creation time; JobStore's create scripts
+        add, `GET /jobs` pages through it (newest first), the janitor trims old ones."""
+        return self._k("jobs", "owner", owner)
+
+    @property
+    def jobs_owners(self) -> str:
+        """set: owners with a `jobs_by_owner` index (the janitor trims each)."""
+        return self._k("jobs", "owners")
+
+    @property
+    def jobs_due(self) -> str:
+        """zset: queued jobs with no message yet (delayed, or waiting to be retried), id ->
+        when due; the create and finish scripts add, `shared/due.py` publishes them."""
+        return self._k("jobs", "due")
+
+    def idempotency(self, owner: str, key: str) -> str:
+        """string (with TTL): the job ids an `Idempotency-Key` of an owner created;
+        `api/idempotency.py`."""
+        return self._k("idempotency", owner, key)
+
+    def schedule(self, schedule_id: str) -> str:
+        """hash: one periodic job (`POST /schedules`); `shared/schedules.py`."""
+        return self._k("schedule", schedule_id)
+
+    @property
+    def schedules(self) -> str:
+        """zset: schedule id -> its next run (unix time); `shared/schedules.py`."""
+        return self._k("schedules")
+
+    @property
+    def scheduler(self) -> str:
+        """string (with TTL): the lock of the one scheduler firing schedules; whichever API
+        holds it (`shared/schedules.py`)."""
+        return self._k("scheduler")
 
     def released(self, job_id: str) -> str:
         """string (with TTL): tombstone, a gone record's inputs were released; JobStore."""

@@ -25,11 +25,12 @@ import inspect
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol, TypeVar, overload
+from typing import Annotated, Any, Protocol, TypedDict, TypeVar, overload
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, create_model
 
+from shared.schemas import MAX_RETRIES
 from shared.splits import NotSplittable, Split, SplitFunc
 
 _DTYPE_KIND_NAMES = {"b": "bool", "i": "int", "u": "uint", "f": "float", "c": "complex"}
@@ -121,6 +122,13 @@ class JobSpec:
     memory: MemoryEstimate | None = None
     split: SplitFunc | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # A job that raises is run again up to `retries` times (a submission may only lower it),
+    # the n-th retry `backoff * 2**n` seconds later (at most `backoff_max`, with jitter), if
+    # the exception is one of `retry_on` (worker/retrying.py).
+    retries: int = 0
+    backoff: float = 1.0
+    backoff_max: float = 300.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
 
     def validate_params(self, params: Mapping[str, Any]) -> BaseModel:
         """Raises pydantic.ValidationError for wrong, missing or unknown params."""
@@ -195,6 +203,7 @@ class JobSpec:
             "params_schema": self.params_model.model_json_schema(),
             "inputs": {name: spec.describe() for name, spec in self.arrays.items()},
             "splittable": self.split is not None,
+            "retries": self.retries,
         }
 
 
@@ -226,6 +235,7 @@ def _build_spec(
     idempotent: bool,
     memory: MemoryEstimate | None = None,
     split: SplitFunc | None = None,
+    retry: RetryPolicy | None = None,
 ) -> JobSpec:
     hints = typing.get_type_hints(func, include_extras=True)
     fields: dict[str, Any] = {}
@@ -264,10 +274,28 @@ def _build_spec(
         idempotent=idempotent,
         memory=memory,
         split=split,
+        **(retry or _NO_RETRY),
     )
 
 
 JobFunc = TypeVar("JobFunc", bound=Callable[..., Any])
+
+
+class RetryPolicy(TypedDict):
+    """`@job`'s retry arguments, as JobSpec holds them."""
+
+    retries: int
+    backoff: float
+    backoff_max: float
+    retry_on: tuple[type[BaseException], ...]
+
+
+_NO_RETRY: RetryPolicy = {
+    "retries": 0,
+    "backoff": 1.0,
+    "backoff_max": 300.0,
+    "retry_on": (Exception,),
+}
 
 
 @overload
@@ -282,6 +310,10 @@ def job(
     idempotent: bool = False,
     memory: MemoryEstimate | None = None,
     split: SplitFunc | None = None,
+    retries: int = 0,
+    backoff: float = 1.0,
+    backoff_max: float = 300.0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
 ) -> Callable[[JobFunc], JobFunc]: ...
 
 
@@ -293,9 +325,23 @@ def job(
     idempotent: bool = False,
     memory: MemoryEstimate | None = None,
     split: SplitFunc | None = None,
+    retries: int = 0,
+    backoff: float = 1.0,
+    backoff_max: float = 300.0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
 ) -> Any:
     """Register a plain function as a job (usable bare or with arguments); the function is
     returned unchanged, so a job is called and typed like the function it is."""
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries: 0 to {MAX_RETRIES}")
+    if backoff < 0 or backoff_max < backoff:
+        raise ValueError("backoff: 0 <= backoff <= backoff_max")
+    retry: RetryPolicy = {
+        "retries": retries,
+        "backoff": backoff,
+        "backoff_max": backoff_max,
+        "retry_on": tuple(retry_on),
+    }
 
     def register(f: JobFunc) -> JobFunc:
         job_name = name or f.__name__
@@ -307,7 +353,7 @@ def job(
             )
             if not same_origin:
                 raise ValueError(f"job name '{job_name}' is already taken by {existing.func}")
-        _JOBS[job_name] = _build_spec(f, job_name, check, idempotent, memory, split)
+        _JOBS[job_name] = _build_spec(f, job_name, check, idempotent, memory, split, retry)
         return f
 
     return register(func) if func is not None else register

@@ -4,17 +4,49 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
 
 # Parts one parallel job may run as, at most.
 MAX_PARTS = 256
 _ID = re.compile(ID_PATTERN)
+
+
+# Bounds of what a submission may ask for (each checked before anything is written).
+MAX_PRIORITY = 9  # priorities are 0..9, higher first
+MAX_DELAY_S = 30 * 86400.0  # how far ahead `delay` / `not_before` may put a job
+MAX_RETRIES = 25
+MAX_TAGS = 16
+MAX_TAG_KEY = 64
+MAX_TAG_VALUE = 200
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.\-/]+$"
+_TAG_KEY = re.compile(TAG_KEY_PATTERN)
+
+
+def _check_tags(tags: dict[str, str]) -> dict[str, str]:
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags")
+    for key, value in tags.items():
+        if not (0 < len(key) <= MAX_TAG_KEY and _TAG_KEY.fullmatch(key)):
+            raise ValueError(
+                f"tag key {key[:MAX_TAG_KEY]!r}: 1 to {MAX_TAG_KEY} of A-Z a-z 0-9 _ . - /"
+            )
+        if len(value) > MAX_TAG_VALUE:
+            raise ValueError(f"tag {key!r}: a value has at most {MAX_TAG_VALUE} characters")
+    return tags
+
+
+Tags = Annotated[
+    dict[str, str],
+    AfterValidator(_check_tags),
+    Field(description=f"metadata, at most {MAX_TAGS} `key: value` pairs; filter with ?tag=k:v"),
+]
 
 
 def is_id(text: str) -> bool:
@@ -126,6 +158,27 @@ class JobSubmission(BaseModel):
         description="run as this many parts over the same arrays (a splittable task);"
         " `auto`: the live worker processes of the inputs' domain",
     )
+    priority: int = Field(default=0, ge=0, le=MAX_PRIORITY, description="0..9, higher first")
+    delay: float | None = Field(
+        default=None, ge=0, le=MAX_DELAY_S, description="seconds from now before the job may start"
+    )
+    not_before: datetime | None = Field(
+        default=None,
+        description="the time (ISO 8601, or unix seconds) before which it may not start",
+    )
+    retries: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_RETRIES,
+        description="retries of a raising job; may only lower the job's",
+    )
+    tags: Tags = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_start_time(self) -> JobSubmission:
+        if self.delay is not None and self.not_before is not None:
+            raise ValueError("give `delay` or `not_before`, not both")
+        return self
 
 
 MAX_BATCH = 1000
@@ -184,6 +237,14 @@ class WorkerSeen(WorkerPresence):
     online: bool = True
 
 
+class Attempt(BaseModel):
+    """One run of a job: when it started and, if it ended badly, why (`JobView.attempts`)."""
+
+    started_at: float
+    finished_at: float | None = None
+    error: str | None = None
+
+
 class Parts(BaseModel):
     """A parallel job's parts: how many, how many ended well or badly, and their ids (each
     part is a record of its own, `GET /jobs/{part id}` shows where it ran)."""
@@ -208,13 +269,21 @@ class JobBase(BaseModel):
     progress: Progress | None = None
     error: str | None = None
     result: Any = None
-    attempts: int = 0
     parent: str | None = Field(default=None, description="a part's parallel job")
     upstream: dict[str, JobInput] | None = Field(
         default=None, description="inputs that are other jobs' results (input name -> job)"
     )
     upstream_failed: str | None = Field(
         default=None, description="the upstream job whose failure or cancellation ended this one"
+    )
+    priority: int = 0
+    tags: dict[str, str] = Field(default_factory=dict)
+    not_before: float | None = Field(
+        default=None, description="a delayed job: it does not start before this unix time"
+    )
+    retries: int = Field(default=0, description="retries allowed if the job raises")
+    retry_at: float | None = Field(
+        default=None, description="a job waiting to be retried (`queued`): its next start"
     )
 
 
@@ -223,6 +292,16 @@ class JobView(JobBase):
 
     worker: WorkerInfo | None = None
     parts: Parts | None = None
+    attempts: list[Attempt] = Field(
+        default_factory=list, description="every run so far, oldest first, with its error"
+    )
+
+
+class JobList(BaseModel):
+    """`GET /jobs`: a page of the caller's jobs, newest first."""
+
+    jobs: list[JobView]
+    next: str | None = Field(description="the cursor of the next page; null on the last")
 
 
 class JobBatchView(BaseModel):
@@ -251,6 +330,9 @@ class TaskPayload(BaseModel):
     owner: str = ""
     part: PartRef | None = None
     output: ArrayRef | None = None  # the in-place output segment (reserved, not yet visible)
+    priority: int = 0  # forklift's 0..9, higher first (api/enqueue.py maps it to the broker's)
+    retries: int = 0  # retries allowed (the job's, lowered by the submission's)
+    retried: int = 0  # retries made so far (the message of a retry is rebuilt from the record)
 
 
 class TaskInfo(BaseModel):
@@ -259,6 +341,7 @@ class TaskInfo(BaseModel):
     params_schema: dict[str, Any]
     inputs: dict[str, dict[str, Any]]
     splittable: bool = Field(default=False, description="accepts `parallel` (runs as parts)")
+    retries: int = Field(default=0, description="retries of a raising job (`@job(retries=)`)")
 
 
 class ErrorDetail(BaseModel):

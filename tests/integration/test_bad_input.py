@@ -159,7 +159,7 @@ CASES: dict[str, tuple[Callable[[Ctx], Reply], int, str]] = {
         "invalid_params",
     ),
     "unknown-top-level-field": (
-        lambda c: job(c, {"task": "fib", "params": {"n": 5}, "priority": 9}),
+        lambda c: job(c, {"task": "fib", "params": {"n": 5}, "colour": 9}),
         422,
         "invalid_request",
     ),

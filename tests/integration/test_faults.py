@@ -116,7 +116,7 @@ def test_killed_child_job_is_delivered_again_and_succeeds(private: Private) -> N
         done = wait(http, job_id, 20)
         took = time.monotonic() - killed_at
     assert done["status"] == "succeeded", done
-    assert done["attempts"] == 2
+    assert len(done["attempts"]) == 2
     assert done["worker"]["pid"] != victim
     assert took < 10, f"redelivery after a child's death took {took:.1f} s"
     stack.wait_until(lambda: pool_size(private.worker) == 2, 10, what="pool refilled")

@@ -172,7 +172,7 @@ def test_an_upstream_failure_ends_every_job_downstream_failed(
     assert ends[2]["upstream_failed"] == ids[1]
     assert f"upstream job {ids[0]} failed" in ends[1]["error"]
     assert "upstream broke" in ends[1]["error"]
-    assert ends[2]["started_at"] is None and ends[2]["attempts"] == 0
+    assert ends[2]["started_at"] is None and ends[2]["attempts"] == []
     # An upstream that has already failed refuses the submission outright.
     response = http.post("/jobs", json=_job("normalize", {"a": {"job": ids[0]}}))
     assert response.status_code == 422, response.text
