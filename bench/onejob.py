@@ -147,7 +147,7 @@ def _install_probe(path: str) -> None:
     original_run = runner.run
 
     @functools.wraps(original_run)
-    def run(payload: Any, node: str = "") -> str:
+    def run(payload: Any, node: str = "") -> runner.Ended:
         _events.clear()
         t0, f0 = time.perf_counter(), _faults()
         try:

@@ -22,7 +22,7 @@ import resource
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -54,6 +54,15 @@ class RedisUnavailable(Exception):
     """Redis stayed unreachable while the job's record had to change: do not ack."""
 
 
+class Ended(NamedTuple):
+    """How a delivery ended, for the Celery task (worker/tasks.py): `outcome` is the job's
+    final status, 'retrying' (a retry is scheduled), 'moved' (another attempt holds it) or
+    why it did not start ('missing', a status); `error` the job's error, if any."""
+
+    outcome: str
+    error: str | None = None
+
+
 # How long a start or finish waits for Redis (a restart, a failover) before giving up and
 # handing the message back instead of acking it.
 REDIS_RETRY_S = 60.0
@@ -80,8 +89,8 @@ def redis_retrying(call: Callable[[], T], what: str, budget: float = REDIS_RETRY
             delay = min(delay * 2, 1.0)
 
 
-def run(payload: TaskPayload, node: str = "") -> str:
-    """Run the job; returns its final status (or why it was skipped).
+def run(payload: TaskPayload, node: str = "") -> Ended:
+    """Run the job; returns how it ended (or why it was skipped).
 
     `node` is the Celery worker's name (for the dashboard's workers and their jobs, and for
     the reaper's check that this worker still holds the job). Returns only once the record
@@ -99,7 +108,7 @@ def _free(rt: Runtime, array_ids: list[str]) -> None:
         log.warning("freeing %d arrays failed (the janitor will): %s", len(array_ids), exc)
 
 
-def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
+def _run(rt: Runtime, payload: TaskPayload, node: str) -> Ended:
     pid = os.getpid()
     domain = rt.settings.shm_domain
     job_id = payload.job_id
@@ -122,7 +131,7 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
         )
     if outcome != "started":
         log.info("job %s not started: %s", job_id, outcome)
-        return outcome
+        return Ended(outcome)
     log.debug("job %s (%s) started, attempt %d", job_id, payload.task, attempts)
     created: list[str] = []
     status, error, result = JobStatus.failed, None, None
@@ -177,7 +186,7 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> str:
         duration,
         extra={"state": final.value, "duration": round(duration, 6)},
     )
-    return ended
+    return Ended(ended, error)
 
 
 def _execute(rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:

@@ -56,7 +56,7 @@ class JobRequest(Request):
 def run_job(self: object, payload: dict[str, Any]) -> str:
     node = getattr(getattr(self, "request", None), "hostname", None) or ""
     try:
-        return runner.run(TaskPayload.model_validate(payload), node=node)
+        return runner.run(TaskPayload.model_validate(payload), node=node).outcome
     except runner.RedisUnavailable as exc:
         # Never ack a job whose record could not be started or ended: hand the message back
         # (if Redis lets us; otherwise it stays unacked and the reaper or the visibility
