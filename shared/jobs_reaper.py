@@ -43,7 +43,7 @@ from shared.arrays.store import ArrayStore
 from shared.dependencies import CLAIM_LEASE_S
 from shared.due import payload_of
 from shared.jobstore import JobStore
-from shared.keys import UNACKED, UNACKED_INDEX, queue_keys
+from shared.keys import KOMBU_PRIORITY_STEPS, UNACKED, UNACKED_INDEX, queue_key, queue_keys
 from shared.schemas import JobStatus, TaskPayload
 from shared.settings import Settings
 from shared.workers import INTERVAL_S as HEARTBEAT_S
@@ -315,13 +315,20 @@ class _Pass:
         lifecycle.free(self.arrays, array_ids)
 
     def queue_list(self, message: _Message) -> str:
-        """The list kombu's `_do_restore_message` pushes to: the bound queue (priority 0)."""
+        """The list kombu's `_do_restore_message` pushes to: the bound queue's list of the
+        message's priority step."""
+        queue = message.routing_key
         binding = self.client.smembers(f"_kombu.binding.{message.exchange}")
         for entry in binding:
             parts = str(entry).split("\x06\x16")
             if len(parts) == 3 and parts[0] == message.routing_key and parts[2]:
-                return parts[2]
-        return message.routing_key
+                queue = parts[2]
+                break
+        try:
+            step = int(message.payload["properties"]["priority"])
+        except (KeyError, TypeError, ValueError):
+            step = 0
+        return queue_key(queue, min(max(step, 0), KOMBU_PRIORITY_STEPS[-1]))
 
     def restore(self, message: _Message) -> bool:
         payload = dict(message.payload)

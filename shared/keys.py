@@ -258,10 +258,15 @@ class Keys:
         return self.metrics_prefix + "array_bytes"
 
 
+def queue_key(queue: str, step: int) -> str:
+    """list: the Redis list of one Celery queue's messages of one kombu priority step (kombu
+    writes them; the names are kombu's, not under the prefix)."""
+    return queue if step == 0 else f"{queue}{_KOMBU_SEP}{step}"
+
+
 def queue_keys(queue: str) -> list[str]:
-    """list: the Redis lists holding one Celery queue's messages (one per priority step);
-    kombu writes them (the names are kombu's, not under the prefix)."""
-    return [queue if p == 0 else f"{queue}{_KOMBU_SEP}{p}" for p in KOMBU_PRIORITY_STEPS]
+    """The lists of one queue, one per priority step, served first to last."""
+    return [queue_key(queue, step) for step in KOMBU_PRIORITY_STEPS]
 
 
 @lru_cache(maxsize=16)
