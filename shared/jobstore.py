@@ -5,7 +5,8 @@ Celery answers PENDING for ids it never saw; forklift keeps a hash per job so un
 event streams wake on it instead of polling). State machine:
 
     queued ──start──▶ running ──finish──▶ succeeded | failed
-      │                  │
+      │  ▲               │  │
+      │  └────retry──────┘  │   (a job that raised, retries left: due again at retry_at)
       └──cancel──▶ cancelled ◀──cancel──┘
 
 A redelivered message (worker lost) finds `running` and starts again, up to max attempts;
@@ -279,6 +280,7 @@ if attempts > tonumber(ARGV[12]) then
 end
 redis.call('HSET', C.job, 'status', 'running', 'started_at', ARGV[1], 'hostname', ARGV[9],
   'pid', ARGV[10], 'domain', ARGV[11], 'node', ARGV[13], 'attempt_token', C.token)
+redis.call('HDEL', C.job, 'retry_at')  -- a retry's wait is over: no stale time in the view
 fl_attempt_begin(C.job, C.now)
 local job = redis.call('HMGET', C.job, 'id', 'task', 'parent')
 redis.call('HSET', C.m .. 'running', job[1], cjson.encode({domain = ARGV[11],
@@ -324,6 +326,34 @@ if ARGV[10] ~= '' then redis.call('HSET', C.job, 'error', ARGV[10]) end
 if ARGV[11] ~= '' then redis.call('HSET', C.job, 'result', ARGV[11]) end
 fl_publish(redis.call('HGET', C.job, 'id'), ARGV[9])
 return fl_append({'ok'}, fl_release(C.job, false))
+"""
+
+# A run that raised and may run again (worker/retrying.py): back to `queued`, due at
+# `retry-at` (shared/due.py publishes it then), its inputs still pinned for the next run. Not
+# an ending: the metrics count no finish, only its running entry goes; the delivery counter
+# `attempts` starts again (each run has its own worker-lost bound).
+_RETRY = """
+-- KEYS: context, due index   ARGV: context, error, delay (s)   -> {outcome}
+local st = redis.call('HGET', C.job, 'status')
+if not st then return {'missing'} end
+if C.token ~= '' and redis.call('HGET', C.job, 'ended_by') == C.token then
+  return {'ok'}  -- a retried call whose first reply was lost
+end
+if st ~= 'running' then return {st} end
+if C.token == '' or redis.call('HGET', C.job, 'attempt_token') ~= C.token then
+  return {'moved'}
+end
+local id = redis.call('HGET', C.job, 'id')
+local at = C.now + tonumber(ARGV[10])  -- the gap counts from this run's end, exactly
+redis.call('HDEL', C.m .. 'running', id)
+redis.call('HSET', C.job, 'status', 'queued', 'retry_at', string.format('%.6f', at),
+  'attempts', 0, 'ended_by', C.token)
+redis.call('HINCRBY', C.job, 'retried', 1)
+redis.call('HDEL', C.job, 'progress')
+fl_attempt_end(C.job, C.now, ARGV[9])
+redis.call('ZADD', KEYS[5], at, id)
+redis.call('PUBLISH', C.events, cjson.encode({id = id, status = 'queued', retry_at = at}))
+return {'ok'}
 """
 
 _CANCEL = """
@@ -504,6 +534,7 @@ class JobStore(Generic[ClientT]):
         self._cancel = client.register_script(ending + _CANCEL)
         self._release = client.register_script(ending + _RELEASE)
         self._end_lost = client.register_script(ending + _END_LOST)
+        self._retry = client.register_script(ending + _RETRY)
 
     def key(self, job_id: str) -> str:
         return self.keys.job(job_id)
@@ -692,6 +723,16 @@ class JobStore(Generic[ClientT]):
         keys.append(self.keys.released(job_id))
         args += [mode, job_id, *(input_ids or [])]
         return then(self._release(keys=keys, args=args), lambda r: _due(r).free)
+
+    @round_trip
+    def retry(self, job_id: str, *, error: str, delay: float, token: str) -> MaybeAwaitable[str]:
+        """Put a running record that raised back to `queued`, due `delay` s from now
+        (`retry_at`), if `token` still holds it; its inputs stay pinned. Returns 'ok', the
+        status that won (e.g. 'cancelled'), 'moved' (another attempt holds it) or 'missing'."""
+        keys, args = self._context(job_id, token)
+        keys.append(self.keys.jobs_due)
+        args += [error, repr(delay)]
+        return then(self._retry(keys=keys, args=args), lambda r: str(r[0]))
 
     @round_trip
     def requeue(self, job_id: str, token: str) -> MaybeAwaitable[bool]:

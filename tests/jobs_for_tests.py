@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -145,3 +145,29 @@ def slow_double(
     """a * 2 after `seconds`; as parts, each part sleeps, and part `fail_part` raises."""
     time.sleep(seconds)
     return a * 2
+
+
+# --- retries (tests/integration/test_retries.py) -------------------------------------------
+
+
+def flaky(
+    a: np.ndarray,
+    runs: Annotated[str, Field(pattern=r"^/tmp/[A-Za-z0-9_./-]{1,200}$")],
+    fail_times: Annotated[int, Field(ge=0, le=20)] = 2,
+    error: Literal["ValueError", "TypeError"] = "ValueError",
+) -> float:
+    """Fails its first `fail_times` runs (raising `error`), then returns `a`'s sum. Each run
+    appends a line to the file `runs`, which the test reads too (no shared memory needed)."""
+    with open(runs, "a") as out:
+        out.write(f"run {os.getpid()}\n")
+    with open(runs) as done:
+        n = sum(1 for _ in done)
+    if n <= fail_times:
+        raise (ValueError if error == "ValueError" else TypeError)(f"run {n} fails on purpose")
+    return float(np.sum(a, dtype=np.float64))
+
+
+# Retried on ValueError only: a TypeError fails at once. Small backoffs keep the tests quick;
+# `flaky_slow` waits seconds, long enough to see (and cancel) a job waiting for its retry.
+job(name="flaky", retries=3, backoff=0.3, backoff_max=2.0, retry_on=(ValueError,))(flaky)
+job(name="flaky_slow", retries=2, backoff=4.0, backoff_max=8.0, retry_on=(ValueError,))(flaky)

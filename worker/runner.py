@@ -3,6 +3,8 @@
 Celery-free on purpose (only its time-limit exception is named), so the job lifecycle reads
 top to bottom in one place. Every path ends the record and releases the inputs exactly once;
 the attempt that ends the record releases them in the same script (shared/jobstore.py).
+A job that raised with retries left (worker/retrying.py) does not end: its record goes back
+to `queued`, due again later, its inputs still pinned for the next run.
 
 A part of a parallel job (shared/splits.py) runs the same way over its slice, writing into
 its slice of the job's reserved output; the part whose success completes the job (its finish
@@ -26,7 +28,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from billiard.exceptions import SoftTimeLimitExceeded
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from shared import splits
 from shared.arrays import lifecycle, mappings, replicas
@@ -36,9 +38,9 @@ from shared.arrays.segments import Segment, ShmFullError, ndarray_view
 from shared.arrays.store import ArrayRecord
 from shared.jobstore import Due
 from shared.redis_io import REDIS_ERRORS
-from shared.registry import JobSpec, get_job
+from shared.registry import InputError, JobSpec, get_job
 from shared.schemas import ArrayRef, JobStatus, TaskPayload
-from worker import cancel
+from worker import cancel, retrying
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger("forklift.worker")
@@ -135,6 +137,7 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> Ended:
     log.debug("job %s (%s) started, attempt %d", job_id, payload.task, attempts)
     created: list[str] = []
     status, error, result = JobStatus.failed, None, None
+    retry_in: float | None = None  # the job raised and runs again after this many seconds
     try:
         result = _execute(rt, payload, created)
         status = JobStatus.succeeded
@@ -152,7 +155,9 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> Ended:
         error = str(exc)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-        log.info("job %s failed: %s", job_id, error)
+        retry_in = retrying.retry_delay(exc, get_job(payload.task), payload)
+        if retry_in is None:
+            log.info("job %s failed: %s", job_id, error)
     final = status
     ending = Due([], [])
     ended = status.value  # what this attempt logs: a status, or 'moved' (another one holds it)
@@ -163,6 +168,8 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> Ended:
             lambda: rt.jobs.release_inputs(job_id, mode="owner", token=token),
             f"job {job_id} release",
         )
+    elif retry_in is not None:
+        final, ended, due = _retry(rt, payload, error or "", retry_in, token)
     else:
         won, ending = redis_retrying(
             lambda: rt.jobs.finish(job_id, status, error=error, result=result, token=token),
@@ -189,17 +196,53 @@ def _run(rt: Runtime, payload: TaskPayload, node: str) -> Ended:
     return Ended(ended, error)
 
 
+def _retry(
+    rt: Runtime, payload: TaskPayload, error: str, retry_in: float, token: str
+) -> tuple[JobStatus, str, list[str]]:
+    """End this run of a job that raised as a retry due in `retry_in` s (its inputs stay
+    pinned). Returns (the record's status, what this attempt logs, ids to free)."""
+    job_id = payload.job_id
+    won = redis_retrying(
+        lambda: rt.jobs.retry(job_id, error=error, delay=retry_in, token=token),
+        f"job {job_id} retry",
+    )
+    if won == "ok":
+        log.info(
+            "job %s failed (%s); retry %d of %d in %.2f s",
+            job_id,
+            error,
+            payload.retried + 1,
+            payload.retries,
+            retry_in,
+            extra={"retry_in": round(retry_in, 3)},
+        )
+        return JobStatus.queued, "retrying", []
+    # Cancelled meanwhile (this attempt still holds it: it releases), or another holds it.
+    due = redis_retrying(
+        lambda: rt.jobs.release_inputs(job_id, mode="owner", token=token),
+        f"job {job_id} release",
+    )
+    final = JobStatus(won) if won in JobStatus.__members__ else JobStatus.cancelled
+    return final, won, due
+
+
 def _execute(rt: Runtime, payload: TaskPayload, created: list[str]) -> Any:
     spec = get_job(payload.task)
     if spec is None:
         raise JobFailure(f"unknown task '{payload.task}' on worker {rt.hostname}")
-    params = spec.validate_params(payload.params)
+    try:  # a worker whose job module differs from the API's: not the job raising, no retry
+        params = spec.validate_params(payload.params)
+    except ValidationError as exc:
+        raise JobFailure(f"{type(exc).__name__}: {exc}") from None
 
     def progress(fraction: float, note: str = "") -> None:
         rt.jobs.report_progress(payload.job_id, fraction, note)
 
     with attached(payload.inputs, rt) as arrays:
-        spec.check_inputs(arrays, params)
+        try:
+            spec.check_inputs(arrays, params)
+        except InputError as exc:  # the same arrays fail the same way: no retry
+            raise JobFailure(f"{type(exc).__name__}: {exc}") from None
         limit = rt.settings.child_memory_limit_bytes
         if payload.part is not None:
             return _run_part(rt, spec, payload, params, arrays)
