@@ -19,6 +19,7 @@ from shared.arrays.store import ArrayStore, RegistrationStore
 from shared.dependencies import DependencyStore
 from shared.due import DueStore
 from shared.jobstore import JobRecord, JobStore
+from shared.schedules import ScheduleStore
 from shared.schemas import is_id
 from shared.settings import Settings
 
@@ -38,12 +39,14 @@ class AppState:
     replicas: ReplicaStore[aioredis.Redis] = field(init=False)
     dependencies: DependencyStore[aioredis.Redis] = field(init=False)  # waiting jobs
     due: DueStore[aioredis.Redis] = field(init=False)  # delayed jobs and retries
+    schedules: ScheduleStore[aioredis.Redis] = field(init=False)  # periodic jobs
 
     def __post_init__(self) -> None:
         self.registrations = RegistrationStore(self.redis, self.settings)
         self.replicas = ReplicaStore(self.redis, self.settings)
         self.dependencies = DependencyStore(self.redis, self.settings)
         self.due = DueStore(self.redis, self.settings)
+        self.schedules = ScheduleStore(self.redis, self.settings)
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def`

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,10 +34,12 @@ from api.routes import (
     internal,
     jobs,
     metrics,
+    schedules,
     tasks,
 )
 from api.topology import announce_domain
 from shared import due
+from shared import schedules as scheduling
 from shared.arrays import mappings, pool
 from shared.arrays.janitor import sweep
 from shared.arrays.store import ArrayStore
@@ -53,16 +56,21 @@ log = logging.getLogger("forklift.api")
 
 
 async def _every(interval: float, work: Callable[[], object], what: str) -> None:
-    """Run `work` in a thread, then again every `interval` seconds, until cancelled.
+    """Run `work` in a thread (a coroutine function: on the loop), then again every
+    `interval` seconds, until cancelled.
 
     The background passes of every API: the janitor (arrays, segments), the job reaper
     (shared/jobs_reaper.py: jobs whose message or worker was lost, so none stays queued,
     running or pinned for the visibility timeout or for good) and the sweep of this process's
-    kept mappings. A failed pass (Redis down) is logged; the next one retries.
+    kept mappings; on the loop, the scheduler of periodic jobs (shared/schedules.py). A
+    failed pass (Redis down) is logged; the next one retries.
     """
     while True:
         try:
-            await to_thread.run_sync(work)
+            if inspect.iscoroutinefunction(work):
+                await work()
+            else:
+                await to_thread.run_sync(work)
         except Exception as exc:
             log.warning("%s failed: %s", what, exc)
         await asyncio.sleep(interval)
@@ -134,8 +142,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         bind_check = asyncio.create_task(check_bind(settings), name="forklift-bind-check")
         janitor_redis, reaper_redis = sync_redis(settings), sync_redis(settings)
         move_due = DueMover(sync_redis(settings), settings, lambda p: publish(settings, p))
+        state = app.state.forklift
+        scheduler = scheduling.Scheduler(
+            state.schedules, lambda record: schedules.fire(state, record)
+        )
         passes = [
             _every(due.INTERVAL_S, move_due, "publishing due jobs"),
+            # Every API runs it; only the holder of the scheduler lock fires.
+            _every(scheduling.INTERVAL_S, scheduler.tick, "scheduler pass"),
             _every(
                 settings.janitor_interval,
                 lambda: sweep(janitor_redis, settings),
@@ -165,6 +179,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            with contextlib.suppress(*REDIS_ERRORS):  # another API takes over at once
+                await scheduler.close()
             await hub.stop()
             await client.aclose()
             await to_thread.run_sync(pool.drain, settings)  # give recycled memory back
@@ -189,7 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(OpenBindGuard, settings=settings)
     errors.install(app)
     openapi.curate(app, secured=bool(settings.api_keys))
-    for module in (jobs, events, arrays, tasks, health, dashboard, cluster, internal):
+    for module in (jobs, schedules, events, arrays, tasks, health, dashboard, cluster, internal):
         app.include_router(module.router)
     metrics.install(app)  # /metrics, and the outermost middleware: times every request
     return app

@@ -98,6 +98,11 @@ class Keys:
         """zset: schedule id -> its next run (unix time); `shared/schedules.py`."""
         return self._k("schedules")
 
+    def schedules_by_owner(self, owner: str) -> str:
+        """set: one owner's schedule ids (bounds their count, lists them);
+        `shared/schedules.py`."""
+        return self._k("schedules", "owner", owner)
+
     @property
     def scheduler(self) -> str:
         """string (with TTL): the lock of the one scheduler firing schedules; whichever API

@@ -308,6 +308,88 @@ class JobBatchView(BaseModel):
     jobs: list[JobView]
 
 
+# Periodic jobs (shared/schedules.py). Each run is a job tagged `schedule: <id>`.
+MAX_SCHEDULES = 100  # schedules one owner may have
+MAX_EVERY_S = 366 * 86400.0
+MAX_CRON = 120  # characters of a cron expression
+MAX_SCHEDULE_PARAMS = 64 * 1024  # bytes of a schedule's params, as JSON
+SCHEDULE_TAG = "schedule"
+
+
+class ScheduleSpec(BaseModel):
+    """What a schedule runs and when: the fields its body and its view share (the job part
+    is a submission's, validated as one: api/submissions.py:prepare)."""
+
+    task: str = Field(min_length=1, max_length=200)
+    params: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, ArrayInput] = Field(
+        default_factory=dict, description="uploaded arrays; each must still exist at each run"
+    )
+    timeout: float | None = Field(
+        None, gt=0, description="seconds; may only lower the server's job time limit"
+    )
+    parallel: Parallel = 1
+    priority: int = Field(default=0, ge=0, le=MAX_PRIORITY, description="0..9, higher first")
+    retries: int | None = Field(
+        default=None, ge=0, le=MAX_RETRIES, description="may only lower the job's"
+    )
+    tags: Tags = Field(default_factory=dict)
+    cron: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CRON,
+        description="5 fields, UTC: minute hour day-of-month month day-of-week (0 = Sunday);"
+        " day-of-month and day-of-week must both match (Celery's crontab)",
+    )
+    every: float | None = Field(
+        default=None, ge=1, le=MAX_EVERY_S, description="seconds between runs"
+    )
+    name: str = Field(default="", max_length=200)
+
+
+class ScheduleCreate(ScheduleSpec):
+    """Body of `POST /schedules`: exactly one of `cron` and `every`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"task": "fib", "params": {"n": 25}, "every": 60},
+                {"task": "fib", "params": {"n": 25}, "cron": "0 9 * * 1-5", "name": "daily"},
+            ]
+        },
+    )
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> ScheduleCreate:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("give exactly one of `cron` and `every`")
+        if SCHEDULE_TAG in self.tags:
+            raise ValueError(f"tag `{SCHEDULE_TAG}` is set on each run by the scheduler")
+        if len(self.tags) >= MAX_TAGS:
+            raise ValueError(f"at most {MAX_TAGS - 1} tags (each run also gets `{SCHEDULE_TAG}`)")
+        return self
+
+
+class ScheduleView(ScheduleSpec):
+    """A schedule as its owner sees it (`GET /schedules/{id}`); times are unix seconds."""
+
+    id: str
+    created_at: float
+    next_run: float | None = Field(default=None, description="when it runs next")
+    last_run: float | None = Field(default=None, description="when it last fired")
+    last_job: str | None = Field(default=None, description="the job its last run submitted")
+    runs: int = Field(default=0, description="jobs submitted so far")
+    skipped: int = Field(default=0, description="runs refused (an input gone, say)")
+    last_error: str | None = Field(
+        default=None, description="why the latest run was refused; cleared by a run that starts"
+    )
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleView]
+
+
 class PartRef(BaseModel):
     """Which part of a parallel job a message runs (shared/splits.py:PartInfo's numbers)."""
 

@@ -1,0 +1,208 @@
+"""Periodic jobs: `POST/GET/DELETE /schedules` on the real stack, with two API processes.
+
+A second API on the session's Redis and key prefix runs the scheduler pass too; only the
+lock's holder fires, and each tick is claimed once. Checks: an `every: 2` schedule runs at that
+rhythm, one job per tick, and stops when deleted; a tick is claimed once however many try;
+missed ticks give one catch-up run; cron and job parts are validated as a submission is; a run
+whose input array is gone is refused and recorded on the schedule. About 20 s in all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from shared.schedules import ScheduleStore, next_cron, parse_cron
+from shared.settings import Settings
+from tests import stack
+from tests.conftest import Stack
+from tests.http_api import upload
+
+
+@pytest.fixture(scope="module")
+def second_api(live: Stack) -> Iterator[str]:
+    """Another API process on the same Redis and key prefix (its own port); stopped by pid."""
+    api, url = stack.start_api(live.env, proc_name="api-second-scheduler")
+    try:
+        yield url
+    finally:
+        api.stop()
+
+
+def _create(http: httpx.Client, **body: object) -> dict:
+    response = http.post("/schedules", json=body)
+    assert response.status_code == 201, response.text
+    view = response.json()
+    assert response.headers["Location"] == f"/schedules/{view['id']}"
+    return view
+
+
+def _delete(http: httpx.Client, schedule_id: str) -> None:
+    response = http.delete(f"/schedules/{schedule_id}")
+    assert response.status_code == 204, response.text
+
+
+def _runs(live: Stack, schedule_id: str) -> list[tuple[float, str]]:
+    """(created_at, id) of the jobs a schedule submitted, oldest first, from the owner index
+    (the open API's owner is '')."""
+    keys = Settings.from_env(live.env).keys
+    ids = live.redis.zrange(keys.jobs_by_owner(""), 0, -1)
+    runs = []
+    for job_id in ids:
+        created, tags = live.redis.hmget(keys.job(job_id), ["created_at", "tags"])
+        if tags and json.loads(tags).get("schedule") == schedule_id:
+            runs.append((float(created), job_id))
+    return sorted(runs)
+
+
+def test_every_two_seconds_one_run_per_tick_with_two_apis(
+    live: Stack, http: httpx.Client, second_api: str
+) -> None:
+    with httpx.Client(base_url=second_api, timeout=30) as other:
+        view = _create(other, task="fib", params={"n": 5}, every=2, name="rhythm")
+    sid = view["id"]
+    assert view["next_run"] == pytest.approx(view["created_at"] + 2, abs=0.01)
+    assert view["runs"] == 0 and view["last_run"] is None
+    try:
+        time.sleep(7.3)  # ticks at +2, +4, +6
+        runs = _runs(live, sid)
+    finally:
+        _delete(http, sid)
+    deleted_at = time.time()
+    times = [t for t, _ in runs]
+    assert len(times) == 3, runs
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(abs(g - 2) <= 0.5 for g in gaps), gaps  # the rhythm, never two in one tick
+    assert times[0] - view["created_at"] == pytest.approx(2, abs=0.5)
+    # each run is a normal job, tagged with the schedule, listed by the tag filter
+    listed = http.get("/jobs", params={"tag": f"schedule:{sid}"})
+    assert listed.status_code == 200, listed.text
+    assert {j["id"] for j in listed.json()["jobs"]} == {i for _, i in runs}
+    job = http.get(f"/jobs/{runs[0][1]}", params={"wait": 10}).json()
+    assert job["status"] == "succeeded" and job["result"] == 5, job
+    assert job["tags"] == {"schedule": sid}
+    # one scheduler holds the lock
+    lock = live.redis.get(Settings.from_env(live.env).keys.scheduler)
+    assert lock is not None and len(lock) == 32
+    # deleted: gone for both APIs, and no new run after a margin longer than a tick
+    assert http.get(f"/schedules/{sid}").status_code == 404
+    time.sleep(2.5)
+    after = _runs(live, sid)
+    assert after == runs, [t - deleted_at for t, _ in after]
+
+
+def test_a_tick_is_claimed_once(live: Stack, http: httpx.Client) -> None:
+    """Two schedulers that both saw a tick: only the first claim moves it (the script
+    compares the score seen), so the second fires nothing."""
+    view = _create(http, task="fib", params={"n": 3}, every=3600)
+    sid = view["id"]
+    try:
+        store = ScheduleStore(live.redis, Settings.from_env(live.env))
+        tick = view["next_run"]
+        now = time.time()
+        assert store.claim(sid, tick, tick + 3600, now) is True
+        assert store.claim(sid, tick, tick + 3600, now) is False
+        assert http.get(f"/schedules/{sid}").json()["next_run"] == pytest.approx(tick + 3600)
+    finally:
+        _delete(http, sid)
+
+
+def test_missed_ticks_give_one_catch_up_run(live: Stack, http: httpx.Client) -> None:
+    view = _create(http, task="fib", params={"n": 4}, every=60)
+    sid = view["id"]
+    keys = Settings.from_env(live.env).keys
+    try:
+        tick = time.time() - 3600  # as if no scheduler had run for an hour: 60 missed ticks
+        live.redis.zadd(keys.schedules, {sid: tick})
+        deadline = time.monotonic() + 5
+        while http.get(f"/schedules/{sid}").json()["runs"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # more runs would come within a pass or two
+        now = time.time()
+        late = http.get(f"/schedules/{sid}").json()
+        assert late["runs"] == 1, late
+        assert len(_runs(live, sid)) == 1
+        # then the regular times again: the first of the 60 s grid after now
+        assert now < late["next_run"] <= now + 60
+        assert (late["next_run"] - tick) / 60 == pytest.approx(
+            round((late["next_run"] - tick) / 60)
+        )
+    finally:
+        _delete(http, sid)
+
+
+def test_cron_next_run_and_listing(http: httpx.Client) -> None:
+    before = time.time()
+    view = _create(http, task="fib", params={"n": 5}, cron="*/15 * * * *", name="quarterly")
+    try:
+        expected = next_cron(parse_cron("*/15 * * * *"), before)
+        assert view["next_run"] == expected
+        assert view["cron"] == "*/15 * * * *" and view["every"] is None
+        mine = http.get("/schedules").json()["schedules"]
+        assert view["id"] in [s["id"] for s in mine]
+        got = http.get(f"/schedules/{view['id']}").json()
+        assert got["name"] == "quarterly" and got["params"] == {"n": 5}
+    finally:
+        _delete(http, view["id"])
+    assert http.delete(f"/schedules/{view['id']}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "says"),
+    [
+        ({"task": "fib", "params": {"n": 5}, "cron": "61 * * * *"}, "invalid_cron", "61 > 59"),
+        ({"task": "fib", "params": {"n": 5}, "cron": "* * *"}, "invalid_cron", "5 fields"),
+        ({"task": "fib", "params": {"n": 5}, "cron": "0 0 31 2 *"}, "invalid_cron", "never"),
+        ({"task": "no_such_task", "every": 5}, "unknown_task", "unknown task"),
+        ({"task": "fib", "params": {"n": 99}, "every": 5}, "invalid_params", "n"),
+        ({"task": "fib", "params": {"n": 5}}, "validation_error", "exactly one"),
+        ({"task": "fib", "params": {"n": 5}, "every": 5, "cron": "* * * * *"}, "", "exactly"),
+        ({"task": "fib", "params": {"n": 5}, "every": 0.5}, "", "greater than or equal"),
+        (
+            {"task": "sum", "inputs": {"a": {"array": "0" * 32}}, "every": 5},
+            "unknown_array",
+            "no array",
+        ),
+    ],
+)
+def test_bad_schedules_are_refused(http: httpx.Client, body: dict, code: str, says: str) -> None:
+    count = len(http.get("/schedules").json()["schedules"])
+    response = http.post("/schedules", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    if code and code != "validation_error":
+        assert error["code"] == code, error
+    assert says in json.dumps(error), error
+    assert len(http.get("/schedules").json()["schedules"]) == count  # nothing left behind
+
+
+def test_a_run_whose_input_is_gone_is_refused_and_recorded(live: Stack, http: httpx.Client) -> None:
+    before = stack.array_segments(live.shm_prefix)
+    meta = upload(http, np.arange(6.0))
+    view = _create(http, task="sum", inputs={"a": {"array": meta["id"]}}, every=1)
+    sid = view["id"]
+    try:
+        deadline = time.monotonic() + 5
+        while http.get(f"/schedules/{sid}").json()["runs"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (_, first), *_ = _runs(live, sid)
+        done = http.get(f"/jobs/{first}", params={"wait": 10}).json()
+        assert done["status"] == "succeeded" and done["result"] == 15.0, done
+        response = http.delete(f"/arrays/{meta['id']}")
+        assert response.status_code in (202, 204), response.text
+        deadline = time.monotonic() + 5
+        while not http.get(f"/schedules/{sid}").json()["skipped"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        got = http.get(f"/schedules/{sid}").json()
+        assert got["skipped"] >= 1 and "unknown_array" in (got["last_error"] or ""), got
+    finally:
+        _delete(http, sid)
+    for _, job_id in _runs(live, sid):  # every run ended, so nothing stays pinned
+        assert http.get(f"/jobs/{job_id}", params={"wait": 10}).json()["status"] == "succeeded"
+    stack.wait_arrays_freed(live.shm_prefix, before)
