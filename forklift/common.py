@@ -8,9 +8,11 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from forklift.errors import (
     ForkliftError,
@@ -22,7 +24,17 @@ from forklift.errors import (
     retry_after,
 )
 from forklift.handles import ArrayHandle, JobOutput
-from shared.schemas import MAX_PARTS, ArrayInput, JobInput, JobStatus, JobView
+from shared.schemas import (
+    MAX_DELAY_S,
+    MAX_PARTS,
+    MAX_PRIORITY,
+    MAX_RETRIES,
+    ArrayInput,
+    JobInput,
+    JobStatus,
+    JobView,
+    Tags,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV, API_KEY_ENV = "FORKLIFT_URL", "FORKLIFT_API_KEY"
@@ -72,6 +84,12 @@ def encode_json(body: Any) -> bytes:
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
+def idempotent_json_headers(key: str) -> dict[str, str]:
+    """A submission's headers: the server makes one job of every request with `key`, so it
+    may be sent again when its answer is lost (api/idempotency.py)."""
+    return {**JSON_HEADERS, "Idempotency-Key": key}
+
+
 @dataclass
 class Arguments:
     """A job's keyword arguments sorted into params, handles to reuse, arrays to upload and
@@ -114,6 +132,74 @@ def check_parallel(parallel: Parallel) -> Parallel:
     return parallel
 
 
+def _number(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name}: a number, not {value!r}")
+    if not low <= value <= high:  # also refuses NaN
+        raise ValueError(f"{name}: from {low:.15g} to {high:.15g}, not {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: object, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise ValueError(f"{name}: an int from 0 to {high}, not {value!r}")
+    return value
+
+
+_TAGS: TypeAdapter[dict[str, str]] = TypeAdapter(Tags)
+
+
+@dataclass(frozen=True)
+class Queueing:
+    """A submission's queue fields; None leaves each to the server (priority 0, at once,
+    the job's own retries, no tags). Checked when made (ValueError), so nothing is uploaded
+    for a job the API would refuse.
+
+    `priority`: 0..9, higher first. `delay` (seconds or a timedelta) or `not_before` (an
+    aware datetime, or unix seconds): the job stays `queued` until then. A naive datetime
+    is refused: the API reads a naive time as UTC, Python as local time. `retries`: may only
+    lower the job's own. `tags`: at most 16 `key: value` strings."""
+
+    priority: int | None = None
+    delay: float | timedelta | None = None
+    not_before: datetime | float | None = None
+    retries: int | None = None
+    tags: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        self.fields()  # every check, now
+
+    def fields(self) -> dict[str, Any]:
+        """The body's fields for what was given."""
+        out: dict[str, Any] = {}
+        if self.priority is not None:
+            out["priority"] = _count("priority", self.priority, MAX_PRIORITY)
+        if self.delay is not None and self.not_before is not None:
+            raise ValueError("give delay or not_before, not both")
+        if self.delay is not None:
+            delay = self.delay
+            seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+            out["delay"] = _number("delay", seconds, 0, MAX_DELAY_S)
+        if isinstance(self.not_before, datetime):
+            if self.not_before.utcoffset() is None:
+                raise ValueError(
+                    "not_before: a naive datetime is ambiguous; give one with a tzinfo"
+                    " (datetime.now(UTC) + ...) or unix seconds"
+                )
+            out["not_before"] = self.not_before.isoformat()
+        elif self.not_before is not None:
+            out["not_before"] = _number("not_before", self.not_before, 0, float("inf"))
+        if self.retries is not None:
+            out["retries"] = _count("retries", self.retries, MAX_RETRIES)
+        if self.tags is not None:
+            try:
+                out["tags"] = _TAGS.validate_python(dict(self.tags))
+            except ValidationError as exc:
+                message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+                raise ValueError(f"tags: {message}") from None
+        return out
+
+
 def submission_body(
     task: str,
     params: dict[str, Any],
@@ -122,9 +208,11 @@ def submission_body(
     *,
     jobs: Mapping[str, JobInput] | None = None,
     parallel: Parallel = None,
+    queueing: Queueing | None = None,
 ) -> dict[str, Any]:
     """A `POST /jobs` body: array inputs by id, job inputs as `{"job", "key"?}`; `parallel`
-    sent only when it asks for more than one part (1 is the API's default)."""
+    sent only when it asks for more than one part (1 is the API's default); the queue
+    fields only as given."""
     body: dict[str, Any] = {"task": task, "params": params}
     if inputs or jobs:
         body["inputs"] = {name: {"array": array_id} for name, array_id in inputs.items()}
@@ -134,6 +222,8 @@ def submission_body(
         body["timeout"] = time_limit
     if check_parallel(parallel) not in (None, 1):
         body["parallel"] = parallel
+    if queueing is not None:
+        body.update(queueing.fields())
     return body
 
 
@@ -255,7 +345,8 @@ class Backoff:
 
 
 def worth_retrying(response: Any) -> bool:
-    """503 (the stack is not ready), or 429 with Retry-After (the key is at a per-key limit
-    that frees when its other requests end): the same request may pass later."""
+    """503 (the stack is not ready), 429 with Retry-After (the key is at a per-key limit
+    that frees when its other requests end), or 409 with Retry-After (another request with
+    the same Idempotency-Key is under way): the same request may pass later."""
     status = response.status_code
-    return status == 503 or (status == 429 and "retry-after" in response.headers)
+    return status == 503 or (status in (409, 429) and "retry-after" in response.headers)

@@ -219,6 +219,8 @@ class Settings(BaseSettings):
     # runs every third of it.
     worker_lost_after: float = Field(default=15.0, ge=3)
     job_ttl: int = Field(default=86400, gt=0)
+    # Seconds an `Idempotency-Key` answers with the job(s) it first made (api/idempotency.py).
+    idempotency_ttl: int = Field(default=86400, gt=0)
     array_ttl: int = Field(default=3600, gt=0)
     max_wait: float = Field(default=60.0, ge=0)
     max_json_bytes: int = Field(default=1 << 20, gt=0)

@@ -33,6 +33,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from concurrent.futures import InvalidStateError
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,7 +49,7 @@ from forklift._concurrency import (
     async_sleep,
     async_watch,
 )
-from forklift.common import Backoff, Deadline, Parallel, worth_retrying
+from forklift.common import Backoff, Deadline, Parallel, Queueing, worth_retrying
 from forklift.errors import (
     ForkliftError,
     InvalidRequest,
@@ -90,6 +91,8 @@ from shared.schemas import (
     JobStatus,
     JobView,
     Progress,
+    ScheduleList,
+    ScheduleView,
     ShmInfo,
     TaskInfo,
 )
@@ -387,7 +390,7 @@ class AsyncBatch:
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
         self.jobs: list[AsyncJob] = []
-        self._entries: list[tuple[str, Mapping[str, Any], float | None, Parallel]] = []
+        self._entries: list[tuple[str, Mapping[str, Any], float | None, Parallel, Queueing]] = []
         self._sent = False
 
     def submit(
@@ -397,9 +400,23 @@ class AsyncBatch:
         /,
         *,
         parallel: Parallel = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        not_before: datetime | float | None = None,
+        retries: int | None = None,
+        tags: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> AsyncJob:
-        return self.submit_job(task, {**(arguments or {}), **kwargs}, parallel=parallel)
+        return self.submit_job(
+            task,
+            {**(arguments or {}), **kwargs},
+            parallel=parallel,
+            priority=priority,
+            delay=delay,
+            not_before=not_before,
+            retries=retries,
+            tags=tags,
+        )
 
     def submit_job(
         self,
@@ -408,13 +425,19 @@ class AsyncBatch:
         *,
         time_limit: float | None = None,
         parallel: Parallel = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        not_before: datetime | float | None = None,
+        retries: int | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> AsyncJob:
         if self._sent:
             raise InvalidStateError("this batch has been sent: submit to a new one")
         common.check_parallel(parallel)
+        queueing = Queueing(priority, delay, not_before, retries, tags)
         job = AsyncJob(self.client, task=task)
         self.jobs.append(job)
-        self._entries.append((task, dict(arguments), time_limit, parallel))
+        self._entries.append((task, dict(arguments), time_limit, parallel, queueing))
         return job
 
     async def __aenter__(self) -> AsyncBatch:
@@ -438,14 +461,17 @@ class AsyncBatch:
                 jobs = self.jobs[start : start + common.BATCH]
                 refs = {id(job): f"#{index}" for index, job in enumerate(jobs)}
                 bodies = [
-                    await client._body(task, args, limit, parallel, uploaded, temps, refs)
-                    for task, args, limit, parallel in self._entries[start : start + len(jobs)]
+                    await client._body(task, args, limit, parallel, uploaded, temps, refs, queue)
+                    for task, args, limit, parallel, queue in self._entries[
+                        start : start + len(jobs)
+                    ]
                 ]
                 response = await client._request(
                     "POST",
                     "/jobs/batch",
                     content=common.encode_json({"jobs": bodies}),
-                    headers=common.JSON_HEADERS,
+                    headers=common.idempotent_json_headers(uuid.uuid4().hex),
+                    retry=True,  # safe: the key makes a resent request the same jobs
                 )
                 views = JobBatchView.model_validate(response.json()).jobs
                 for job, view in zip(jobs, views, strict=True):
@@ -795,6 +821,12 @@ class AsyncClient:
         /,
         *,
         parallel: Parallel = None,
+        idempotency_key: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        not_before: datetime | float | None = None,
+        retries: int | None = None,
+        tags: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> AsyncJob:
         """Submit a job: ndarrays are uploaded, `ArrayHandle`s (or `ArrayInput(array=id)`)
@@ -805,8 +837,29 @@ class AsyncClient:
         here are freed by the server as soon as the job ends. `parallel`: run as this many
         parts over the same arrays, or `"auto"` (one per worker process of the inputs'
         host); a task that does not split refuses more than one part.
+
+        The request carries an `Idempotency-Key` (a fresh uuid4, or `idempotency_key`) and is
+        sent again with it through connection errors: the server makes one job of it. The
+        same key given to two submits (of the same job) gives that one job, for the
+        server's FORKLIFT_IDEMPOTENCY_TTL.
+
+        Queueing (`common.Queueing`, checked before anything is sent): `priority` 0..9,
+        higher first; `delay` (seconds, or a timedelta) or `not_before` (an aware datetime,
+        or unix seconds): the job waits `queued` until then; `retries`: may only lower the
+        task's own; `tags`: `{key: value}` strings shown in the job's view and filtered on.
+        A job param of one of these names goes in the `arguments` mapping.
         """
-        return self.submit_job(task, {**(arguments or {}), **kwargs}, parallel=parallel)
+        return self.submit_job(
+            task,
+            {**(arguments or {}), **kwargs},
+            parallel=parallel,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            delay=delay,
+            not_before=not_before,
+            retries=retries,
+            tags=tags,
+        )
 
     def submit_job(
         self,
@@ -815,10 +868,20 @@ class AsyncClient:
         *,
         time_limit: float | None = None,
         parallel: Parallel = None,
+        idempotency_key: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        not_before: datetime | float | None = None,
+        retries: int | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> AsyncJob:
         """`submit` with the arguments as one mapping and an optional lower time limit."""
         common.check_parallel(parallel)
-        submission = AsyncPending(self._submit(task, arguments, time_limit, parallel))
+        queueing = Queueing(priority, delay, not_before, retries, tags)
+        key = idempotency_key or uuid.uuid4().hex
+        submission = AsyncPending(
+            self._submit(task, arguments, time_limit, parallel, key, queueing)
+        )
         return AsyncJob(self, task=task, submission=submission)
 
     def batch(self) -> AsyncBatch:
@@ -833,12 +896,20 @@ class AsyncClient:
         arguments: Mapping[str, Any],
         time_limit: float | None,
         parallel: Parallel,
+        key: str,
+        queueing: Queueing | None = None,
     ) -> JobView:
         temps: list[str] = []
         try:
-            body = await self._body(task, arguments, time_limit, parallel, {}, temps)
+            body = await self._body(
+                task, arguments, time_limit, parallel, {}, temps, queueing=queueing
+            )
             response = await self._request(
-                "POST", "/jobs", content=common.encode_json(body), headers=common.JSON_HEADERS
+                "POST",
+                "/jobs",
+                content=common.encode_json(body),
+                headers=common.idempotent_json_headers(key),
+                retry=True,  # safe: the key makes a resent request the same job
             )
             return JobView.model_validate(response.json())
         finally:
@@ -853,6 +924,7 @@ class AsyncClient:
         uploaded: dict[int, tuple[np.ndarray, str]],
         temps: list[str],
         batch_refs: Mapping[int, str] | None = None,
+        queueing: Queueing | None = None,
     ) -> dict[str, Any]:
         """A job's submission body; its ndarray arguments uploaded (each object once), its
         job handles as `JobInput`s (`batch_refs`: `#<index>` of a job of the same batch)."""
@@ -867,7 +939,13 @@ class AsyncClient:
                 known = uploaded[id(arr)] = (arr, handle.id)
             inputs[name] = known[1]
         return common.submission_body(
-            task, split.params, inputs, time_limit, jobs=split.jobs, parallel=parallel
+            task,
+            split.params,
+            inputs,
+            time_limit,
+            jobs=split.jobs,
+            parallel=parallel,
+            queueing=queueing,
         )
 
     async def _job_inputs(
@@ -897,15 +975,27 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         return_exceptions: bool = False,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        not_before: datetime | float | None = None,
+        retries: int | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> list[Any]:
         """Submit one job per mapping of arguments (`POST /jobs/batch`), then wait for all
         of them (`POST /jobs/wait`); results in input order.
 
         The same ndarray object appearing in several mappings is uploaded once. A failed job
         raises its JobFailed/JobCancelled (or, with `return_exceptions`, takes its place).
+        `priority`, `delay`, `not_before`, `retries` and `tags` apply to every job, as in
+        `submit` (`timeout` counts a delay too).
         """
+        queue = {"priority": priority, "delay": delay, "not_before": not_before}
+        Queueing(**queue, retries=retries, tags=tags)  # refused here, before any upload
         async with self.batch() as batch:
-            jobs = [batch.submit_job(task, args) for args in iterable]
+            jobs = [
+                batch.submit_job(task, args, **queue, retries=retries, tags=tags)
+                for args in iterable
+            ]
         await self._wait_all(jobs, Deadline(timeout))
         results: list[Any] = []
         for job in jobs:
@@ -977,6 +1067,64 @@ class AsyncClient:
 
     async def task(self, name: str) -> TaskInfo:
         return TaskInfo.model_validate(await self._get_json(f"/tasks/{name}", retry=True))
+
+    # -- schedules ------------------------------------------------------------------------
+
+    async def schedule(
+        self,
+        task: str,
+        arguments: Mapping[str, Any] | None = None,
+        /,
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        name: str = "",
+        time_limit: float | None = None,
+        parallel: Parallel = None,
+        priority: int | None = None,
+        retries: int | None = None,
+        tags: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> ScheduleView:
+        """Run `task` periodically: at the times of a 5-field `cron` expression (UTC), or
+        `every` seconds. Arguments are as for `submit`, but array inputs must be arrays already
+        on the server (handles or ids; they must still exist at each run: upload with a `ttl`
+        long enough). Each run is a job tagged `schedule: <id>`; `unschedule` stops it."""
+        split = common.split_arguments({**(arguments or {}), **kwargs})
+        if split.arrays or split.jobs:
+            names = sorted([*split.arrays, *split.jobs])
+            raise TypeError(
+                f"schedule {task}: inputs {names} must be uploaded arrays (put_array first)"
+            )
+        body = common.submission_body(
+            task, split.params, dict(split.handles), time_limit, parallel=parallel
+        )
+        given = {"cron": cron, "every": every, "priority": priority, "retries": retries}
+        body.update({key: value for key, value in given.items() if value is not None})
+        if name:
+            body["name"] = name
+        if tags:
+            body["tags"] = dict(tags)
+        response = await self._request(
+            "POST", "/schedules", content=common.encode_json(body), headers=common.JSON_HEADERS
+        )
+        return ScheduleView.model_validate(response.json())
+
+    async def schedules(self) -> list[ScheduleView]:
+        """The caller's schedules, oldest first."""
+        listed = ScheduleList.model_validate(await self._get_json("/schedules", retry=True))
+        return listed.schedules
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleView:
+        """One schedule (NotFound if it is not the caller's)."""
+        return ScheduleView.model_validate(
+            await self._get_json(f"/schedules/{schedule_id}", retry=True)
+        )
+
+    async def unschedule(self, schedule: ScheduleView | str) -> None:
+        """Delete a schedule: no run starts after this; past runs stay (NotFound if unknown)."""
+        ident = schedule.id if isinstance(schedule, ScheduleView) else schedule
+        await self._request("DELETE", f"/schedules/{ident}")
 
     async def health(self) -> Health | HealthDown:
         """`GET /healthz`: a `Health`, or the 503's `HealthDown` (returned, not raised: it
