@@ -15,7 +15,7 @@ from anyio import to_thread
 from celery import Celery
 from kombu import Producer
 
-from shared.celery_app import TASK_NAME, create_app
+from shared.celery_app import create_app, task_name
 from shared.redis_io import REDIS_ERRORS, sync_redis
 from shared.schemas import MAX_PRIORITY, TaskPayload
 from shared.settings import Settings
@@ -106,7 +106,7 @@ def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
                 options["soft_time_limit"] = payload.timeout
                 options["time_limit"] = payload.timeout + settings.job_kill_grace
             args = [payload.model_dump(mode="json")]
-            app.send_task(TASK_NAME, args=args, producer=producer, **options)
+            app.send_task(task_name(payload.task), args=args, producer=producer, **options)
             queues.append(queue)
     return queues
 

@@ -14,7 +14,16 @@ from celery import Celery
 from shared.keys import KOMBU_PRIORITY_STEPS
 from shared.settings import Settings, get_settings
 
-TASK_NAME = "forklift.run_job"
+# Celery's name of a job's task: `forklift.<job name>` (worker/tasks.py registers one per
+# job, so Celery's tools see jobs by name). TASK_NAME is the one generic task older APIs
+# sent every job as; workers still run it.
+TASK_PREFIX = "forklift."
+TASK_NAME = TASK_PREFIX + "run_job"
+
+
+def task_name(job: str) -> str:
+    """The Celery task a job's message names (api/enqueue.py) and a worker registers."""
+    return TASK_PREFIX + job
 
 
 def celery_config(settings: Settings) -> dict[str, object]:

@@ -2,7 +2,7 @@
 
 Late acks make the broker keep a message until its job ends, but three things escape that:
 - a queued job's message can vanish (`celery purge`, a Redis that lost it): its record would
-  stay `queued` and its inputs pinned for good;
+  stay `queued` and its inputs pinned for good (the reaper ends it `cancelled`);
 - a running job's worker can die whole (SIGKILL, power loss, its host gone) or lose the job
   (its connection to Redis reset): the broker only redelivers the message after the
   visibility timeout (about 70 minutes by default), and not at all if it no longer has it;
@@ -116,7 +116,7 @@ class ReapReport:
     requeued: list[str] = field(default_factory=list)  # running -> queued, message back
     republished: list[str] = field(default_factory=list)  # ... message published anew
     failed: list[str] = field(default_factory=list)  # lost with their attempts spent
-    lost_messages: list[str] = field(default_factory=list)  # queued, message gone: failed
+    lost_messages: list[str] = field(default_factory=list)  # queued, message gone: cancelled
     released: list[str] = field(default_factory=list)  # ended, inputs released here
     dropped_acks: list[str] = field(default_factory=list)  # unacked entries of ended jobs
     announced: list[str] = field(default_factory=list)  # waiting and ready, not launched
@@ -380,11 +380,14 @@ class _Pass:
         log.warning("job %s: its worker is gone; delivered again (attempt %d)", job_id, attempts)
 
     def lost_message(self, job_id: str) -> None:
+        """A queued job whose message is gone (`celery purge`, a Redis that lost it): it
+        never ran, and nothing will run it, so it ends `cancelled` (not a failure of the
+        job), its inputs released in the same script."""
         error = (
-            "message lost: the job's Celery message is no longer in the broker (purged?)"
-            " and no worker holds it; the job was not run"
+            "message lost: the job's Celery message is no longer in the broker (purged or"
+            " lost) and no worker holds it; the job was not run"
         )
-        outcome, due = self.jobs.end_lost(job_id, JobStatus.failed, error, expect="queued")
+        outcome, due = self.jobs.end_lost(job_id, JobStatus.cancelled, error, expect="queued")
         if outcome == "ok":
             self.free(due)
             self.report.lost_messages.append(job_id)
@@ -542,7 +545,7 @@ def reap(
     )
     if acted:
         log.info(
-            "reaper: requeued %d, republished %d, failed %d lost, failed %d without message, "
+            "reaper: requeued %d, republished %d, failed %d lost, cancelled %d without message, "
             "released %d, dropped %d stale acks",
             len(report.requeued),
             len(report.republished),

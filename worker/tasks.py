@@ -1,4 +1,13 @@
-"""The one generic Celery task: run any registered job by name."""
+"""One Celery task per registered job (`forklift.<job name>`), all running `runner.run`.
+
+Celery's tools (`celery inspect registered`, Flower, exporters) then see and count jobs by
+name. `forklift.run_job` stays registered, so messages an older API queued still run; every
+task reads the job's name from its payload, so whichever name a message carries, the same
+runner runs the same job. Celery's states follow the job's end: a job that ends `failed` is a
+FAILURE with its error, a retry (the runner re-queues the job itself, shared/due.py) is a
+RETRY, anything else is a SUCCESS whose result is how the delivery ended (`succeeded`,
+`cancelled`, or why it did not run: docs/operations.md). The record is always ended first.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +15,14 @@ import logging
 import os
 from typing import Any
 
-from celery import signals
-from celery.exceptions import Reject
+from celery import Task, signals
+from celery.exceptions import Reject, Retry
 from celery.worker.request import Request
 
 from shared import logs
 from shared.arrays import lifecycle, pool
-from shared.celery_app import TASK_NAME
-from shared.registry import load_job_modules
+from shared.celery_app import TASK_NAME, TASK_PREFIX, task_name
+from shared.registry import all_jobs, load_job_modules
 from shared.schemas import JobStatus, TaskPayload
 from shared.settings import get_settings
 from worker import cancel, heartbeat, runner
@@ -52,17 +61,55 @@ class JobRequest(Request):
             log.warning("job %s: could not record the time limit: %s", job_id, exc)
 
 
-@app.task(name=TASK_NAME, Request=JobRequest, bind=True)
-def run_job(self: object, payload: dict[str, Any]) -> str:
-    node = getattr(getattr(self, "request", None), "hostname", None) or ""
+# The job's error as Celery shows it (events, logs): bounded, the record has it whole.
+MAX_CELERY_ERROR = 2000
+
+
+class JobFailed(Exception):
+    """The job ended `failed` (its record says so already): raised so that Celery reports
+    a FAILURE with the job's error. Declared in the tasks' `throws`: Celery logs it as an
+    expected error, one line without a traceback."""
+
+
+def celery_result(ended: runner.Ended) -> str:
+    """A delivery's end in Celery's terms, once the record is ended: returns the SUCCESS
+    result, raises JobFailed (FAILURE) or Retry (RETRY; nothing is re-sent: the job waits
+    in forklift's own due set).
+
+    Only the delivery that fails the job is a FAILURE: one that finds its job already
+    ended (a duplicate delivery, a job cancelled or reaped meanwhile) returns that status.
+    """
+    error = (ended.error or "")[:MAX_CELERY_ERROR]
+    if ended.outcome == JobStatus.failed.value and ended.error is not None:
+        raise JobFailed(error)
+    if ended.outcome == "exhausted":  # this delivery found the job's attempts spent
+        raise JobFailed("worker lost: the job's worker died too often; not retried again")
+    if ended.outcome == "retrying":
+        raise Retry(f"retrying: {error}", exc=JobFailed(error))
+    return ended.outcome
+
+
+def run_job(self: Task, payload: dict[str, Any]) -> str:
+    """Every forklift task's body: the job named in the payload, whatever the task's name."""
+    node = self.request.hostname or ""
     try:
-        return runner.run(TaskPayload.model_validate(payload), node=node).outcome
+        ended = runner.run(TaskPayload.model_validate(payload), node=node)
     except runner.RedisUnavailable as exc:
         # Never ack a job whose record could not be started or ended: hand the message back
         # (if Redis lets us; otherwise it stays unacked and the reaper or the visibility
         # timeout brings it back).
         log.warning("%s; the message goes back to the queue", exc)
         raise Reject(str(exc), requeue=True) from None
+    return celery_result(ended)
+
+
+def task_names() -> list[str]:
+    """The Celery tasks this worker registers: the old generic one, then one per job."""
+    return list(dict.fromkeys([TASK_NAME, *(task_name(spec.name) for spec in all_jobs())]))
+
+
+for _name in task_names():
+    app.task(name=_name, Request=JobRequest, bind=True, throws=(JobFailed,))(run_job)
 
 
 @signals.task_revoked.connect
@@ -86,6 +133,30 @@ def _job_revoked(request: object = None, terminated: bool = False, **_: object) 
         log.warning("job %s: could not record the revoke: %s", job_id, exc)
         return
     log.info("job %s revoked (%s): %s", job_id, how, outcome)
+
+
+@signals.task_unknown.connect
+def _job_unknown(name: str = "", **fields: object) -> None:
+    """A `forklift.<job>` message this worker has no task for (its FORKLIFT_JOB_MODULES
+    lack the job the API accepted): Celery drops the message, so end the record `failed`
+    here (as the runner does for a job it does not know) instead of leaving it queued."""
+    job_id = str(fields.get("id") or "")
+    if not name.startswith(TASK_PREFIX) or not job_id:
+        return
+    rt = runtime()
+    job = name.removeprefix(TASK_PREFIX)
+    error = f"unknown task '{job}' on worker {rt.hostname} (its FORKLIFT_JOB_MODULES lack it)"
+    try:
+        outcome, due = runner.redis_retrying(
+            lambda: rt.jobs.end_lost(job_id, JobStatus.failed, error, expect="queued"),
+            f"job {job_id} unknown task",
+            MAIN_PROCESS_RETRY_S,
+        )
+        lifecycle.free(rt.arrays, due)
+    except Exception as exc:  # the reaper ends it: its message is gone
+        log.warning("job %s: could not record the unknown task: %s", job_id, exc)
+        return
+    log.warning("job %s: %s (%s)", job_id, error, outcome)
 
 
 @signals.setup_logging.connect

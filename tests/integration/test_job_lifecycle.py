@@ -240,7 +240,7 @@ def test_duplicate_delivery_losing_attempt_does_not_unpin() -> None:
         assert lc.pins(a) == 1, "the losing attempt unpinned inputs the other one reads"
         assert "released" not in record
         done = wait(http, job_id)
-        assert done["status"] == "succeeded" and done["attempts"] == 2
+        assert done["status"] == "succeeded" and len(done["attempts"]) == 2
         assert done["result"]["sum"] == 1000.0
         assert done["worker"]["pid"] == int(record["pid"])
         assert_nothing_left(lc, [a])
@@ -249,7 +249,7 @@ def test_duplicate_delivery_losing_attempt_does_not_unpin() -> None:
 # --- 14: purged and revoked messages -------------------------------------------------------
 
 
-def test_purged_queue_fails_its_jobs_and_releases_their_inputs() -> None:
+def test_purged_queue_cancels_its_jobs_and_releases_their_inputs() -> None:
     with lifecycle_stack(workers=0) as lc, lc.client() as http:
         a = upload(http, np.ones(100))["id"]
         jobs = [submit(http, "sum", inputs={"a": a}) for _ in range(3)]
@@ -261,11 +261,11 @@ def test_purged_queue_fails_its_jobs_and_releases_their_inputs() -> None:
         ended = [wait(http, j, RECOVERY_S) for j in jobs]
         took = time.monotonic() - purged_at
         for record in ended:
-            assert record["status"] == "failed", record
+            assert record["status"] == "cancelled", record
             assert record["error"].startswith("message lost"), record
             assert record["started_at"] is None
         assert_nothing_left(lc, [a])
-        print(f"purged jobs failed {took:.1f} s after the purge")
+        print(f"purged jobs cancelled {took:.1f} s after the purge")
 
 
 def test_revoked_jobs_end_cancelled_and_release_their_inputs() -> None:
@@ -316,7 +316,7 @@ def test_redis_outage_during_a_job_is_retried_not_acked() -> None:
             stack.wait_until(lambda: http.get("/healthz").status_code == 200, 30, what="API back")
             done = wait(http, job_id, RECOVERY_S)
         assert done["status"] == "succeeded", done
-        assert done["attempts"] == 1  # finished by its first attempt, not run again
+        assert len(done["attempts"]) == 1  # finished by its first attempt, not run again
         assert done["result"]["sum"] == 100.0
         log = lc.workers[0].log()
         assert f"job {job_id} finish: Redis error" in log
@@ -370,7 +370,7 @@ def test_lost_replies_at_start_and_finish_are_retried_without_a_second_attempt()
                 s.encode() for s in (scripts._start.sha, scripts._finish.sha)
             )
             assert done["status"] == "succeeded", done
-            assert done["attempts"] == 1  # the start that ran before its reply was lost
+            assert len(done["attempts"]) == 1  # the start that ran before its reply was lost
             assert done["result"]["sum"] == 10.0
             worker = lc.workers[-1]
             ended = f"job {done['id']} ended succeeded"
@@ -400,7 +400,7 @@ def test_killed_worker_job_is_delivered_again_within_seconds() -> None:
         lc.start_worker(concurrency=1)
         done = wait(http, job_id, RECOVERY_S)
         took = time.monotonic() - killed_at
-        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert done["status"] == "succeeded" and len(done["attempts"]) == 2, done
         assert done["result"]["sum"] == 100.0
         assert "requeued_at" in lc.record(job_id)  # the reaper put it back, not the broker
         assert_nothing_left(lc, [a])
@@ -418,7 +418,7 @@ def test_worker_restarted_under_the_same_name_does_not_hold_the_old_job() -> Non
         lc.workers[0].stop(signal.SIGKILL)
         lc.start_worker(concurrency=1, name="same")
         done = wait(http, job_id, RECOVERY_S)
-        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert done["status"] == "succeeded" and len(done["attempts"]) == 2, done
         assert done["worker"]["pid"] != int(first["pid"])
         assert lc.record(job_id)["node"] == first["node"]  # the same worker name both times
         assert "requeued_at" in lc.record(job_id)
@@ -438,7 +438,7 @@ def test_lost_job_whose_message_the_broker_lost_is_published_again() -> None:
         lc.redis.zrem("unacked_index", tag)
         lc.start_worker(concurrency=1)
         done = wait(http, job_id, RECOVERY_S)
-        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert done["status"] == "succeeded" and len(done["attempts"]) == 2, done
         assert done["result"]["sum"] == 10.0
         api_log = lc.api.log() if lc.api else ""
         assert "republished 1" in api_log, api_log[-2000:]
@@ -520,5 +520,5 @@ def test_faults_under_load_end_with_every_job_done_and_nothing_leaked() -> None:
         assert all(d["status"] in FINAL for d in done.values())
         assert_nothing_left(lc, arrays)
         assert stack.array_segments(lc.env["FORKLIFT_SHM_PREFIX"]) == set()
-        again = sum(1 for d in done.values() if d["attempts"] > 1)
+        again = sum(1 for d in done.values() if len(d["attempts"]) > 1)
         print(f"{len(done)} jobs, {again} delivered more than once, all succeeded")
