@@ -18,6 +18,7 @@ from shared.arrays.replicas import ReplicaStore
 from shared.arrays.store import ArrayStore, RegistrationStore
 from shared.dependencies import DependencyStore
 from shared.due import DueStore
+from shared.joblist import JobLister
 from shared.jobstore import JobRecord, JobStore
 from shared.schedules import ScheduleStore
 from shared.schemas import is_id
@@ -40,6 +41,7 @@ class AppState:
     dependencies: DependencyStore[aioredis.Redis] = field(init=False)  # waiting jobs
     due: DueStore[aioredis.Redis] = field(init=False)  # delayed jobs and retries
     schedules: ScheduleStore[aioredis.Redis] = field(init=False)  # periodic jobs
+    listing: JobLister = field(init=False)  # GET /jobs, bulk cancel, removing records
 
     def __post_init__(self) -> None:
         self.registrations = RegistrationStore(self.redis, self.settings)
@@ -47,6 +49,7 @@ class AppState:
         self.dependencies = DependencyStore(self.redis, self.settings)
         self.due = DueStore(self.redis, self.settings)
         self.schedules = ScheduleStore(self.redis, self.settings)
+        self.listing = JobLister(self.jobs)
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def`

@@ -390,6 +390,48 @@ class ScheduleList(BaseModel):
     schedules: list[ScheduleView]
 
 
+MAX_CANCEL = 10_000  # jobs one `POST /jobs/cancel` by filter cancels at most
+
+
+class JobCancel(BaseModel):
+    """Body of `POST /jobs/cancel`: `ids`, or a filter (`tag`, `task`, `status`), not both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = Field(default=None, min_length=1, max_length=MAX_BATCH)
+    tag: str | list[str] | None = Field(
+        default=None, description="`key:value`, or a list of them (all must match)"
+    )
+    task: str | None = None
+    status: list[JobStatus] | None = Field(
+        default=None, description="only these of queued, waiting, running (default: all three)"
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> JobCancel:
+        by_filter = self.tag is not None or self.task is not None or self.status is not None
+        if self.ids is not None and by_filter:
+            raise ValueError("give `ids` or a filter (`tag`, `task`, `status`), not both")
+        if self.ids is None and not by_filter:
+            raise ValueError("give `ids` or a filter (`tag`, `task`, `status`)")
+        return self
+
+
+class CancelSkipped(BaseModel):
+    id: str
+    status: str = Field(description="its status (already final), `part`, or `not_found`")
+
+
+class JobCancelled(BaseModel):
+    """Reply of `POST /jobs/cancel`."""
+
+    cancelled: list[str]
+    skipped: list[CancelSkipped]
+    more: bool = Field(
+        False, description="a filter matched more than one request cancels: send it again"
+    )
+
+
 class PartRef(BaseModel):
     """Which part of a parallel job a message runs (shared/splits.py:PartInfo's numbers)."""
 

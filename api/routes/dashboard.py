@@ -12,7 +12,6 @@ jobs by task under their workers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 
 from api.deps import Owner, State
+from shared.joblist import JobFilter
 from shared.metrics import THROUGHPUT_SLOT_S, read_snapshot, read_throughput
 from shared.redis_io import REDIS_ERRORS
 from shared.workers import STALE_AFTER_S
@@ -57,57 +57,33 @@ async def dashboard_asset(name: str) -> Any:
     return FileResponse(STATIC / name, media_type=media_type, headers=_NO_STORE)
 
 
-# What the page shows of a job: never params or results (the state may be public).
-_FIELDS = (
-    "task",
-    "status",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "error",
-    "hostname",
-    "pid",
-    "domain",
-    "progress",
-    "owner",
-)
-
-
-async def _recent_jobs(state: Any, now: float, owner: str | None) -> list[dict[str, Any]]:
-    ids = await state.jobs.recent_ids(RECENT_JOBS)
-    rows = await state.jobs.fields(ids, _FIELDS)
+async def _recent_jobs(state: Any, now: float, owner: str) -> list[dict[str, Any]]:
+    """The owner's newest jobs (GET /jobs's listing: filtered by owner before the limit).
+    What the page shows of a job: never params or results (the state may be public)."""
+    page = await state.listing.page(owner, JobFilter(), RECENT_JOBS)
     out = []
-    for job_id, row in zip(ids, rows, strict=True):
-        task, status, created, started, finished, error, host, pid, domain, progress, who = (
-            row[name] for name in _FIELDS
-        )
-        if status is None:
-            continue  # expired record
-        if owner is not None and (who or "") != owner:
-            continue  # another key's job: not even its existence is told
-        start, end = _num(started), _num(finished)
+    for record in page.records:
+        start, end = record.started_at, record.finished_at
         duration = None
         if start is not None:
             duration = (end if end is not None else now) - start
         fraction = None
-        if progress and status == "running":
-            try:
-                fraction = float(json.loads(progress).get("fraction"))
-            except (ValueError, TypeError, AttributeError):
-                fraction = None
+        if record.progress is not None and record.status == "running":
+            fraction = record.progress.fraction
+        worker = f"{record.hostname}:{record.pid}" if record.hostname and record.pid else None
         out.append(
             {
-                "id": job_id,
-                "task": task,
-                "status": status,
-                "created_at": _num(created),
+                "id": record.id,
+                "task": record.task,
+                "status": record.status.value,
+                "created_at": record.created_at,
                 "started_at": start,
                 "finished_at": end,
                 "duration": duration,
                 "progress": fraction,
-                "error": (error or "")[:300] or None,
-                "worker": f"{host}:{pid}" if host and pid else None,
-                "domain": domain or None,
+                "error": (record.error or "")[:300] or None,
+                "worker": worker,
+                "domain": record.domain or None,
             }
         )
     return out
@@ -126,13 +102,6 @@ async def _visible_running(
     }
 
 
-def _num(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
-
-
 @router.get("/dashboard/state")
 async def dashboard_state(state: State, owner: Owner) -> Any:
     """What the page shows, in one JSON document."""
@@ -140,7 +109,7 @@ async def dashboard_state(state: State, owner: Owner) -> Any:
     only = owner if settings.api_keys else None
     try:
         snap = await read_snapshot(state.redis, settings, stale_after=STALE_AFTER_S)
-        jobs = await _recent_jobs(state, snap.now, only)
+        jobs = await _recent_jobs(state, snap.now, owner)
         running = await _visible_running(state, snap.running, only)
         throughput = await read_throughput(state.redis, settings, THROUGHPUT_SLOTS)
     except REDIS_ERRORS as exc:

@@ -26,6 +26,7 @@ from shared.arrays import lifecycle, pool
 from shared.arrays.replicas import sweep_replicas
 from shared.arrays.segments import list_segments, unlink_own
 from shared.arrays.store import ArrayStore
+from shared.joblist import trim_owner_indexes
 from shared.jobstore import JobStore
 from shared.settings import Settings
 
@@ -107,6 +108,7 @@ def sweep(client: redis.Redis, settings: Settings, *, force: bool = False) -> Sw
     report.bytes_in_use = store.recount(unledgered)
     report.pool_trimmed = pool.trim(settings, idle_s=max(POOL_IDLE_S, settings.janitor_interval))
     JobStore(client, settings).trim_index(now - settings.job_ttl)
+    trim_owner_indexes(client, settings, now - settings.job_ttl)
     if report.expired or report.orphan_segments or report.orphan_records:
         log.info(
             "janitor: freed %d expired, unlinked %d orphan segments, dropped %d orphan records",
