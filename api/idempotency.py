@@ -79,6 +79,11 @@ return 1
 """
 
 
+def sha256_hex(key: str) -> str:
+    """How a key is named in Redis: its digest (bounded, and no client text in key names)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def fingerprint(body: BaseModel) -> str:
     """The body as parsed (defaults filled, keys sorted): the same request however spelled."""
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -90,8 +95,7 @@ class _Claim:
 
     def __init__(self, state: AppState, owner: str, key: str, body: BaseModel) -> None:
         self.state = state
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        self.key = state.settings.keys.idempotency(owner, digest)
+        self.key = state.settings.keys.idempotency(owner, sha256_hex(key))
         self.owner = owner
         self.fp = fingerprint(body)
         self.mine = ""  # the pending value this request wrote

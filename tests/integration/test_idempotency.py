@@ -8,6 +8,7 @@ count of the jobs an owner has, which a second create would grow.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -15,12 +16,19 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
+from fastapi import Response
 
+from api import idempotency, submissions
+from api.errors import ApiError
 from api.owners import owner_id
 from forklift import Client
+from shared.schemas import JobStatus, JobSubmission, JobView
 from shared.settings import Settings
 from tests import stack
 from tests.conftest import Stack
@@ -301,3 +309,83 @@ def test_the_header_is_documented(http: httpx.Client) -> None:
         assert header["in"] == "header" and not header.get("required")
         assert "Idempotent-Replayed" in op["responses"]["200"]["headers"]
         assert {"200", "202", "409", "422"} <= set(op["responses"])
+
+
+class _Submissions:
+    """`submissions.submit` stood in for: each call takes `seconds`, the first `fail` calls
+    raise (what a record script's refusal or a broker outage does after the claim), and
+    records are kept in memory, read back by the `jobs.get_many` of the fake state."""
+
+    def __init__(self, seconds: float, fail: int = 0) -> None:
+        self.seconds, self.fail, self.calls = seconds, fail, 0
+        self.made: dict[str, Any] = {}
+
+    async def submit(self, state: Any, jobs: list[submissions.Prepared], owner: str) -> Any:
+        self.calls += 1
+        await asyncio.sleep(self.seconds)
+        if self.calls <= self.fail:
+            raise ApiError(503, "unavailable", "the broker is unavailable")
+        views = []
+        for job in jobs:
+            view = JobView(
+                id=job.job_id, task="fib", status=JobStatus.queued, params={}, inputs={},
+                created_at=time.time(),
+            )  # fmt: skip
+            self.made[job.job_id] = SimpleNamespace(owner=owner, view=lambda v=view: v)
+            views.append(view)
+        return views
+
+    async def get_many(self, ids: list[str]) -> list[Any]:
+        return [self.made.get(i) for i in ids]
+
+
+async def _race(live: Stack, fake: _Submissions, count: int) -> list[Any]:
+    """`count` requests with one key, 50 ms apart, through `idempotency.submit`: each one's
+    (status, id) or its ApiError code."""
+    client = aioredis.Redis.from_url(live.env["REDIS_URL"], decode_responses=True)
+    state: Any = SimpleNamespace(settings=Settings.from_env(live.env), redis=client, jobs=fake)
+    body, key = JobSubmission(task="fib", params={"n": 3}), uuid.uuid4().hex
+
+    async def prepare() -> list[submissions.Prepared]:
+        return [submissions.Prepared(body=body, params={"n": 3}, inputs={})]
+
+    async def one(delay: float) -> Any:
+        await asyncio.sleep(delay)
+        response = Response(status_code=202)
+        try:
+            (view,) = await idempotency.submit(state, "", key, body, prepare, response)
+        except ApiError as exc:
+            return exc.code
+        return response.status_code, view.id
+
+    try:
+        return await asyncio.gather(*(one(0.05 * i) for i in range(count)))
+    finally:
+        await client.delete(state.settings.keys.idempotency("", idempotency.sha256_hex(key)))
+        await client.aclose()
+
+
+def test_a_failed_first_request_frees_the_key_for_those_waiting(
+    live: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """~0.7 s. The first request's submission fails after it took the claim: it deletes its
+    claim, and of the two that waited, one submits afresh and the other gets that job."""
+    fake = _Submissions(seconds=0.3, fail=1)
+    monkeypatch.setattr(submissions, "submit", fake.submit)
+    first, *others = asyncio.run(_race(live, fake, 3))
+    assert first == "unavailable"
+    assert sorted(status for status, _ in others) == [200, 202]
+    assert len({job_id for _, job_id in others}) == 1 and fake.calls == 2
+
+
+def test_a_request_still_under_way_past_the_wait_is_409(
+    live: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """~0.6 s (the wait shortened to 0.2 s). The waiting one gets 409 with Retry-After; the
+    first one's job is there after, for whoever asks again."""
+    fake = _Submissions(seconds=0.6)
+    monkeypatch.setattr(submissions, "submit", fake.submit)
+    monkeypatch.setattr(idempotency, "WAIT_S", 0.2)
+    first, second = asyncio.run(_race(live, fake, 2))
+    assert first[0] == 202 and second == "idempotency_key_in_use"
+    assert fake.calls == 1
