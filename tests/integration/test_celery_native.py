@@ -27,7 +27,10 @@ import numpy as np
 import redis
 
 from forklift import testing
+from shared.arrays.store import ArrayStore
 from shared.celery_app import TASK_NAME, create_app, task_name
+from shared.due import payload_of
+from shared.jobstore import JobStore
 from shared.keys import queue_keys
 from shared.registry import all_jobs, load_job_modules
 from shared.settings import BUILTIN_JOB_MODULES, Settings
@@ -78,6 +81,51 @@ def test_inspect_registered_lists_every_job_by_name(live: Stack, http: httpx.Cli
         forklift = {name for name in registered if name.startswith("forklift.")}
         # every job the API offers (built-in and the test modules'), and the old generic task
         assert forklift == {task_name(job) for job in api_jobs} | {TASK_NAME}, node
+
+
+# --- messages under other names --------------------------------------------------------------
+
+
+def _send_as(live: Stack, http: httpx.Client, name: str, params: dict[str, Any]) -> str:
+    """A fib job's message sent under the Celery task `name`, as an older API (or another
+    deployment) would: the record is made by a delayed submission, taken out of the due set
+    before it is due, and its message built from it."""
+    settings = Settings.from_env(live.env)
+    response = http.post("/jobs", json={"task": "fib", "params": params, "delay": 300})
+    assert response.status_code == 202, response.text
+    job_id = str(response.json()["id"])
+    assert live.redis.zrem(settings.keys.jobs_due, job_id) == 1  # not published by the API
+    app = create_app(settings)
+    try:
+        record = JobStore(live.redis, settings).get(job_id)
+        assert record is not None
+        payload = payload_of(record, ArrayStore(live.redis, settings))
+        assert payload is not None
+        app.send_task(
+            name,
+            args=[payload.model_dump(mode="json")],
+            task_id=job_id,
+            queue=settings.queue,
+            ignore_result=True,
+        )
+    finally:
+        app.close()
+    return job_id
+
+
+def test_old_generic_task_still_runs_and_an_unknown_one_fails(
+    live: Stack, http: httpx.Client
+) -> None:
+    """A message queued by an API of before (one task for every job) still runs; a job's
+    task the worker does not have ends the record `failed` (Celery drops such a message)."""
+    old = _send_as(live, http, TASK_NAME, {"n": 11})
+    done = wait(http, old)
+    assert (done["status"], done["result"]) == ("succeeded", 89)
+    unknown = _send_as(live, http, task_name("no_such_job"), {"n": 11})
+    done = wait(http, unknown)
+    assert done["status"] == "failed", done
+    assert done["error"].startswith("unknown task 'no_such_job' on worker"), done
+    assert live.redis.hget(f"{live.key_prefix}:job:{unknown}", "released") == "1"
 
 
 # --- Celery's event stream -------------------------------------------------------------------
