@@ -55,6 +55,9 @@ from shared.settings import Settings, get_settings
 log = logging.getLogger("forklift.api")
 
 
+PASS_BACKOFF_MAX_S = 5.0
+
+
 async def _every(interval: float, work: Callable[[], object], what: str) -> None:
     """Run `work` in a thread (a coroutine function: on the loop), then again every
     `interval` seconds, until cancelled.
@@ -63,17 +66,26 @@ async def _every(interval: float, work: Callable[[], object], what: str) -> None
     (shared/jobs_reaper.py: jobs whose message or worker was lost, so none stays queued,
     running or pinned for the visibility timeout or for good) and the sweep of this process's
     kept mappings; on the loop, the scheduler of periodic jobs (shared/schedules.py). A
-    failed pass (Redis down) is logged; the next one retries.
+    failed pass (Redis down) is logged once, and the passes back off (to at most
+    `PASS_BACKOFF_MAX_S` apart) until one succeeds: a fast pass does not log five lines a
+    second through an outage.
     """
+    failures = 0
     while True:
         try:
             if inspect.iscoroutinefunction(work):
                 await work()
             else:
                 await to_thread.run_sync(work)
+            if failures:
+                log.info("%s works again after %d failed pass(es)", what, failures)
+            failures = 0
         except Exception as exc:
-            log.warning("%s failed: %s", what, exc)
-        await asyncio.sleep(interval)
+            if not failures:
+                log.warning("%s failed: %s", what, exc)
+            failures += 1
+        backoff = min(interval * 2**failures, max(interval, PASS_BACKOFF_MAX_S))
+        await asyncio.sleep(backoff if failures else interval)
 
 
 @contextlib.contextmanager
