@@ -8,7 +8,8 @@
 Arguments `k=v` are params (v parsed as JSON when it is valid JSON, else taken as a string);
 for a task's array inputs, `k=<array-id>` reuses an array, `k=@file.npy` uploads a file and
 `k=job:<job-id>` (or `job:<job-id>:<key>`) takes another job's array result once it succeeds.
-`--parallel N|auto` runs a splittable task as N parts.
+`--parallel N|auto` runs a splittable task as N parts; `--priority N` (0..9, higher first),
+`--delay S` or `--not-before TIME`, `--retries N` and `--tag k=v` queue it.
 Exit codes: 0 ok, 1 job failed or cancelled, 2 usage error or request refused (4xx),
 3 not found, 4 server unavailable or any other error (including a wait that timed out).
 
@@ -24,8 +25,10 @@ import dataclasses
 import json
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +53,7 @@ from forklift import (
     launcher,
 )
 from forklift.progress import Bars
+from shared.schemas import MAX_DELAY_S, MAX_PRIORITY, MAX_RETRIES
 
 EXIT_OK = 0
 EXIT_JOB = 1
@@ -251,6 +255,38 @@ def parse_parallel(ctx: click.Context, param: click.Parameter, value: str | None
         raise click.BadParameter(f"{value!r}: a number of parts >= 1, or auto") from None
 
 
+def parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """`--not-before`: unix seconds, or ISO 8601 (a time without an offset is UTC, as the
+    API reads it)."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: unix seconds or ISO 8601 (2026-12-02T08:00:00Z)"
+        ) from None
+    return when if when.utcoffset() is not None else when.replace(tzinfo=UTC)
+
+
+def parse_tags(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    """`--tag k=v` (or `k:v`: a key has neither), repeatable; None when none is given."""
+    tags: dict[str, str] = {}
+    for value in values:
+        cut = min((i for i in (value.find("="), value.find(":")) if i > 0), default=-1)
+        if cut < 0:
+            raise click.BadParameter(f"{value!r}: KEY=VALUE")
+        key, text = value[:cut], value[cut + 1 :]
+        if key in tags:
+            raise click.BadParameter(f"{key!r} given twice")
+        tags[key] = text
+    return tags or None
+
+
 # -- output ----------------------------------------------------------------------------------
 
 
@@ -283,6 +319,11 @@ def _describe_status(view: dict[str, Any]) -> str:
         parts.append(f"{float(progress.get('fraction', 0)):.0%}")
     if view.get("parts"):
         parts.append(_parts_text(view["parts"]))
+    if view["status"] == "queued" and (view.get("not_before") or 0) > time.time():
+        at = datetime.fromtimestamp(view["not_before"], UTC)
+        parts.append(f"not before {at:%Y-%m-%d %H:%M:%S} UTC")
+    if view.get("priority"):
+        parts.append(f"priority {view['priority']}")
     if progress and view["status"] == "running" and progress.get("note"):
         parts.append(progress["note"])
     text = "  ".join(str(p) for p in parts if p != "")
@@ -463,6 +504,35 @@ def up(
     callback=parse_parallel,
     help="run as N parts over the same arrays (a splittable task); auto: one per worker",
 )
+@click.option(
+    "--priority",
+    type=click.IntRange(0, MAX_PRIORITY),
+    metavar="N",
+    help=f"0..{MAX_PRIORITY}, higher runs first (default 0)",
+)
+@click.option(
+    "--delay", type=click.FloatRange(0, MAX_DELAY_S), metavar="S", help="start in S seconds"
+)
+@click.option(
+    "--not-before",
+    callback=parse_time,
+    metavar="TIME",
+    help="start at TIME: ISO 8601 (UTC unless it has an offset) or unix seconds",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, MAX_RETRIES),
+    metavar="N",
+    help="retry a raising job at most N times (only lowers the task's own)",
+)
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    callback=parse_tags,
+    metavar="K=V",
+    help="a tag on the job (repeatable)",
+)
 @_waiting
 @client_options(top=False)
 def submit(
@@ -471,6 +541,11 @@ def submit(
     wait: bool,
     time_limit: float | None,
     parallel: int | str | None,
+    priority: int | None,
+    delay: float | None,
+    not_before: datetime | float | None,
+    retries: int | None,
+    tags: dict[str, str] | None,
     timeout: float | None,
     output: str | None,
     no_progress: bool,
@@ -480,8 +555,12 @@ def submit(
     Params as K=V (V is JSON if it parses, else a string); array inputs as K=<array-id>,
     K=@file.npy (uploaded for this job, freed when it ends) or K=job:<job-id> (that job's
     array result, K=job:<job-id>:<key> for one array of a dict result; it need not have
-    finished).
+    finished). A delayed job (--delay, --not-before) is `queued` until its time.
     """
+    try:  # refused before anything is sent
+        queueing = common.Queueing(priority, delay, not_before, retries, tags)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     with _client() as client:
         info = as_data(client.task(task))
         params, ids, files = parse_arguments(arguments, set(info.get("inputs") or {}))
@@ -492,7 +571,17 @@ def submit(
                 uploads.append(handle)
                 ids[name] = ArrayInput(array=handle.id)
             values: dict[str, Any] = {**params, **ids}
-            job = client.submit_job(task, values, time_limit=time_limit, parallel=parallel)
+            job = client.submit_job(
+                task,
+                values,
+                time_limit=time_limit,
+                parallel=parallel,
+                priority=queueing.priority,
+                delay=queueing.delay,
+                not_before=queueing.not_before,
+                retries=queueing.retries,
+                tags=queueing.tags,
+            )
         finally:
             for handle in uploads:  # freed by the server when the job ends
                 with contextlib.suppress(ForkliftError):
@@ -527,10 +616,38 @@ def status(job_id: str) -> int:
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+@click.option("--tag", "tags", multiple=True, callback=parse_tags, help="k=v (or k:v): all match")
+@click.option("--task", help="only jobs of this task")
+@click.option("--status", "statuses", multiple=True, help="only queued, waiting or running")
 @client_options(top=False)
-def cancel(job_id: str) -> int:
-    """Cancel a queued or running job."""
+def cancel(
+    job_ids: tuple[str, ...],
+    tags: dict[str, str] | None,
+    task: str | None,
+    statuses: tuple[str, ...],
+) -> int:
+    """Cancel a queued or running job; several by id; or all yours matching --tag/--task."""
+    by_filter = bool(tags or task or statuses)
+    if by_filter == bool(job_ids):
+        raise UsageError("give job ids or a filter (--tag, --task, --status), not both")
+    if len(job_ids) == 1:
+        return _cancel_one(job_ids[0])
+    with _client() as client:
+        if by_filter:
+            reply = client.cancel_many(tag=tags, task=task, status=statuses or None)
+        else:
+            reply = client.cancel_many(list(job_ids))
+    lines = [f"{job_id} cancelled" for job_id in reply.cancelled]
+    lines += [f"{skip.id} {skip.status}: not cancelled" for skip in reply.skipped]
+    lines.append(f"{len(reply.cancelled)} cancelled")
+    if reply.more:
+        lines.append("more match: run it again")
+    _emit(reply, "\n".join(lines))
+    return EXIT_OK
+
+
+def _cancel_one(job_id: str) -> int:
     with _client() as client:
         job = client.job(job_id)
         cancelled = job.cancel()
@@ -540,6 +657,60 @@ def cancel(job_id: str) -> int:
         click.echo(f"forklift: error: job {job_id} has already {view['status']}", err=True)
         return EXIT_USAGE
     _emit(view, f"{view['id']} {view['status']}")
+    return EXIT_OK
+
+
+@cli.command()
+@click.option("--status", "statuses", multiple=True, help="repeat, or comma-separate")
+@click.option("--task", help="only jobs of this task")
+@click.option("--tag", "tags", multiple=True, callback=parse_tags, help="k=v (or k:v): all match")
+@click.option("--since", callback=parse_time, help="created at or after (unix s or ISO 8601)")
+@click.option("--until", callback=parse_time, help="created at or before")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@client_options(top=False)
+def jobs(
+    statuses: tuple[str, ...],
+    task: str | None,
+    tags: dict[str, str] | None,
+    since: float | datetime | None,
+    until: float | datetime | None,
+    limit: int,
+) -> int:
+    """List your jobs, newest first."""
+    with _client() as client:
+        found = as_data(
+            list(
+                client.jobs(
+                    status=statuses or None,
+                    task=task,
+                    tag=tags,
+                    since=since,
+                    until=until,
+                    limit=limit,
+                    page_size=min(limit, 1000),
+                )
+            )
+        )
+    if _options().json:
+        click.echo(json.dumps(found))
+        return EXIT_OK
+    width = max((len(view["task"]) for view in found), default=4)
+    for view in found:
+        tagged = " ".join(f"{k}={v}" for k, v in sorted((view.get("tags") or {}).items()))
+        created = _when(view["created_at"])
+        line = f"{view['id']}  {view['task']:<{width}}  {view['status']:<9}  {created}  {tagged}"
+        click.echo(line.rstrip())
+    return EXIT_OK
+
+
+@cli.command("delete-job")
+@click.argument("job_id")
+@client_options(top=False)
+def delete_job(job_id: str) -> int:
+    """Remove a finished job's record and its result arrays."""
+    with _client() as client:
+        view = as_data(client.delete_job(job_id))
+    _emit(view, f"{view['id']} deleted")
     return EXIT_OK
 
 
@@ -621,6 +792,103 @@ def tasks(name: str | None) -> int:
             details.append("params: " + ", ".join(params))
         if details:
             click.echo(f"{'':<{width}}  " + "; ".join(details))
+    return EXIT_OK
+
+
+def _when(at: float | None) -> str:
+    return "-" if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _describe_schedule(view: dict[str, Any]) -> str:
+    rule = f"cron {view['cron']}" if view.get("cron") else f"every {view['every']:g} s"
+    text = f"{view['id']} {view['task']} {rule} next {_when(view.get('next_run'))} UTC"
+    text += f" runs {view['runs']}"
+    if view.get("name"):
+        text += f" ({view['name']})"
+    if view.get("last_error"):
+        text += f" last refused: {view['last_error']}"
+    return text
+
+
+@cli.command()
+@click.argument("task", shell_complete=_complete_task)
+@click.argument("arguments", nargs=-1, metavar="[K=V]...")
+@click.option("--cron", metavar="EXPR", help="5 fields, UTC: 'minute hour day month weekday'")
+@click.option("--every", type=float, metavar="S", help="run every S seconds (>= 1)")
+@click.option("--name", default="", help="a name to recognise it by")
+@click.option("--time-limit", type=float, metavar="S", help="lower each run's time limit")
+@click.option(
+    "--priority", type=click.IntRange(0, MAX_PRIORITY), metavar="N", help="each run's priority"
+)
+@click.option(
+    "--retries", type=click.IntRange(0, MAX_RETRIES), metavar="N", help="lower each run's retries"
+)
+@click.option(
+    "--tag", "tags", multiple=True, callback=parse_tags, metavar="K=V", help="a tag of each run"
+)
+@client_options(top=False)
+def schedule(
+    task: str,
+    arguments: tuple[str, ...],
+    cron: str | None,
+    every: float | None,
+    name: str,
+    time_limit: float | None,
+    priority: int | None,
+    retries: int | None,
+    tags: dict[str, str] | None,
+) -> int:
+    """Run a job periodically (--cron or --every); prints the schedule's id.
+
+    Params as K=V, as for submit; array inputs only as K=<array-id> of an uploaded array,
+    which must still exist at each run (upload it with a long enough --ttl). Each run is a
+    job tagged schedule:<id>. Stop it with `forklift unschedule <id>`.
+    """
+    if (cron is None) == (every is None):
+        raise UsageError("give exactly one of --cron and --every")
+    with _client() as client:
+        info = as_data(client.task(task))
+        params, ids, files = parse_arguments(arguments, set(info.get("inputs") or {}))
+        if files or any(isinstance(ref, JobInput) for ref in ids.values()):
+            raise UsageError("a schedule's array inputs are ids of uploaded arrays")
+        view = client.schedule(
+            task,
+            {**params, **ids},
+            cron=cron,
+            every=every,
+            name=name,
+            time_limit=time_limit,
+            priority=priority,
+            retries=retries,
+            tags=tags,
+        )
+    data = as_data(view)
+    _emit(data, _describe_schedule(data))
+    return EXIT_OK
+
+
+@cli.command()
+@client_options(top=False)
+def schedules() -> int:
+    """List your schedules."""
+    with _client() as client:
+        found = as_data(client.schedules())
+    if _options().json:
+        click.echo(json.dumps(found))
+        return EXIT_OK
+    for view in found:
+        click.echo(_describe_schedule(view))
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("schedule_id")
+@client_options(top=False)
+def unschedule(schedule_id: str) -> int:
+    """Delete a schedule (its past runs stay)."""
+    with _client() as client:
+        client.unschedule(schedule_id)
+    _emit({"id": schedule_id, "deleted": True}, f"{schedule_id} deleted")
     return EXIT_OK
 
 

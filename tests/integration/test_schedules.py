@@ -4,25 +4,32 @@ A second API on the session's Redis and key prefix runs the scheduler pass too; 
 lock's holder fires, and each tick is claimed once. Checks: an `every: 2` schedule runs at that
 rhythm, one job per tick, and stops when deleted; a tick is claimed once however many try;
 missed ticks give one catch-up run; cron and job parts are validated as a submission is; a run
-whose input array is gone is refused and recorded on the schedule. About 20 s in all.
+whose input array is gone is refused and recorded on the schedule; the client and CLI.
+About 25 s in all (10 s of it the rhythm test, 6 s the CLI's three commands).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from forklift import Client, InvalidRequest, NotFound
 from shared.schedules import ScheduleStore, next_cron, parse_cron
 from shared.settings import Settings
 from tests import stack
 from tests.conftest import Stack
 from tests.http_api import upload
+
+FORKLIFT = Path(sys.executable).with_name("forklift")
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +213,41 @@ def test_a_run_whose_input_is_gone_is_refused_and_recorded(live: Stack, http: ht
     for _, job_id in _runs(live, sid):  # every run ended, so nothing stays pinned
         assert http.get(f"/jobs/{job_id}", params={"wait": 10}).json()["status"] == "succeeded"
     stack.wait_arrays_freed(live.shm_prefix, before)
+
+
+def test_client_and_cli(live: Stack, http: httpx.Client) -> None:
+    """`Client.schedule/schedules/get_schedule/unschedule` and `forklift schedule(s)` /
+    `forklift unschedule`, on the same API."""
+    with Client(live.url) as fl:
+        view = fl.schedule("fib", n=6, cron="0 9 * * 1-5", name="weekdays", tags={"team": "a"})
+        try:
+            assert view.cron == "0 9 * * 1-5" and view.params == {"n": 6}
+            assert view.tags == {"team": "a"} and view.next_run is not None
+            assert view.id in [s.id for s in fl.schedules()]
+            assert fl.get_schedule(view.id).name == "weekdays"
+            with pytest.raises(InvalidRequest, match="5 fields"):
+                fl.schedule("fib", n=6, cron="0 9 *")
+        finally:
+            fl.unschedule(view)
+        with pytest.raises(NotFound):
+            fl.get_schedule(view.id)
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(FORKLIFT), "--url", live.url, *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    made = run("--json", "schedule", "fib", "n=7", "--every", "3600", "--tag", "k=v")
+    assert made.returncode == 0, made.stderr
+    data = json.loads(made.stdout)
+    assert data["every"] == 3600 and data["params"] == {"n": 7} and data["tags"] == {"k": "v"}
+    listed = run("schedules")
+    assert listed.returncode == 0 and data["id"] in listed.stdout, listed
+    assert "every 3600 s" in listed.stdout
+    gone = run("unschedule", data["id"])
+    assert gone.returncode == 0, gone.stderr
+    assert http.get(f"/schedules/{data['id']}").status_code == 404

@@ -33,7 +33,7 @@ def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def _listed(help_text: str) -> set[str]:
     section = help_text.split("Commands:", 1)[1].split("\n\n", 1)[0]
-    return set(re.findall(r"^  (\w+)\s", section, re.M))
+    return set(re.findall(r"^  ([\w-]+)\s", section, re.M))
 
 
 def test_help_lists_up_with_every_other_command() -> None:
@@ -42,6 +42,7 @@ def test_help_lists_up_with_every_other_command() -> None:
     assert _listed(done.stdout) == {"up", "completion", *CLIENT_COMMANDS}, done.stdout
     assert set(CLIENT_COMMANDS) == {
         "submit", "wait", "status", "cancel", "put", "get", "delete", "tasks",
+        "schedule", "schedules", "unschedule", "jobs", "delete-job",
     }  # fmt: skip
     assert set(cli.commands) == {"up", "completion", *CLIENT_COMMANDS}
 
