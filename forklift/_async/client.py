@@ -431,10 +431,20 @@ class AsyncBatch:
         retries: int | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> AsyncJob:
+        queueing = Queueing(priority, delay, not_before, retries, tags)
+        return self._add(task, arguments, time_limit, parallel, queueing)
+
+    def _add(
+        self,
+        task: str,
+        arguments: Mapping[str, Any],
+        time_limit: float | None,
+        parallel: Parallel,
+        queueing: Queueing,
+    ) -> AsyncJob:
         if self._sent:
             raise InvalidStateError("this batch has been sent: submit to a new one")
         common.check_parallel(parallel)
-        queueing = Queueing(priority, delay, not_before, retries, tags)
         job = AsyncJob(self.client, task=task)
         self.jobs.append(job)
         self._entries.append((task, dict(arguments), time_limit, parallel, queueing))
@@ -989,13 +999,9 @@ class AsyncClient:
         `priority`, `delay`, `not_before`, `retries` and `tags` apply to every job, as in
         `submit` (`timeout` counts a delay too).
         """
-        queue = {"priority": priority, "delay": delay, "not_before": not_before}
-        Queueing(**queue, retries=retries, tags=tags)  # refused here, before any upload
+        queueing = Queueing(priority, delay, not_before, retries, tags)
         async with self.batch() as batch:
-            jobs = [
-                batch.submit_job(task, args, **queue, retries=retries, tags=tags)
-                for args in iterable
-            ]
+            jobs = [batch._add(task, args, None, None, queueing) for args in iterable]
         await self._wait_all(jobs, Deadline(timeout))
         results: list[Any] = []
         for job in jobs:
