@@ -1,7 +1,7 @@
 """The Celery app, as configuration (like Celery's `proj/celery.py`): both sides build it here.
 
 The API publishes with its own app from `create_app` (`api/enqueue.py`); the worker's process
-(`worker/app.py`) pins BLAS threads first, builds one and adds the module of its task. Nothing
+(`worker/app.py`) pins BLAS threads first, builds one and adds the module of its tasks. Nothing
 here imports NumPy or the worker, so importing the API leaves the process as it was.
 """
 

@@ -2,7 +2,8 @@
 
 BLAS/OpenMP thread counts are pinned to one *before* NumPy can be imported, so N prefork
 children use N cores instead of N x cores threads fighting over them. The configuration is
-`shared/celery_app.py`'s; this module adds only the worker's process setup and its task.
+`shared/celery_app.py`'s; this module adds only the worker's process setup and its tasks
+(`worker/tasks.py`: one per registered job).
 """
 
 from __future__ import annotations
