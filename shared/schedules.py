@@ -387,8 +387,8 @@ class Scheduler:
     async def _run(self, record: ScheduleRecord, tick: float, now: float) -> int:
         try:
             job_id = await self.fire(record)
-        except RunRefused as exc:
-            error = str(exc)
+        except Exception as exc:  # refused, or the broker down: recorded, the schedule goes on
+            error = str(exc) if isinstance(exc, RunRefused) else f"not submitted: {exc!r}"
             if error != (record.last_error or ""):  # logged when it changes, not every tick
                 log.warning("schedule %s: run refused: %s", record.id, error)
             await self.store.ran(record.id, None, error)
