@@ -88,6 +88,9 @@ def test_fails_twice_then_succeeds_with_backoff_gaps(
         gap = nxt["started_at"] - prev["finished_at"]
         assert gap >= retrying.ceiling(n, BACKOFF, BACKOFF_MAX) / 2, (n, gap)
         assert gap < retrying.ceiling(n, BACKOFF, BACKOFF_MAX) + 2.0, (n, gap)  # not stuck
+    record = live.redis.hgetall(f"{live.key_prefix}:job:{job['id']}")
+    assert record["retried"] == "2"
+    assert record["attempts"] == "1"  # the worker-lost counter starts again with each run
     # A retry is not an ending: the metrics count one finish, the success.
     after = _finished(live)
     assert int(after.get("flaky|succeeded", 0)) == int(finished.get("flaky|succeeded", 0)) + 1
