@@ -251,6 +251,7 @@ async def _plan_parts(
     job.parts = parts
     job.part_ids = [uuid.uuid4().hex for _ in parts]
     job.output = split.output
+    job.retries = 0  # a part's failure fails the job: a parallel job is not retried
 
 
 async def _reserve_output(state: AppState, job: Prepared, owner: str) -> None:
