@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import redis
 
-from shared.keys import queue_keys
+from shared.keys import queue_key, queue_keys
 from shared.settings import Settings
 from tests import stack
 from tests.conftest import Stack
@@ -155,10 +155,17 @@ def arrays_freed(live: Stack, http: httpx.Client) -> Iterator[list[str]]:
 # -- priorities ----------------------------------------------------------------------------
 
 
-def test_priority_9_overtakes_fifty_priority_0_jobs(http: httpx.Client) -> None:
-    """Both worker children busy (slow jobs of 1.5 s and 3 s); 50 priority-0 jobs, then one
-    priority-5 and one priority-9: the 9 starts first, then the 5, then the 0s. (~3.5 s)"""
+def test_priority_9_overtakes_fifty_priority_0_jobs(
+    http: httpx.Client, live: Stack, arrays_freed: list[str]
+) -> None:
+    """Both worker children busy (slow jobs of 1.5 s and 3 s); 50 priority-0 jobs, then a
+    priority-5 one and a priority-9 one: the 9 starts first, then the 5, then the 0s. The 9
+    has an array input, so it waits in the domain queue while the others wait in the common
+    queue: one BRPOP serves the priority steps of both. (~3.5 s)"""
+    settings = Settings.from_env(live.env)
     tags = _tag()
+    x = upload(http, np.arange(4.0))["id"]
+    arrays_freed.append(x)
     slow = [
         _post(http, {"task": "sleep", "params": {"seconds": s}, "tags": tags})["id"]
         for s in (1.5, 3.0)
@@ -174,15 +181,28 @@ def test_priority_9_overtakes_fifty_priority_0_jobs(http: httpx.Client) -> None:
         ids += [job["id"] for job in low]
         assert {job["priority"] for job in low} == {0}
         mid = _post(http, {"task": "sleep", "params": {"seconds": 0}, "priority": 5, "tags": tags})
-        high = _post(http, {"task": "sleep", "params": {"seconds": 0}, "priority": 9, "tags": tags})
+        high = _post(
+            http, {"task": "sum", "inputs": {"a": {"array": x}}, "priority": 9, "tags": tags}
+        )
         ids += [mid["id"], high["id"]]
         assert (mid["priority"], high["priority"]) == (5, 9)
+        # Each waits on its step's list: forklift's p is kombu's step 9 - p.
+        waiting = {
+            (queue, step): live.redis.llen(queue_key(queue, step))
+            for queue in (settings.queue, settings.domain_queue())
+            for step in range(10)
+        }
+        assert waiting[(settings.queue, 9)] == 50
+        assert waiting[(settings.queue, 4)] == 1
+        assert waiting[(settings.domain_queue(), 0)] == 1
+        assert sum(waiting.values()) == 52, waiting
         # Valid only if everything was queued while both children were still busy.
         assert _view(http, slow[0])["status"] == "running", "submitting took too long"
 
         views = _wait_all(http, ids)
         assert {v["status"] for v in views.values()} == {"succeeded"}
         assert views[high["id"]]["tags"] == tags and views[high["id"]]["priority"] == 9
+        assert views[high["id"]]["result"] == 6.0
         first_low = min(views[job["id"]]["started_at"] for job in low)
         started_high = views[high["id"]]["started_at"]
         started_mid = views[mid["id"]]["started_at"]
