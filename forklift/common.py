@@ -6,10 +6,10 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
@@ -350,3 +350,53 @@ def worth_retrying(response: Any) -> bool:
     the same Idempotency-Key is under way): the same request may pass later."""
     status = response.status_code
     return status == 503 or (status in (409, 429) and "retry-after" in response.headers)
+
+
+# --- listing and bulk cancel (`GET /jobs`, `POST /jobs/cancel`) ---------------------------
+
+# A tag filter: "k:v", a list of them, or a mapping {k: v}; every pair must match.
+TagFilter: TypeAlias = "str | Iterable[str] | Mapping[str, str] | None"
+
+
+def tag_filters(tag: TagFilter) -> list[str]:
+    """The `k:v` strings of a tag filter."""
+    if tag is None:
+        return []
+    if isinstance(tag, str):
+        return [tag]
+    if isinstance(tag, Mapping):
+        return [f"{key}:{value}" for key, value in tag.items()]
+    return [str(item) for item in tag]
+
+
+def status_list(status: str | Iterable[str]) -> list[str]:
+    """One status, a comma-separated string or several, as a list."""
+    items = [status] if isinstance(status, str) else list(status)
+    return [name.strip() for item in items for name in str(item).split(",") if name.strip()]
+
+
+def _unix(value: float | datetime) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(float(value))
+
+
+def list_params(
+    status: str | Iterable[str] | None,
+    task: str | None,
+    tag: TagFilter,
+    since: float | datetime | None,
+    until: float | datetime | None,
+) -> list[tuple[str, str]]:
+    """The query of `GET /jobs` for these filters."""
+    params: list[tuple[str, str]] = []
+    if status is not None:
+        params += [("status", name) for name in status_list(status)]
+    if task is not None:
+        params.append(("task", task))
+    params += [("tag", item) for item in tag_filters(tag)]
+    if since is not None:
+        params.append(("since", _unix(since)))
+    if until is not None:
+        params.append(("until", _unix(until)))
+    return params

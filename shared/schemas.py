@@ -422,7 +422,7 @@ class CancelSkipped(BaseModel):
     status: str = Field(description="its status (already final), `part`, or `not_found`")
 
 
-class JobCancelled(BaseModel):
+class CancelReply(BaseModel):
     """Reply of `POST /jobs/cancel`."""
 
     cancelled: list[str]

@@ -28,11 +28,11 @@ from shared.joblist import (
 from shared.jobstore import JobRecord
 from shared.schemas import (
     MAX_CANCEL,
+    CancelReply,
     CancelSkipped,
     JobBatch,
     JobBatchView,
     JobCancel,
-    JobCancelled,
     JobList,
     JobStatus,
     JobSubmission,
@@ -212,7 +212,7 @@ async def list_jobs(
 @router.post(
     "/cancel",
     summary="Cancel many jobs",
-    response_model=JobCancelled,
+    response_model=CancelReply,
     responses={422: {"description": "neither or both of ids and a filter, a bad filter"}},
 )
 async def cancel_jobs(body: JobCancel, state: State, owner: Owner) -> Any:
@@ -243,7 +243,7 @@ async def cancel_jobs(body: JobCancel, state: State, owner: Owner) -> Any:
             more = page.next is not None
             for record in page.records:
                 await _cancel_one(state, record, cancelled, skipped)
-    return JobCancelled(cancelled=cancelled, skipped=skipped, more=more)
+    return CancelReply(cancelled=cancelled, skipped=skipped, more=more)
 
 
 async def _cancel_one(

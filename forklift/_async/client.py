@@ -84,10 +84,12 @@ from shared.arrays import mappings
 from shared.arrays.segments import ShmFullError
 from shared.schemas import (
     ArrayInput,
+    CancelReply,
     Health,
     HealthDown,
     JobBatchView,
     JobInput,
+    JobList,
     JobStatus,
     JobView,
     Progress,
@@ -250,17 +252,35 @@ class AsyncJob:
 
     async def cancel(self) -> bool:
         """Cancel the job, a running one interrupted: True if it is now cancelled, False if
-        it had already succeeded or failed."""
+        it had already succeeded or failed. (`POST /jobs/cancel`, which never removes a
+        finished job's record as `DELETE /jobs/{id}` does.)"""
         job_id = await self._submitted()
-        try:
-            response = await self.client._request("DELETE", f"/jobs/{job_id}")
-        except InvalidRequest as exc:
-            if exc.status != 409:  # 409: it has already ended
-                raise
-            view = await self.status()
-            return view.status == JobStatus.cancelled
-        self._seen(JobView.model_validate(response.json()))
-        return True
+        reply = await self.client.cancel_many([job_id])
+        if reply.skipped and reply.skipped[0].status == "not_found":
+            raise NotFound(f"no job with id '{job_id}'", code="job_not_found", status=404)
+        if reply.skipped and reply.skipped[0].status == "part":
+            raise InvalidRequest(
+                f"job {job_id} is a part of a parallel job: cancel that job", code="job_part"
+            )
+        view = await self.status()
+        return view.status == JobStatus.cancelled
+
+    async def delete(self) -> JobView:
+        """Remove a finished job's record and its result arrays (one another job still uses
+        is freed when that job ends); returns the view it had. `InvalidRequest` if the job
+        has not finished (`cancel()` it first) or is still stopping."""
+        job_id = await self._submitted()
+        view = await self.status()
+        if not view.status.is_final:
+            raise InvalidRequest(
+                f"job {job_id} is {view.status.value}: cancel it, then delete it",
+                code="job_not_finished",
+                status=409,
+            )
+        response = await self.client._request("DELETE", f"/jobs/{job_id}")
+        for meta in common.array_metas(view.result):
+            self.client._owned.pop(str(meta["id"]), None)
+        return JobView.model_validate(response.json())
 
     def add_done_callback(self, fn: Callable[[AsyncJob], object]) -> None:
         """Call `fn(job)` once the job has ended, as `Future.add_done_callback` does: at once,
@@ -488,9 +508,9 @@ class AsyncBatch:
                     job._seen(view)
                     accepted.append(job)
         except BaseException:
-            for job in accepted:
+            for chunk in common.chunks([job.id for job in accepted]):
                 with contextlib.suppress(ForkliftError, httpx.HTTPError):
-                    await job.cancel()
+                    await client.cancel_many(chunk)
             raise
         finally:
             await client._release(temps)
@@ -1051,6 +1071,95 @@ class AsyncClient:
     def job(self, job_id: str) -> AsyncJob:
         """A handle on an existing job by id (nothing is fetched yet)."""
         return AsyncJob(self, job_id)
+
+    async def jobs_page(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        task: str | None = None,
+        tag: common.TagFilter = None,
+        since: float | datetime | None = None,
+        until: float | datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobList:
+        """One page of `GET /jobs`: the caller's jobs, newest first, and the `next` cursor
+        (None on the last page). A page may be short and still have a `next`."""
+        params = common.list_params(status, task, tag, since, until)
+        params.append(("limit", str(limit)))
+        if cursor:
+            params.append(("cursor", cursor))
+        return JobList.model_validate(await self._get_json("/jobs", params=params, retry=True))
+
+    async def jobs(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        task: str | None = None,
+        tag: common.TagFilter = None,
+        since: float | datetime | None = None,
+        until: float | datetime | None = None,
+        limit: int | None = None,
+        page_size: int = 100,
+    ) -> AsyncIterator[JobView]:
+        """Every matching job of the caller's, newest first, page after page (`limit`: at
+        most that many). `status`: one or several; `tag`: `"k:v"`, a list of them or a
+        mapping (all must match); `since`/`until`: creation time (unix s or datetime). Jobs
+        submitted while this iterates are not listed."""
+        cursor: str | None = None
+        left = limit
+        while left is None or left > 0:
+            size = page_size if left is None else min(page_size, left)
+            page = await self.jobs_page(
+                status=status,
+                task=task,
+                tag=tag,
+                since=since,
+                until=until,
+                limit=size,
+                cursor=cursor,
+            )
+            for view in page.jobs:
+                yield view
+                if left is not None:
+                    left -= 1
+            if page.next is None:
+                return
+            cursor = page.next
+
+    async def cancel_many(
+        self,
+        ids: Iterable[str | AsyncJob] | None = None,
+        *,
+        tag: common.TagFilter = None,
+        task: str | None = None,
+        status: str | Iterable[str] | None = None,
+    ) -> CancelReply:
+        """Cancel jobs by id (at most 1000), or the caller's unfinished jobs matching a
+        filter (`tag`, `task`, `status`; at most 10,000 per call: `more` says to call again).
+        Finished and unknown ids come back in `skipped` with their status (`not_found`)."""
+        body: dict[str, Any] = {}
+        if ids is not None:
+            body["ids"] = [job.id if isinstance(job, AsyncJob) else job for job in ids]
+        tags = common.tag_filters(tag)
+        if tags:
+            body["tag"] = tags
+        if task is not None:
+            body["task"] = task
+        if status is not None:
+            body["status"] = common.status_list(status)
+        response = await self._request(
+            "POST",
+            "/jobs/cancel",
+            content=common.encode_json(body),
+            headers=common.JSON_HEADERS,
+            retry=True,  # safe: cancelling again changes nothing
+        )
+        return CancelReply.model_validate(response.json())
+
+    async def delete_job(self, job: AsyncJob | str) -> JobView:
+        """Remove a finished job's record (see `AsyncJob.delete`)."""
+        return await (job if isinstance(job, AsyncJob) else self.job(job)).delete()
 
     async def _materialize(self, view: JobView, download: bool) -> Any:
         """A succeeded job's result with its arrays downloaded (or as handles)."""

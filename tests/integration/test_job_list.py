@@ -7,11 +7,15 @@ jobs with a unique value and filters by it.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,6 +23,8 @@ import pytest
 import redis
 
 from api.owners import owner_id
+from forklift import Client
+from forklift.errors import InvalidRequest, NotFound
 from shared.joblist import trim_owner_indexes
 from shared.settings import Settings
 from tests import stack
@@ -27,6 +33,7 @@ from tests.http_api import npy_bytes
 KEY_A = f"ka-{uuid.uuid4().hex}"
 KEY_B = f"kb-{uuid.uuid4().hex}"
 FINAL = {"succeeded", "failed", "cancelled"}
+FORKLIFT = Path(sys.executable).with_name("forklift")
 
 
 @dataclass
@@ -359,3 +366,47 @@ def test_janitor_trims_owner_indexes(redis_url: str) -> None:
     finally:
         client.delete(keys.jobs_by_owner("mixed"), keys.jobs_owners)
         client.close()
+
+
+def test_client_and_cli_list_cancel_and_delete(priv: Priv) -> None:
+    """`Client.jobs` pages through everything; `cancel_many` by tag; `Job.cancel` on a
+    finished job answers False and removes nothing; `delete`; the CLI's three commands."""
+    run = uuid.uuid4().hex
+    with Client(priv.url, api_key=KEY_A) as client:
+        jobs = [client.submit("fib", n=3, tags={"run": run}) for _ in range(5)]
+        for job in jobs:
+            assert job.result(30) == 2
+        listed = [v.id for v in client.jobs(tag={"run": run}, page_size=2)]
+        assert listed == [job.id for job in reversed(jobs)]
+        assert [v.id for v in client.jobs(tag=f"run:{run}", limit=3)] == listed[:3]
+        assert list(client.jobs(tag={"run": run}, status="failed")) == []
+        assert jobs[0].cancel() is False
+        assert jobs[0].status().status == "succeeded"  # cancel() never removes a record
+        slow = client.submit("sleep", seconds=30, tags={"run": run, "slow": "1"}, delay=600)
+        reply = client.cancel_many(tag={"run": run, "slow": "1"})
+        assert (reply.cancelled, reply.skipped, reply.more) == ([slow.id], [], False)
+        assert jobs[1].delete().id == jobs[1].id
+        with pytest.raises(NotFound):
+            jobs[1].status()
+        queued = client.submit("fib", n=3, tags={"run": run}, delay=600)
+        with pytest.raises(InvalidRequest):
+            queued.delete()  # not finished: never cancelled by delete()
+        assert queued.status().status == "queued"
+
+        def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+            command = [str(FORKLIFT), "--url", priv.url, "--api-key", KEY_A, *argv]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+        done = cli("jobs", "--tag", f"run={run}", "--status", "succeeded", "--json")
+        assert done.returncode == 0, done.stderr
+        kept = [jobs[4], jobs[3], jobs[2], jobs[0]]  # jobs[1] was deleted
+        assert [v["id"] for v in json.loads(done.stdout)] == [j.id for j in kept]
+        done = cli("jobs", "--tag", f"run:{run}", "--task", "sleep")
+        assert done.returncode == 0 and slow.id in done.stdout and "cancelled" in done.stdout
+        done = cli("cancel", "--tag", f"run={run}", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["cancelled"] == [queued.id]
+        done = cli("delete-job", jobs[2].id)
+        assert done.returncode == 0 and f"{jobs[2].id} deleted" in done.stdout, done.stderr
+        assert cli("delete-job", jobs[2].id).returncode == 3  # not found
+        assert cli("cancel").returncode == 2

@@ -163,7 +163,9 @@ def test_cancel_running_job_frees_its_process(http: httpx.Client, live: Stack) -
     assert first["worker"]["pid"] != second["worker"]["pid"]
     assert first["started_at"] < second["finished_at"], "ran one after the other"
     assert second["started_at"] < first["finished_at"], "ran one after the other"
-    assert http.delete(f"/jobs/{job}").status_code == 409
+    # Ended and stopped: DELETE now removes its record (tests/integration/test_job_list.py).
+    assert http.delete(f"/jobs/{job}").json()["status"] == "cancelled"
+    assert http.get(f"/jobs/{job}").status_code == 404
     children = stack.children_of(live.worker.pid)
     assert len(children) == 2
 

@@ -232,7 +232,8 @@ def test_deleting_a_waiting_job_cancels_it_and_its_dependents(
     assert wait(http, upstream["id"], 30)["status"] == "succeeded"  # the upstream runs on
     # Its end finds the cancelled dependent and leaves it as it is.
     assert http.get(f"/jobs/{waiting['id']}").json()["status"] == "cancelled"
-    assert http.delete(f"/jobs/{waiting['id']}").status_code == 409
+    assert http.delete(f"/jobs/{waiting['id']}").status_code == 200  # finished: removed
+    assert http.get(f"/jobs/{waiting['id']}").status_code == 404
     _settled(live, [upstream["id"], waiting["id"], after["id"]])
 
 

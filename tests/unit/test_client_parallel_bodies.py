@@ -38,8 +38,8 @@ def _view(entry: dict[str, Any], status: str = "queued") -> dict[str, Any]:
 def _server(
     recorded: Recorded, refuse_batch: int | None = None
 ) -> Callable[[httpx.Request], httpx.Response]:
-    """Answers POST /jobs and /jobs/batch with queued views, DELETE /jobs/{id} with a
-    cancelled one; the `refuse_batch`-th batch request (from 0) with a 422."""
+    """Answers POST /jobs and /jobs/batch with queued views, POST /jobs/cancel with every id
+    cancelled; the `refuse_batch`-th batch request (from 0) with a 422."""
     batches = [0]
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -53,9 +53,8 @@ def _server(
                 error = {"code": "invalid", "message": "jobs.1: a cycle", "detail": None}
                 return httpx.Response(422, json={"error": error})
             return httpx.Response(202, json={"jobs": [_view(e) for e in body["jobs"]]})
-        if request.method == "DELETE" and request.url.path.startswith("/jobs/"):
-            view = _view({"task": "x"}, "cancelled") | {"id": request.url.path.split("/")[-1]}
-            return httpx.Response(200, json=view)
+        if request.url.path == "/jobs/cancel":
+            return httpx.Response(200, json={"cancelled": body["ids"], "skipped": []})
         return httpx.Response(404, json={"error": {"code": "not_found", "message": "no"}})
 
     return handle
@@ -191,8 +190,8 @@ def test_a_long_batch_names_earlier_chunks_by_id_and_cancels_them_when_refused(
         assert first["jobs"][-1]["inputs"] == {"a": {"job": f"#{common.BATCH - 2}"}}
         # the first entry of the second chunk follows the last of the first: by its id
         assert second["jobs"][0]["inputs"] == {"a": {"job": jobs[common.BATCH - 1].id}}
-        cancelled = [p for method, p, _ in recorded if method == "DELETE"]
-        assert cancelled == [f"/jobs/{job.id}" for job in jobs[: common.BATCH]]
+        cancelled = [body["ids"] for _, path, body in recorded if path == "/jobs/cancel"]
+        assert cancelled == [[job.id for job in jobs[: common.BATCH]]]  # one request
 
 
 # -- the command's side: its words become the same inputs --------------------------------
