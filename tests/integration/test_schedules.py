@@ -5,7 +5,8 @@ lock's holder fires, and each tick is claimed once. Checks: an `every: 2` schedu
 rhythm, one job per tick, and stops when deleted; a tick is claimed once however many try;
 missed ticks give one catch-up run; cron and job parts are validated as a submission is; a run
 whose input array is gone is refused and recorded on the schedule; the client and CLI.
-About 25 s in all (10 s of it the rhythm test, 6 s the CLI's three commands).
+Owner scoping and the per-key bound on a keyed API. About 30 s in all (10 s of it the
+rhythm test, 6 s the CLI's three commands).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -251,3 +253,52 @@ def test_client_and_cli(live: Stack, http: httpx.Client) -> None:
     gone = run("unschedule", data["id"])
     assert gone.returncode == 0, gone.stderr
     assert http.get(f"/schedules/{data['id']}").status_code == 404
+
+
+def test_schedules_belong_to_their_key_and_are_bounded(live: Stack) -> None:
+    """With FORKLIFT_API_KEYS (a third API on the same prefix): another key's schedule is
+    an unknown one (404, never listed), a run is a job of the schedule's owner, no key is
+    401, and a key may have MAX_SCHEDULES."""
+    key_a, key_b = f"ka-{uuid.uuid4().hex}", f"kb-{uuid.uuid4().hex}"
+    api, url = stack.start_api(
+        dict(live.env, FORKLIFT_API_KEYS=f"{key_a}, {key_b}"), proc_name="api-keyed-schedules"
+    )
+    try:
+        a = httpx.Client(base_url=url, timeout=30, headers={"authorization": f"Bearer {key_a}"})
+        b = httpx.Client(base_url=url, timeout=30, headers={"authorization": f"Bearer {key_b}"})
+        with a, b, httpx.Client(base_url=url, timeout=30) as nobody:
+            assert nobody.get("/schedules").status_code == 401
+            assert nobody.post("/schedules", json={"task": "fib", "every": 5}).status_code == 401
+            view = _create(a, task="fib", params={"n": 5}, every=1)
+            sid = view["id"]
+            try:
+                for method in ("GET", "DELETE"):
+                    theirs = b.request(method, f"/schedules/{sid}")
+                    never = b.request(method, f"/schedules/{uuid.uuid4().hex}")
+                    assert theirs.status_code == never.status_code == 404, theirs.text
+                    assert theirs.json()["error"]["code"] == "schedule_not_found"
+                assert b.get("/schedules").json()["schedules"] == []
+                deadline = time.monotonic() + 5
+                while not a.get(f"/schedules/{sid}").json()["last_job"]:
+                    assert time.monotonic() < deadline, "no run within 5 s"
+                    time.sleep(0.1)
+                run_id = a.get(f"/schedules/{sid}").json()["last_job"]
+                assert a.get(f"/jobs/{run_id}", params={"wait": 10}).json()["result"] == 5
+                assert b.get(f"/jobs/{run_id}").status_code == 404
+            finally:
+                _delete(a, sid)
+            made = [_create(b, task="fib", params={"n": 1}, every=3600)["id"] for _ in range(100)]
+            try:
+                refused = b.post("/schedules", json={"task": "fib", "params": {"n": 1}, "every": 5})
+                assert refused.status_code == 409, refused.text
+                assert refused.json()["error"]["code"] == "too_many_schedules"
+                assert len(b.get("/schedules").json()["schedules"]) == 100
+                mine = a.post("/schedules", json={"task": "fib", "every": 9, "params": {"n": 1}})
+                assert mine.status_code == 201, mine.text  # the bound is per key
+            finally:
+                for ident in made:
+                    _delete(b, ident)
+            for view in a.get("/schedules").json()["schedules"]:
+                _delete(a, view["id"])
+    finally:
+        api.stop()
