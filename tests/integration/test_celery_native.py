@@ -49,13 +49,16 @@ def celery(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[st
 
 
 def nodes(env: Mapping[str, str]) -> list[str]:
-    """The Celery node names of a stack's workers (their heartbeats, under its prefix)."""
+    """The Celery node names of a stack's live workers (fresh heartbeats under its prefix;
+    a worker a test replaced may have left a stale one)."""
     settings = Settings.from_env(dict(env))
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        return sorted(WorkerStore(client, settings).beats())
+        beats = WorkerStore(client, settings).beats()
     finally:
         client.close()
+    fresh = time.time() - settings.worker_lost_after
+    return sorted(name for name, beat in beats.items() if beat >= fresh)
 
 
 def builtin_jobs() -> set[str]:
