@@ -11,6 +11,7 @@ rhythm test, 6 s the CLI's three commands).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import subprocess
@@ -25,7 +26,16 @@ import numpy as np
 import pytest
 
 from forklift import Client, InvalidRequest, NotFound
-from shared.schedules import ScheduleStore, next_cron, parse_cron
+from shared.redis_io import async_redis
+from shared.schedules import (
+    Fire,
+    Scheduler,
+    ScheduleRecord,
+    ScheduleStore,
+    next_cron,
+    parse_cron,
+)
+from shared.schemas import ScheduleSpec
 from shared.settings import Settings
 from tests import stack
 from tests.conftest import Stack
@@ -302,3 +312,48 @@ def test_schedules_belong_to_their_key_and_are_bounded(live: Stack) -> None:
                 _delete(a, view["id"])
     finally:
         api.stop()
+
+
+def test_only_the_lock_holder_fires_and_another_takes_over(live: Stack) -> None:
+    """Two `Scheduler`s in this process on a private key prefix, with a `fire` that only
+    counts: passes of both, side by side, fire each tick once; the holder's `close` hands the
+    lock to the other at its next pass. Under 1 s."""
+    prefix = f"{live.key_prefix}-sched-{uuid.uuid4().hex[:8]}"
+    settings = Settings.from_env(dict(live.env, FORKLIFT_KEY_PREFIX=prefix))
+    fired: list[tuple[str, str]] = []
+
+    async def scenario() -> None:
+        client = async_redis(settings)
+        try:
+            store = ScheduleStore(client, settings)
+            schedulers = [Scheduler(store, counter(me)) for me in range(2)]
+            spec = ScheduleSpec(task="fib", params={"n": 1}, every=3600)
+            now = time.time()
+            for n in range(3):  # three schedules, all due
+                made = ScheduleRecord(id=f"{n:032x}", owner="", spec=spec, created_at=now)
+                assert await store.create(made, now - 10 * (n + 1), 100)
+            first, second = schedulers
+            counts = await asyncio.gather(first.tick(), second.tick(), first.tick())
+            assert sum(counts) == 3 and len(fired) == 3, (counts, fired)
+            holder = {who for _, who in fired}
+            assert len(holder) == 1, fired  # one scheduler fired them all
+            assert await asyncio.gather(first.tick(), second.tick()) == [0, 0]  # not due
+            (leader,) = holder
+            await schedulers[int(leader)].close()
+            other = schedulers[1 - int(leader)]
+            assert await store.hold(other.token), "the lock was not free after close"
+            for n in range(3):
+                assert await store.delete(f"{n:032x}", "")
+        finally:
+            await client.delete(settings.keys.scheduler)
+            await client.aclose()
+
+    def counter(me: int) -> Fire:
+        async def fire(schedule: ScheduleRecord) -> str:
+            fired.append((schedule.id, str(me)))
+            return uuid.uuid4().hex
+
+        return fire
+
+    asyncio.run(scenario())
+    assert not list(live.redis.scan_iter(match=f"{prefix}:*")), "keys left behind"
