@@ -226,16 +226,13 @@ class Job:
 
     def cancel(self) -> bool:
         """Cancel the job, a running one interrupted: True if it is now cancelled, False if
-        it had already succeeded or failed. (`POST /jobs/cancel`, which never removes a
-        finished job's record as `DELETE /jobs/{id}` does.)"""
+        it had already succeeded or failed (or is a part: its parallel job cancels it).
+        Through `POST /jobs/cancel`, which never removes a finished job's record as
+        `DELETE /jobs/{id}` does."""
         job_id = self._submitted()
         reply = self.client.cancel_many([job_id])
         if reply.skipped and reply.skipped[0].status == "not_found":
             raise NotFound(f"no job with id '{job_id}'", code="job_not_found", status=404)
-        if reply.skipped and reply.skipped[0].status == "part":
-            raise InvalidRequest(
-                f"job {job_id} is a part of a parallel job: cancel that job", code="job_part"
-            )
         view = self.status()
         return view.status == JobStatus.cancelled
 

@@ -7,6 +7,7 @@ jobs with a unique value and filters by it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -21,11 +22,13 @@ import httpx
 import numpy as np
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from api.owners import owner_id
 from forklift import Client
 from forklift.errors import InvalidRequest, NotFound
-from shared.joblist import trim_owner_indexes
+from shared.joblist import JobFilter, JobLister, trim_owner_indexes
+from shared.jobstore import JobStore
 from shared.settings import Settings
 from tests import stack
 from tests.http_api import npy_bytes
@@ -410,3 +413,58 @@ def test_client_and_cli_list_cancel_and_delete(priv: Priv) -> None:
         assert done.returncode == 0 and f"{jobs[2].id} deleted" in done.stdout, done.stderr
         assert cli("delete-job", jobs[2].id).returncode == 3  # not found
         assert cli("cancel").returncode == 2
+
+
+def test_the_store_pages_by_position_through_ties_gaps_and_a_bounded_scan(redis_url: str) -> None:
+    """JobLister on records of its own prefix: equal scores ordered by id, an id that left
+    the index still a valid cursor, expired ids skipped and dropped, and a scan bound that
+    answers an empty page with a cursor. (~0.1 s)"""
+    settings = Settings.from_env(stack.stack_env(redis_url))
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = JobStore(client, settings)
+        lister = JobLister(store)
+        index = settings.keys.jobs_by_owner("o")
+        try:
+            ids = [uuid.uuid4().hex for _ in range(30)]
+            for i, job_id in enumerate(ids):
+                tags = json.dumps({"k": "old" if i < 3 else "new"})
+                assert await store.create(job_id, "fib", {}, {}, "o", extra={"tags": tags}) is None
+            # Five share one score (a tie broken by id); one record expires.
+            await client.zadd(index, dict.fromkeys(ids[10:15], 1000.0))
+            await client.delete(store.key(ids[20]))
+            order = [i for i, _ in await client.zrevrange(index, 0, -1, withscores=True)]
+            expected = [i for i in order if i != ids[20]]
+
+            seen: list[str] = []
+            after = None
+            while True:
+                page = await lister.page("o", JobFilter(), 4, after)
+                seen += [r.id for r in page.records]
+                if page.next is None:
+                    break
+                after = page.next
+                if len(seen) in (8, 28):  # the cursor's id leaves the index (28: in the tie)
+                    await client.zrem(index, after.id)
+            assert seen == expected
+            assert await client.zscore(index, ids[20]) is None  # dropped when met
+            # Only the three oldest match: a scan of 10 finds none and says where it stopped.
+            flt = JobFilter(tags={"k": "old"})
+            first = await lister.page("o", flt, 10, scan=10)
+            assert first.records == [] and first.next is not None
+            found, after = [], None
+            for _ in range(10):
+                page = await lister.page("o", flt, 10, after, scan=10)
+                found += [r.id for r in page.records]
+                if page.next is None:
+                    break
+                after = page.next
+            assert sorted(found) == sorted(ids[:3])
+        finally:
+            keys = [store.key(i) for i in ids]
+            await client.delete(*keys, index, settings.keys.jobs, settings.keys.jobs_live)
+            await client.delete(settings.keys.jobs_owners, settings.keys.metrics_submitted)
+            await client.aclose()
+
+    asyncio.run(scenario())
