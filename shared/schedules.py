@@ -359,7 +359,8 @@ Fire = Callable[[ScheduleRecord], Awaitable[str]]
 class Scheduler:
     """The pass every API runs (`await scheduler.tick()`); only the lock's holder fires.
 
-    `fire` submits one run and returns its job id, or raises RunRefused."""
+    `fire` submits one run and returns its job id, or raises RunRefused (any other error
+    of it, a broker down say, is recorded on the schedule alike)."""
 
     def __init__(self, store: ScheduleStore[aioredis.Redis], fire: Fire) -> None:
         self.store = store
