@@ -391,6 +391,7 @@ class ScheduleList(BaseModel):
 
 
 MAX_CANCEL = 10_000  # jobs one `POST /jobs/cancel` by filter cancels at most
+_TAG_FILTER = MAX_TAG_KEY + 1 + MAX_TAG_VALUE  # `key:value`
 
 
 class JobCancel(BaseModel):
@@ -398,13 +399,19 @@ class JobCancel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[str] | None = Field(default=None, min_length=1, max_length=MAX_BATCH)
-    tag: str | list[str] | None = Field(
-        default=None, description="`key:value`, or a list of them (all must match)"
+    ids: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_BATCH
     )
-    task: str | None = None
+    tag: (
+        Annotated[str, Field(max_length=_TAG_FILTER)]
+        | Annotated[list[Annotated[str, Field(max_length=_TAG_FILTER)]], Field(max_length=MAX_TAGS)]
+        | None
+    ) = Field(default=None, description="`key:value`, or a list of them (all must match)")
+    task: str | None = Field(default=None, max_length=200)
     status: list[JobStatus] | None = Field(
-        default=None, description="only these of queued, waiting, running (default: all three)"
+        default=None,
+        max_length=len(JobStatus),
+        description="only these of queued, waiting, running (default: all three)",
     )
 
     @model_validator(mode="after")
