@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -94,6 +95,8 @@ def decode_cursor(cursor: str) -> Position:
         score, job_id = json.loads(raw)
         if isinstance(score, bool) or not isinstance(score, int | float):
             raise TypeError
+        if not math.isfinite(score):
+            raise ValueError
         if not isinstance(job_id, str) or not is_id(job_id):
             raise TypeError
     except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):

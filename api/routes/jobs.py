@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -130,9 +131,13 @@ def _when(value: str | None, name: str) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise ApiError(422, "bad_time", f"{name}: a finite number of seconds")
+        return seconds
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:

@@ -8,6 +8,7 @@ jobs with a unique value and filters by it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -199,16 +200,23 @@ def test_filters_by_status_task_tag_and_time(priv: Priv) -> None:
         assert ids(limit=2) == ids()  # pages of two, followed to the end
 
 
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     "params, code",
     [
         ({"cursor": "not-a-cursor"}, "bad_cursor"),
-        ({"cursor": "WzEsMl0"}, "bad_cursor"),  # valid base64 of JSON, not a position
+        ({"cursor": _b64("[1, 2]")}, "bad_cursor"),  # base64 of JSON, not a position
+        ({"cursor": _b64(f'[NaN, "{"0" * 32}"]')}, "bad_cursor"),
+        ({"cursor": _b64(f'["1", "{"0" * 32}"]')}, "bad_cursor"),
         ({"limit": 1001}, None),
         ({"limit": 0}, None),
         ({"status": "finished"}, "bad_status"),
         ({"tag": "no-colon"}, "bad_tag"),
         ({"since": "yesterday"}, "bad_time"),
+        ({"until": "nan"}, "bad_time"),
     ],
 )
 def test_bad_listing_queries_are_422_json(priv: Priv, params: dict, code: str | None) -> None:
