@@ -72,6 +72,8 @@ PROTECTED = [
     ("POST", "/jobs"),
     ("POST", "/jobs/batch"),
     ("POST", "/jobs/wait"),
+    ("GET", "/jobs"),
+    ("POST", "/jobs/cancel"),
     ("GET", "/jobs/{job}"),
     ("GET", "/jobs/{job}/result"),
     ("GET", "/jobs/{job}/events"),
