@@ -638,11 +638,6 @@ class JobStore(Generic[ClientT]):
         return then(self.client.zremrangebyscore(self.index_key, 0, before), int)
 
     @round_trip
-    def recent_ids(self, n: int) -> MaybeAwaitable[list[str]]:
-        """The ids of the `n` newest jobs, newest first (the index may hold expired ones)."""
-        return then(self.client.zrevrange(self.index_key, 0, n - 1), lambda ids: list(ids))
-
-    @round_trip
     def start(
         self,
         job_id: str,
