@@ -476,3 +476,17 @@ def test_the_store_pages_by_position_through_ties_gaps_and_a_bounded_scan(redis_
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_dashboard_filters_by_owner_before_it_limits(priv: Priv) -> None:
+    """Another key's burst of 30 newer jobs does not push one's own job off the dashboard's
+    25 newest. (~1 s)"""
+    with priv.client(KEY_A) as a, priv.client(KEY_B) as b:
+        (mine,) = _batch(a, [_fib({})])
+        theirs = _batch(b, [_fib({}) for _ in range(30)])
+        shown_a = [j["id"] for j in a.get("/dashboard/state").json()["jobs"]]
+        shown_b = [j["id"] for j in b.get("/dashboard/state").json()["jobs"]]
+        assert mine in shown_a and not set(theirs) & set(shown_a)
+        assert shown_b == list(reversed(theirs))[:25]
+        _settle(a, [mine])
+        _settle(b, theirs)
