@@ -45,7 +45,7 @@ if added == 1 then redis.call('ZREM', key, ARGV[2]) else rank = rank + 1 end
 return redis.call('ZREVRANGE', key, rank, rank + n - 1, 'WITHSCORES')
 """
 
-# KEYS: job, jobs index, live index, due index, owner index   ARGV: owner
+# KEYS: job, jobs index, live index, due index, owner index   ARGV: owner, job-key prefix
 # -> {'removed', result-json} | {'missing'} | {'part'} | {status} (not final) |
 #    {'unreleased', status} (final, but its inputs are not released yet)
 _REMOVE = """
@@ -54,7 +54,10 @@ if not f[1] or (f[3] or '') ~= ARGV[1] then return {'missing'} end
 if f[6] then return {'part'} end
 if f[1] ~= 'succeeded' and f[1] ~= 'failed' and f[1] ~= 'cancelled' then return {f[1]} end
 if f[2] ~= '1' then return {'unreleased', f[1]} end
-redis.call('DEL', KEYS[1])
+for id in string.gmatch(redis.call('HGET', KEYS[1], 'part_ids') or '', '%S+') do
+  redis.call('DEL', ARGV[2] .. id)  -- a parallel job's parts go with it
+end
+redis.call('DEL', KEYS[1], KEYS[1] .. ':dependents')
 for i = 2, 5 do redis.call('ZREM', KEYS[i], f[5]) end
 return {'removed', f[4] or ''}
 """
@@ -196,7 +199,7 @@ class JobLister:
         status of a job not final."""
         keys = [self.jobs.key(record.id), self.keys.jobs, self.keys.jobs_live]
         keys += [self.keys.jobs_due, self.keys.jobs_by_owner(record.owner)]
-        reply = await self._remove(keys=keys, args=[record.owner])
+        reply = await self._remove(keys=keys, args=[record.owner, self.keys.job_prefix])
         outcome = str(reply[0])
         if outcome == "removed":
             return outcome, json.loads(reply[1]) if reply[1] else None
