@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
@@ -88,6 +88,24 @@ async def get_owner(
 
 
 Owner = Annotated[str, Depends(get_owner)]
+
+
+def only_query(*names: str) -> Any:
+    """A dependency refusing query parameters a route does not take (422): a filter spelled
+    wrong (`?state=running`) would otherwise be ignored and list everything."""
+    known = frozenset(names)
+
+    async def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params) - known)
+        if unknown:
+            raise ApiError(
+                422,
+                "unknown_parameter",
+                f"unknown query parameter(s): {', '.join(repr(u[:40]) for u in unknown[:5])};"
+                f" this route takes {', '.join(sorted(known))}",
+            )
+
+    return Depends(check)
 
 
 async def load_job(state: AppState, job_id: str, owner: str) -> JobRecord:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api import idempotency, pipelines, submissions
 from api.arrays_io import npy_response
-from api.deps import AppState, Owner, State, load_job
+from api.deps import AppState, Owner, State, load_job, only_query
 from api.errors import ApiError, not_found
 from api.openapi import LOCATION
 from shared.arrays import lifecycle
@@ -177,7 +177,8 @@ def _statuses(values: list[str]) -> frozenset[JobStatus]:
     "",
     summary="List jobs",
     response_model=JobList,
-    responses={422: {"description": "a bad filter, cursor or limit"}},
+    responses={422: {"description": "a bad or unknown filter, cursor or limit"}},
+    dependencies=[only_query("status", "task", "tag", "since", "until", "limit", "cursor")],
 )
 async def list_jobs(
     state: State,

@@ -32,7 +32,8 @@ from shared.joblist import JobFilter, JobLister, trim_owner_indexes
 from shared.jobstore import JobStore
 from shared.settings import Settings
 from tests import stack
-from tests.http_api import npy_bytes
+from tests.conftest import Stack
+from tests.http_api import npy_bytes, upload, wait
 
 KEY_A = f"ka-{uuid.uuid4().hex}"
 KEY_B = f"kb-{uuid.uuid4().hex}"
@@ -490,3 +491,32 @@ def test_the_dashboard_filters_by_owner_before_it_limits(priv: Priv) -> None:
         assert shown_b == list(reversed(theirs))[:25]
         _settle(a, [mine])
         _settle(b, theirs)
+
+
+def test_an_unknown_filter_is_refused_not_ignored(http: httpx.Client) -> None:
+    """`?state=running` (not a filter) would otherwise list every job."""
+    response = http.get("/jobs", params={"state": "running"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unknown_parameter" and "'state'" in error["message"]
+
+
+def test_deleting_a_finished_parallel_job_removes_its_parts(
+    http: httpx.Client, live: Stack
+) -> None:
+    before = stack.array_segments(live.shm_prefix)
+    arr = np.arange(10_001, dtype=np.float64)
+    a = upload(http, arr)["id"]
+    body = {"task": "slow_double", "params": {"seconds": 0.1}, "inputs": {"a": {"array": a}}}
+    job = http.post("/jobs", json={**body, "parallel": 2}).json()
+    done = wait(http, job["id"], 30)
+    assert done["status"] == "succeeded" and len(done["parts"]["ids"]) == 2, done
+    result = done["result"]["array"]["id"]
+    assert http.delete(f"/jobs/{job['id']}").status_code == 200
+    assert http.get(f"/jobs/{job['id']}").status_code == 404
+    for part_id in done["parts"]["ids"]:
+        assert http.get(f"/jobs/{part_id}").status_code == 404
+        assert not live.redis.exists(f"{live.key_prefix}:job:{part_id}")
+    assert http.get(f"/arrays/{result}").status_code == 404  # its result went with it
+    assert http.delete(f"/arrays/{a}").status_code == 204
+    stack.wait_arrays_freed(live.shm_prefix, before)
