@@ -119,20 +119,31 @@ def _job_revoked(request: object = None, terminated: bool = False, **_: object) 
     job_id = getattr(request, "id", None)
     if not job_id:
         return
-    rt = runtime()
     how = "killed while running" if terminated else "dropped before it ran"
     error = f"revoked: the job's Celery message was revoked ({how})"
+    outcome = _end_from_main(job_id, JobStatus.cancelled, error, "revoke")
+    if outcome is not None:
+        log.info("job %s revoked (%s): %s", job_id, how, outcome)
+
+
+def _end_from_main(
+    job_id: str, status: JobStatus, error: str, what: str, expect: str = "live"
+) -> str | None:
+    """End a record whose message the worker's main process dropped (revoked, unknown
+    task), releasing its inputs; None if Redis did not answer in time (the reaper ends it:
+    its message is gone)."""
+    rt = runtime()
     try:
         outcome, due = runner.redis_retrying(
-            lambda: rt.jobs.end_lost(job_id, JobStatus.cancelled, error),
-            f"job {job_id} revoked",
+            lambda: rt.jobs.end_lost(job_id, status, error, expect=expect),
+            f"job {job_id} {what}",
             MAIN_PROCESS_RETRY_S,
         )
         lifecycle.free(rt.arrays, due)
-    except Exception as exc:  # the reaper ends it: its message is gone
-        log.warning("job %s: could not record the revoke: %s", job_id, exc)
-        return
-    log.info("job %s revoked (%s): %s", job_id, how, outcome)
+    except Exception as exc:
+        log.warning("job %s: could not record the %s: %s", job_id, what, exc)
+        return None
+    return outcome
 
 
 @signals.task_unknown.connect
@@ -143,20 +154,13 @@ def _job_unknown(name: str = "", **fields: object) -> None:
     job_id = str(fields.get("id") or "")
     if not name.startswith(TASK_PREFIX) or not job_id:
         return
-    rt = runtime()
     job = name.removeprefix(TASK_PREFIX)
-    error = f"unknown task '{job}' on worker {rt.hostname} (its FORKLIFT_JOB_MODULES lack it)"
-    try:
-        outcome, due = runner.redis_retrying(
-            lambda: rt.jobs.end_lost(job_id, JobStatus.failed, error, expect="queued"),
-            f"job {job_id} unknown task",
-            MAIN_PROCESS_RETRY_S,
-        )
-        lifecycle.free(rt.arrays, due)
-    except Exception as exc:  # the reaper ends it: its message is gone
-        log.warning("job %s: could not record the unknown task: %s", job_id, exc)
-        return
-    log.warning("job %s: %s (%s)", job_id, error, outcome)
+    error = (
+        f"unknown task '{job}' on worker {runtime().hostname} (its FORKLIFT_JOB_MODULES lack it)"
+    )
+    outcome = _end_from_main(job_id, JobStatus.failed, error, "unknown task", expect="queued")
+    if outcome is not None:
+        log.warning("job %s: %s (%s)", job_id, error, outcome)
 
 
 @signals.setup_logging.connect
