@@ -171,6 +171,9 @@ def check_compose_shape(doc: dict[str, Any]) -> None:
     assert api_env["FORKLIFT_SHM_DOMAIN"] == worker_env["FORKLIFT_SHM_DOMAIN"]
     assert api_env == worker_env, "api and worker must share their settings"
     assert api_env["REDIS_URL"] == "redis://redis:6379/0"
+    # One password: Redis's requirepass is what the api and workers fold into REDIS_URL.
+    redis_argv = [str(part) for part in redis_svc["command"]]
+    assert redis_argv[redis_argv.index("--requirepass") + 1] == api_env["FORKLIFT_REDIS_PASSWORD"]
     assert api_env["FORKLIFT_WORKER_CONCURRENCY"] == "", "default: the container's cores"
 
     assert command(api)[:2] == ["uvicorn", "api.main:app"]
@@ -189,9 +192,15 @@ def test_compose_variables_reach_the_image_build_and_the_bind() -> None:
         "FORKLIFT_REDIS_IMAGE": "local/redis:1",
         "FORKLIFT_BIND_ADDRESS": "0.0.0.0",
         "FORKLIFT_PORT": "9123",
+        "FORKLIFT_REDIS_PASSWORD": "s3cret",
     }
     doc = interpolate(yaml.safe_load(COMPOSE.read_text()), env)
     services = doc["services"]
+    redis_argv = [str(part) for part in services["redis"]["command"]]
+    assert redis_argv[redis_argv.index("--requirepass") + 1] == "s3cret"
+    assert Settings.from_env(service_env(services["worker"])).redis_url == (
+        "redis://:s3cret@redis:6379/0"
+    )
     for name in ("api", "worker"):
         args = services[name]["build"]["args"]
         assert args == {"BUILDER_IMAGE": "local/builder:1", "PYTHON_IMAGE": "local/python:1"}
