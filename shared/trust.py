@@ -23,6 +23,7 @@ API's answer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -98,7 +99,8 @@ def allowed_peers(settings: Settings) -> set[str]:
     """The APIs this process may fetch arrays from: FORKLIFT_PEER_URLS and its own."""
     peers = set(settings.peer_urls)
     if settings.api_internal_url:
-        peers.add(normalized_url(settings.api_internal_url))
+        with contextlib.suppress(ValueError):  # e.g. a user in it: then it is no peer
+            peers.add(normalized_url(settings.api_internal_url))
     return peers
 
 

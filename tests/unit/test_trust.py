@@ -4,6 +4,7 @@ and the Redis password folded into REDIS_URL (shared/settings.py)."""
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -111,3 +112,36 @@ def test_the_redis_password_may_come_from_a_secret_file(tmp_path: Path) -> None:
     s = Settings.from_env({"FORKLIFT_SECRETS_DIR": str(tmp_path), "REDIS_URL": "redis://r/0"})
     assert s.redis_url == "redis://:from-a-file@r/0"
     assert "from-a-file" not in repr(s.redis_password)
+
+
+def test_a_crafted_message_opens_nothing_outside_the_stack(tmp_path: Path) -> None:
+    """A message (not a record) naming a decoy of another prefix as an input or as the
+    in-place output: the worker's attach refuses before any open or mapping."""
+    from types import SimpleNamespace
+
+    from shared.schemas import ArrayRef
+    from worker import runner
+
+    decoy = Path("/dev/shm") / f"other_{uuid.uuid4().hex}"
+    decoy.write_bytes(b"\0" * 4096)
+    try:
+        info = os.stat(decoy)
+        os.utime(decoy, ns=(info.st_mtime_ns - 10**12, info.st_mtime_ns))
+        atime = os.stat(decoy).st_atime_ns
+        s = settings(FORKLIFT_SHM_DOMAIN="here")
+        rt = SimpleNamespace(settings=s, redis=None)
+        ref = ArrayRef(id=ID, segment=decoy.name, shape=(512,), dtype="<f8", nbytes=4096,
+                       domain="here")  # fmt: skip
+        with (
+            pytest.raises(runner.JobFailure, match=r"^input 'a': refused by the segment name"),
+            runner.attached({"a": ref}, rt),  # type: ignore[arg-type]
+        ):
+            pass
+        with (
+            pytest.raises(runner.JobFailure, match=r"^the job's output: refused by the segment"),
+            runner.output_view(ref, rt),  # type: ignore[arg-type]
+        ):
+            pass
+        assert os.stat(decoy).st_atime_ns == atime, "the decoy was mapped"
+    finally:
+        decoy.unlink()
