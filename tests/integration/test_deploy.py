@@ -500,7 +500,8 @@ def _interrupt(proc: stack.Proc) -> tuple[int | None, set[int]]:
 
 def test_forklift_up_embedded_redis_job_and_clean_sigint() -> None:
     redis_port = stack.free_port()  # nothing answers there: the launcher embeds its own
-    env = _launcher_env()
+    password = f"pw-{uuid.uuid4().hex}"  # its embedded Redis takes it, and the stack uses it
+    env = _launcher_env(FORKLIFT_REDIS_PASSWORD=password)
     prefix = env["FORKLIFT_SHM_PREFIX"]
     proc, url = _start_launcher(env, redis_port)
     try:
@@ -521,6 +522,13 @@ def test_forklift_up_embedded_redis_job_and_clean_sigint() -> None:
         assert any("uvicorn" in c for c in cmdlines.values()), cmdlines
         assert sum("celery" in c for c in cmdlines.values()) >= 3, cmdlines  # main + 2
         assert not any(f":{redis_port}" in c for c in cmdlines.values())
+        assert not any(password in c for c in cmdlines.values()), "a password in a command line"
+        # redis-server shows itself as `<binary> 127.0.0.1:<port>`: it wants the password.
+        title = next(c for c in cmdlines.values() if "redis-server" in c).split()
+        embedded = redis.Redis(port=int(title[1].rpartition(":")[2]))
+        with pytest.raises(redis.AuthenticationError):
+            embedded.ping()
+        embedded.close()
 
         code, started = _interrupt(proc)
         log = proc.log()
