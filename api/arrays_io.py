@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from api.deps import AppState
 from api.errors import ApiError, not_found
 from api.remote import proxy_array
+from shared import trust
 from shared.arrays import lifecycle, mappings
 from shared.arrays.lifecycle import ArrayWrite
 from shared.arrays.npy import NpyFormatError, NpyHeader, build_header, parse_header
@@ -90,6 +91,8 @@ async def leased_stream(
     read (ready is enough). The lease is taken before the segment is mapped, atomically with
     the check, so nothing can free the array in between.
     """
+    # The record's segment name is opened only if it is this stack's name for the array.
+    trust.segment(record.segment, record.id, state.settings, where="the array record")
     token = uuid.uuid4().hex
     if not await state.arrays.begin_read(record.id, token, owner=owner):
         raise not_found("array", record.id)

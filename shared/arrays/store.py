@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Generic, NamedTuple
 
+from shared import trust
 from shared.redis_io import ClientT, MaybeAwaitable, round_trip, then
 from shared.schemas import ArrayMeta, ArrayRef
 from shared.settings import Settings
@@ -315,6 +316,10 @@ class ArrayStore(Generic[ClientT]):
 
         def parse(reply: list[str] | None) -> Dropped | None:
             if not reply or len(reply) < 3 or reply[1] != self.settings.shm_domain:
+                return None
+            try:  # the caller renames or unlinks it: only this stack's name for the array
+                trust.segment(reply[0], array_id, self.settings, where="a dropped array record")
+            except trust.Untrusted:
                 return None
             return Dropped(reply[0], reply[2])
 

@@ -171,6 +171,9 @@ def check_compose_shape(doc: dict[str, Any]) -> None:
     assert api_env["FORKLIFT_SHM_DOMAIN"] == worker_env["FORKLIFT_SHM_DOMAIN"]
     assert api_env == worker_env, "api and worker must share their settings"
     assert api_env["REDIS_URL"] == "redis://redis:6379/0"
+    # One password: Redis's requirepass is what the api and workers fold into REDIS_URL.
+    redis_argv = [str(part) for part in redis_svc["command"]]
+    assert redis_argv[redis_argv.index("--requirepass") + 1] == api_env["FORKLIFT_REDIS_PASSWORD"]
     assert api_env["FORKLIFT_WORKER_CONCURRENCY"] == "", "default: the container's cores"
 
     assert command(api)[:2] == ["uvicorn", "api.main:app"]
@@ -189,9 +192,15 @@ def test_compose_variables_reach_the_image_build_and_the_bind() -> None:
         "FORKLIFT_REDIS_IMAGE": "local/redis:1",
         "FORKLIFT_BIND_ADDRESS": "0.0.0.0",
         "FORKLIFT_PORT": "9123",
+        "FORKLIFT_REDIS_PASSWORD": "s3cret",
     }
     doc = interpolate(yaml.safe_load(COMPOSE.read_text()), env)
     services = doc["services"]
+    redis_argv = [str(part) for part in services["redis"]["command"]]
+    assert redis_argv[redis_argv.index("--requirepass") + 1] == "s3cret"
+    assert Settings.from_env(service_env(services["worker"])).redis_url == (
+        "redis://:s3cret@redis:6379/0"
+    )
     for name in ("api", "worker"):
         args = services[name]["build"]["args"]
         assert args == {"BUILDER_IMAGE": "local/builder:1", "PYTHON_IMAGE": "local/python:1"}
@@ -491,7 +500,8 @@ def _interrupt(proc: stack.Proc) -> tuple[int | None, set[int]]:
 
 def test_forklift_up_embedded_redis_job_and_clean_sigint() -> None:
     redis_port = stack.free_port()  # nothing answers there: the launcher embeds its own
-    env = _launcher_env()
+    password = f"pw-{uuid.uuid4().hex}"  # its embedded Redis takes it, and the stack uses it
+    env = _launcher_env(FORKLIFT_REDIS_PASSWORD=password)
     prefix = env["FORKLIFT_SHM_PREFIX"]
     proc, url = _start_launcher(env, redis_port)
     try:
@@ -512,6 +522,13 @@ def test_forklift_up_embedded_redis_job_and_clean_sigint() -> None:
         assert any("uvicorn" in c for c in cmdlines.values()), cmdlines
         assert sum("celery" in c for c in cmdlines.values()) >= 3, cmdlines  # main + 2
         assert not any(f":{redis_port}" in c for c in cmdlines.values())
+        assert not any(password in c for c in cmdlines.values()), "a password in a command line"
+        # redis-server shows itself as `<binary> 127.0.0.1:<port>`: it wants the password.
+        title = next(c for c in cmdlines.values() if "redis-server" in c).split()
+        embedded = redis.Redis(port=int(title[1].rpartition(":")[2]))
+        with pytest.raises(redis.AuthenticationError):
+            embedded.ping()
+        embedded.close()
 
         code, started = _interrupt(proc)
         log = proc.log()

@@ -136,6 +136,8 @@ def cluster(redis_url: str) -> Iterator[Cluster]:
         FORKLIFT_INTERNAL_TOKEN=TOKEN,
     )
     port_a, port_b = stack.free_port(), stack.free_port()
+    # Each domain reads arrays from the configured peers only (shared/trust.py).
+    base["FORKLIFT_PEER_URLS"] = f"http://127.0.0.1:{port_a},http://127.0.0.1:{port_b}"
     env_a = {**base, "FORKLIFT_API_INTERNAL_URL": f"http://127.0.0.1:{port_a}"}
     env_b = {**base, "FORKLIFT_API_INTERNAL_URL": f"http://127.0.0.1:{port_b}"}
     settings = Settings.from_env(env_a)
@@ -407,6 +409,10 @@ def test_worker_host_compose_file_joins_the_first_hosts_redis() -> None:
     assert "${FORKLIFT_HOST_ADDR" in env["FORKLIFT_API_INTERNAL_URL"]
     assert "host2" in env["FORKLIFT_SHM_DOMAIN"]
     assert "FORKLIFT_INTERNAL_TOKEN" in env
+    # Its Redis is another host's, reached over the network: it must have a password, and
+    # arrays are read from the listed peers only; without them compose refuses to start.
+    assert env["FORKLIFT_REDIS_PASSWORD"].startswith("${FORKLIFT_REDIS_PASSWORD:?")
+    assert env["FORKLIFT_PEER_URLS"].startswith("${FORKLIFT_PEER_URLS:?")
     # Published beyond loopback: it must not run open (the API would refuse to start anyway).
     assert env["FORKLIFT_API_KEYS"].startswith("${FORKLIFT_API_KEYS:?")
     assert "FORKLIFT_ALLOW_OPEN" not in env

@@ -11,6 +11,8 @@ second, a 1 GiB shared-memory cap. Every test says which finding it reproduces:
 7. a client-made segment must be the stack's uid, mode 0600, a regular file with one link;
 8. the shared-memory counter equals what is in /dev/shm after concurrent reservations,
    recounts and drops, and held reservations count against the cap.
+Issue 18 (a Redis other hosts reach): a segment name or a peer API URL rewritten in Redis is
+refused before anything is opened or connected to (shared/trust.py).
 """
 
 from __future__ import annotations
@@ -18,21 +20,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.server
 import os
 import random
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import numpy as np
 import pytest
 import redis
 
-from shared.arrays import janitor, pool
+from shared.arrays import janitor, pool, replicas
 from shared.settings import Settings
 from tests import stack
 from tests.http_api import npy_bytes, streamed_upload, submit, upload, wait
@@ -44,6 +49,7 @@ MiB = 1 << 20
 CAP = 1 << 30
 SHM = Path("/dev/shm")
 NOBODY = 65534
+PEER = "http://127.0.0.1:9"
 
 
 @dataclass
@@ -96,6 +102,7 @@ def _secure_stack(redis_url: str) -> Iterator[Secure]:
         FORKLIFT_JANITOR_INTERVAL="1",
         FORKLIFT_SHM_LIMIT_BYTES=str(CAP),
         FORKLIFT_KEY_MAX_UPLOAD_BYTES=str(CAP),  # per-key limits are not what is tested here
+        FORKLIFT_PEER_URLS=PEER,  # a peer that is not the attacker of the peer URL test
     )
     worker, api, url = stack.start_worker_and_api(env, "shmsec", concurrency=1)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -699,3 +706,169 @@ def test_a_download_whose_lease_was_lost_ends_short(secure: Secure) -> None:
         assert got < len(npy_bytes(original))
         _alive(secure)
         _delete(a, array_id)
+
+
+# -- issue 18: names and addresses read from Redis are checked before use --------------------
+
+IN_OPEN, IN_ACCESS, IN_MODIFY, IN_ATTRIB = 0x20, 0x01, 0x02, 0x04
+
+
+@contextlib.contextmanager
+def _touches(path: Path) -> Iterator[list[int]]:
+    """The inotify events (masks) on `path` while the block runs, by any process: an open, a
+    read, a write or a change of its attributes. Stat and lstat cause none."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    events: list[int] = []
+    try:
+        mask = IN_OPEN | IN_ACCESS | IN_MODIFY | IN_ATTRIB
+        assert libc.inotify_add_watch(fd, str(path).encode(), mask) >= 0
+        yield events
+        time.sleep(0.1)
+        with contextlib.suppress(BlockingIOError):
+            data = os.read(fd, 1 << 16)
+            offset = 0
+            while offset < len(data):
+                _wd, event_mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                events.append(event_mask)
+                offset += 16 + length
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _decoy(name: str) -> Iterator[Path]:
+    """A file in /dev/shm another stack (or the system) owns: it must stay unopened, unmapped
+    and unchanged. Its atime is set before its mtime, so a mapping (which marks the file
+    accessed, relatime or not) would show."""
+    path = SHM / name
+    content = os.urandom(64 * 1024)
+    path.write_bytes(content)
+    path.chmod(0o600)
+    info = os.stat(path)
+    os.utime(path, ns=(info.st_mtime_ns - 3600 * 10**9, info.st_mtime_ns))
+    before = os.stat(path)
+    try:
+        yield path
+        after = os.stat(path)
+        assert (after.st_ino, after.st_size, after.st_mode, after.st_nlink) == (
+            before.st_ino,
+            before.st_size,
+            before.st_mode,
+            before.st_nlink,
+        )
+        assert after.st_atime_ns == before.st_atime_ns, "the decoy was mapped or read"
+        assert after.st_mtime_ns == before.st_mtime_ns and after.st_ctime_ns == before.st_ctime_ns
+        assert path.read_bytes() == content
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _poisoned(secure: Secure, array_id: str, **fields: str) -> Iterator[None]:
+    """The array's record with `fields` rewritten in Redis (what anyone who reaches Redis can
+    do), put back afterwards so the stack's byte counters stay exact."""
+    key = secure.settings.keys.array(array_id)
+    saved = secure.redis.hmget(key, list(fields))
+    secure.redis.hset(key, mapping=fields)
+    try:
+        yield
+    finally:
+        secure.redis.hset(key, mapping=dict(zip(fields, saved, strict=True)))
+
+
+def _security_warnings(proc: stack.Proc, needle: str) -> list[str]:
+    return [ln for ln in proc.log().splitlines() if "security: refused" in ln and needle in ln]
+
+
+@pytest.mark.parametrize("kind", ["other_prefix", "another_array"])
+def test_a_segment_name_from_redis_is_checked_before_anything_opens_it(
+    secure: Secure, kind: str
+) -> None:
+    """A record whose segment names a file outside this stack's names: another prefix (a
+    decoy another stack owns), or another array's segment of this stack (B's, through A's
+    record). The job fails naming the check, downloads are refused, nothing is opened."""
+    with secure.client(KEY_A) as a, secure.client(KEY_B) as b:
+        mine = upload(a, np.arange(1024, dtype=np.float64))
+        theirs = upload(b, np.full(8192, 7, dtype=np.uint8))  # 64 KiB, like the decoy
+        target = f"other_{uuid.uuid4().hex}" if kind == "other_prefix" else theirs["segment"]
+        if kind == "another_array":
+            assert target.startswith(secure.prefix) and target != mine["segment"]
+        watched = (
+            contextlib.nullcontext(SHM / target) if kind == "another_array" else _decoy(target)
+        )
+        with watched as path, _poisoned(secure, mine["id"], segment=target):
+            with _touches(path) as events:
+                job = wait(a, submit(a, "inspect_input", inputs={"a": mine["id"]}), 30)
+                download = a.get(f"/arrays/{mine['id']}")
+            assert events == [], f"the file was touched: {[hex(m) for m in events]}"
+        assert job["status"] == "failed", job
+        assert job["error"].startswith("input 'a': refused by the segment name check:"), job
+        assert repr(target) in job["error"] and "FORKLIFT_SHM_PREFIX" in job["error"]
+        assert download.status_code == 502, download.text
+        assert download.json()["error"]["code"] == "untrusted"
+        assert _security_warnings(secure.worker, target), "no security warning in the worker log"
+        assert _security_warnings(secure.api, target), "no security warning in the API log"
+        # B's array is intact, and A's still reads right once its record is its own again.
+        assert b.get(f"/arrays/{theirs['id']}").content == npy_bytes(np.full(8192, 7, np.uint8))
+        ok = wait(a, submit(a, "inspect_input", inputs={"a": mine["id"]}), 30)
+        assert ok["status"] == "succeeded" and ok["result"]["sum"] == sum(range(1024)), ok
+        _delete(a, mine["id"])
+        _delete(b, theirs["id"])
+    stack.wait_arrays_freed(secure.prefix, set())
+    assert secure.counter() == 0
+
+
+class _Attacker(http.server.BaseHTTPRequestHandler):
+    """An HTTP server a poisoned record points at: it records every request it gets."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(f"{self.path} {self.headers.get('X-Forklift-Internal-Token')}")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_peer_url_from_redis_is_not_fetched_unless_configured(secure: Secure) -> None:
+    """A record rewritten to say its array lives in another domain whose API is an attacker's
+    server (on this host, another port than the configured peer): neither the worker's pull
+    nor the API's download connects to it (the internal token would go with the request)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Attacker)
+    _Attacker.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    attacker = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with secure.client(KEY_A) as a:
+            meta = upload(a, np.arange(512, dtype=np.float64))
+            with _poisoned(secure, meta["id"], domain="elsewhere", api_url=attacker):
+                job = wait(a, submit(a, "inspect_input", inputs={"a": meta["id"]}), 30)
+                download = a.get(f"/arrays/{meta['id']}")
+            # The check is what refused: the same URL, allowed, is fetched (a sanity check
+            # of the server, in process, with this test's settings).
+            allowed = Settings.from_env({**secure.env, "FORKLIFT_PEER_URLS": attacker})
+            httpx.get(replicas.source(meta["id"], "elsewhere", attacker, allowed).url)
+            _delete(a, meta["id"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert job["status"] == "failed", job
+    assert job["error"].startswith("input 'a': refused by the peer url check:"), job
+    assert "FORKLIFT_PEER_URLS" in job["error"] and attacker in job["error"]
+    assert download.status_code == 502 and download.json()["error"]["code"] == "untrusted"
+    assert _Attacker.seen == [f"/internal/arrays/{meta['id']} None"], _Attacker.seen
+    assert _security_warnings(secure.worker, attacker) and _security_warnings(secure.api, attacker)
+    # The refused pull left no replica record, reservation or segment behind.
+    store = replicas.ReplicaStore(secure.redis, secure.settings)
+    assert not secure.redis.exists(store.key(meta["id"]))
+    assert secure.redis.scard(store.index_key) == 0
+    stack.wait_arrays_freed(secure.prefix, set())
+    assert secure.counter() == 0
