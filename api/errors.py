@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -98,6 +100,15 @@ def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: e[k] for k in keep if k in e} for e in errors]
 
 
+async def drop_stale_connections(client: aioredis.Redis, exc: BaseException) -> None:
+    """After a Redis restart every idle pooled connection is stale and fails its next
+    command the same way (a 503 each, for as long as the pool keeps it, which a burst of
+    requests finds long after the restart): at the first connection error, drop them all;
+    the next requests connect afresh."""
+    if isinstance(exc, redis.exceptions.ConnectionError):
+        await client.connection_pool.disconnect(inuse_connections=False)
+
+
 def install(app: FastAPI) -> None:
     """Answer every failure with the one error shape (documented by `api.openapi`)."""
 
@@ -133,6 +144,9 @@ def install(app: FastAPI) -> None:
 
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
+        state = getattr(request.app.state, "forklift", None)
+        if state is not None:
+            await drop_stale_connections(state.redis, exc)
         return unavailable("Redis")
 
     for error_type in REDIS_ERRORS:

@@ -126,11 +126,16 @@ def submit(
 def wait(http: httpx.Client, job_id: str, within: float = 30) -> dict:
     """Long-polls until the job ends; fails if it is still queued/running after `within` s."""
     deadline = time.monotonic() + within
+    unavailable = 0  # 503s with Retry-After honoured, as the client does, a few at most
     while True:
         left = deadline - time.monotonic()
         response = http.get(
             f"/jobs/{job_id}", params={"wait": max(0, min(left, 10))}, timeout=max(left, 0) + 15
         )
+        if response.status_code == 503 and "Retry-After" in response.headers and unavailable < 3:
+            unavailable += 1  # e.g. a stale pooled connection just after a Redis restart
+            time.sleep(float(response.headers["Retry-After"]))
+            continue
         assert response.status_code == 200, response.text
         record = response.json()
         if record["status"] in FINAL:

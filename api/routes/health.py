@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import State
-from api.errors import RETRY_AFTER_S
+from api.errors import RETRY_AFTER_S, drop_stale_connections
 from shared.redis_io import REDIS_ERRORS
 from shared.schemas import Health, HealthDown
 from shared.workers import WorkerStore
@@ -41,8 +41,9 @@ async def healthz(state: State) -> Any:
         else:  # one round trip: the count proves Redis answers, no PING needed
             workers = await WorkerStore(state.redis, settings).count_online()
             state.last_good_health = (time.monotonic(), workers)
-    except REDIS_ERRORS:
+    except REDIS_ERRORS as exc:
         state.last_good_health = None
+        await drop_stale_connections(state.redis, exc)
         error = {"code": "unavailable", "message": "Redis is unavailable; retry in a few seconds"}
         return JSONResponse(
             {"status": "unavailable", "redis": False, "workers": None, "error": error},

@@ -324,6 +324,48 @@ def test_redis_outage_during_a_job_is_retried_not_acked() -> None:
         assert_nothing_left(lc, [a])
 
 
+def test_after_a_redis_restart_stale_connections_cost_one_retryable_burst() -> None:
+    """The API's pool grows under a burst; after a restart its idle connections are stale
+    and a command on one fails ("Connection closed by server"). Such a request is a 503 with
+    Retry-After (what clients retry), and the first one drops every idle connection
+    (api/errors.py:drop_stale_connections): the next burst gets 200s only."""
+
+    def burst(url: str, path: str, n: int = 16) -> list[httpx.Response]:
+        answers: list[httpx.Response] = []
+        gate = threading.Barrier(n)
+
+        def one() -> None:
+            with httpx.Client(base_url=url, timeout=30) as client:
+                gate.wait()
+                answers.append(client.get(path))
+
+        threads = [threading.Thread(target=one) for _ in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return answers
+
+    with lifecycle_stack(concurrency=1) as lc:
+        with lc.client() as http:
+            job_id = submit(http, "fib", n=10)
+            assert wait(http, job_id)["result"] == 55
+        assert [r.status_code for r in burst(lc.url, f"/jobs/{job_id}")] == [200] * 16
+        lc.restart_redis(down_for=1.0)
+        with lc.client() as http:
+            stack.wait_until(lambda: http.get("/healthz").status_code == 200, 30, what="API back")
+        second = burst(lc.url, f"/jobs/{job_id}")
+        for answer in second:
+            assert answer.status_code in (200, 503), answer.text
+            if answer.status_code == 503:
+                assert answer.headers["Retry-After"] and answer.json()["error"]["code"] == (
+                    "unavailable"
+                )
+        third = burst(lc.url, f"/jobs/{job_id}")
+        assert [r.status_code for r in third] == [200] * 16
+        print(f"after the restart: {sum(r.status_code == 503 for r in second)} of 16 were 503")
+
+
 class ReplyCutter(RedisProxy):
     """A proxy from a worker to Redis that lets chosen scripts run, then loses their reply.
 
