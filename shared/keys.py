@@ -245,7 +245,7 @@ class Keys:
 
     @property
     def metrics_duration(self) -> str:
-        """hash: "task|<bucket>", "task|sum", "task|count" -> run times; JobStore scripts."""
+        """hash: "task|<bucket>", "task|sum" -> run times (runs: the buckets' sum); JobStore."""
         return self.metrics_prefix + "duration"
 
     @property
