@@ -231,7 +231,7 @@ end
 _CREATE = """
 -- KEYS: job, jobs-index, live-index, owner-index, owners, due, array keys...
 -- ARGV: now, owner, fields-json, metrics, parts-json, job-key prefix, output key or '',
---   due time or '' (a delayed job: no message until then, shared/due.py)
+--   due time or '' (a delayed job: no message until then, shared/due.py), wake channel
 local now = tonumber(ARGV[1])
 for i = 7, #KEYS do
   local a = redis.call('HMGET', KEYS[i], 'state', 'owner', 'delete_requested')
@@ -249,7 +249,10 @@ redis.call('ZADD', KEYS[2], now, fields['id'])
 redis.call('ZADD', KEYS[3], now, fields['id'])
 redis.call('ZADD', KEYS[4], now, fields['id'])
 redis.call('SADD', KEYS[5], ARGV[2])
-if ARGV[8] ~= '' then redis.call('ZADD', KEYS[6], tonumber(ARGV[8]), fields['id']) end
+if ARGV[8] ~= '' then  -- a delayed job: the due movers sleep until their index's first time
+  redis.call('ZADD', KEYS[6], tonumber(ARGV[8]), fields['id'])
+  redis.call('PUBLISH', ARGV[9], ARGV[8])
+end
 fl_put_parts(cjson.decode(ARGV[5]), ARGV[6], KEYS[3], now, ARGV[1])
 if ARGV[7] ~= '' then redis.call('PERSIST', ARGV[7]) end  -- the output lives as long as the job
 redis.call('HINCRBY', ARGV[4] .. 'submitted', fields['task'], 1)
@@ -614,7 +617,7 @@ class JobStore(Generic[ClientT]):
         args = [repr(time.time()), owner, json.dumps(fields), self.metrics]
         args += [json.dumps(parts or []), self.keys.job_prefix]
         args += [self.keys.array(output_id) if output_id else ""]
-        args += ["" if due is None else repr(due)]
+        args += ["" if due is None else repr(due), self.keys.jobs_due_wake]
 
         def parse(reply: list[Any]) -> str | None:
             return None if reply[0] == "ok" else names[int(reply[1])]
