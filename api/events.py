@@ -39,6 +39,10 @@ class JobEventHub:
         self.closing = False
         # Called with the id of a waiting job announced ready (api/pipelines.py launches it).
         self.on_ready: Callable[[str], None] | None = None
+        # Called when a due time may have been added (shared/due.py: the mover wakes): a
+        # message on `Keys.jobs_due_wake`, a retry's event, a resubscription.
+        self.wake_channel = settings.keys.jobs_due_wake
+        self.on_due: Callable[[], None] | None = None
 
     def close(self) -> None:
         """The server is shutting down: wake every waiter, and let none wait any more."""
@@ -85,25 +89,36 @@ class JobEventHub:
             client = async_redis(self.settings, socket_timeout=None)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(self.channel, self.wake_channel)
                 self._dispatch(RESYNC)
+                self._due()
                 backoff = 0.2
                 async for message in _messages(pubsub):
+                    if message.get("channel") == self.wake_channel:
+                        self._due()
+                        continue
                     with contextlib.suppress(ValueError, TypeError):
                         event = json.loads(message["data"])
                         self._dispatch(event)
                         if event.get("ready") and self.on_ready is not None:
                             self.on_ready(str(event["id"]))
+                        if "retry_at" in event:
+                            self._due()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.debug("job event subscription lost (%s); reconnecting", exc)
                 self._dispatch(RESYNC)
+                self._due()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+
+    def _due(self) -> None:
+        if self.on_due is not None:
+            self.on_due()
 
 
 async def _messages(pubsub: Any) -> AsyncIterator[dict[str, Any]]:

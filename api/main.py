@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -88,6 +89,33 @@ async def _every(interval: float, work: Callable[[], object], what: str) -> None
         await asyncio.sleep(backoff if failures else interval)
 
 
+async def _move_due(mover: DueMover, wake: asyncio.Event) -> None:
+    """The due mover's loop (shared/due.py): a pass, then sleep until the index's first
+    time (at most `due.IDLE_S`) or until the event hub says an entry was added (`wake`);
+    never two passes closer than `due.INTERVAL_S`, so a burst of wake-ups costs one pass.
+    Failures back off as `_every`'s do."""
+    failures = 0
+    while True:
+        wake.clear()
+        try:
+            await to_thread.run_sync(mover)
+            first = await to_thread.run_sync(mover.next_due)
+            if failures:
+                log.info("publishing due jobs works again after %d failed pass(es)", failures)
+            failures = 0
+        except Exception as exc:
+            if not failures:
+                log.warning("publishing due jobs failed: %s", exc)
+            failures += 1
+            await asyncio.sleep(min(due.INTERVAL_S * 2**failures, PASS_BACKOFF_MAX_S))
+            continue
+        await asyncio.sleep(due.INTERVAL_S)
+        wait = due.IDLE_S if first is None else first - time.time()
+        if wait > 0 and not wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), min(wait, due.IDLE_S))
+
+
 @contextlib.contextmanager
 def _on_shutdown_signal(action: Callable[[], None]) -> Iterator[None]:
     """Run `action` on the event loop when SIGTERM/SIGINT arrives, then the server's handler.
@@ -154,12 +182,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         bind_check = asyncio.create_task(check_bind(settings), name="forklift-bind-check")
         janitor_redis, reaper_redis = sync_redis(settings), sync_redis(settings)
         move_due = DueMover(sync_redis(settings), settings, lambda p: publish(settings, p))
+        due_added = asyncio.Event()
+        hub.on_due = due_added.set
         state = app.state.forklift
         scheduler = scheduling.Scheduler(
             state.schedules, lambda record: schedules.fire(state, record)
         )
         passes = [
-            _every(due.INTERVAL_S, move_due, "publishing due jobs"),
+            _move_due(move_due, due_added),
             # Every API runs it; only the holder of the scheduler lock fires.
             _every(scheduling.INTERVAL_S, scheduler.tick, "scheduler pass"),
             _every(

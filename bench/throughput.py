@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import importlib.util
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from types import ModuleType
 import httpx
 import redis
 
+from bench import commands as command_log
 from bench.common import (
     SUPERVISOR,
     CpuMeter,
@@ -234,6 +236,34 @@ def metered(
     )
 
 
+def attribute(
+    st: Stack, groups: dict[str, Callable[[], list[int]]], n: int, conc: int, timed: Result
+) -> str:
+    """Idle stack, then `n` jobs of the first run's load, under MONITOR: per process, the
+    commands sent and those run inside the scripts sent; the idle passes' commands per
+    second, amortised over the timed run's rate."""
+    idle_s = 5.0
+    with command_log.Monitor(st.redis_url, groups) as mon:
+        time.sleep(idle_s)
+    idle = mon.counts()
+    with command_log.Monitor(st.redis_url, groups) as mon:
+        wall, _, _ = asyncio.run(_forklift_load(st.url, n, conc, burst=False))
+    loaded = mon.counts()
+    idle_rate = sum(idle.values()) / idle_s
+    idle_rows = collections.Counter[str]()
+    for (group, how, cmd), calls in idle.items():
+        idle_rows[f"{group} {'' if how == 'sent' else how + ': '}{cmd}"] += calls
+    detail = ", ".join(f"{k} {v / idle_s:.1f}" for k, v in idle_rows.most_common(12))
+    return "\n\n".join(
+        [
+            command_log.report(loaded, n, wall),
+            f"Idle stack ({idle_s:g} s, no jobs): {idle_rate:.1f} commands/s (inside scripts"
+            f" included): {detail}. At the timed run's {timed.rate:.0f} jobs/s that is"
+            f" {idle_rate / timed.rate:.2f} commands per job (included in the counts above).",
+        ]
+    )
+
+
 def profile_run(st: Stack, n: int, conc: int, out_dir: Path) -> tuple[str, list[Path]]:
     """A second API process under pyinstrument (bench/api_profiled.py) takes a forklift run
     while py-spy samples the worker and its children; returns a markdown summary."""
@@ -428,6 +458,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="jobs per POST /jobs/batch")
     parser.add_argument("--batch-connections", type=int, default=4, help="batch submitters")
     parser.add_argument("--profile", action="store_true", help="py-spy the API and worker")
+    parser.add_argument("--no-profile", action="store_true", help="never profile")
+    parser.add_argument(
+        "--attribute", type=int, default=500, help="jobs of the MONITOR run (0: none)"
+    )
     parser.add_argument("--quick", action="store_true", help="200 jobs, 50 sequential")
     parser.add_argument("--quiet", type=float, default=0.25, help="see bench/cpu.py; 0: off")
     args = parser.parse_args()
@@ -436,6 +470,7 @@ def main() -> None:
     conc = args.concurrency
 
     results: list[Result] = []
+    attribution = ""
     seq_rows = []
     profile_text, profile_files = "", []
     with running_stack(plain_celery=True) as st:
@@ -501,10 +536,15 @@ def main() -> None:
         for label, lat in (("forklift over HTTP", fl_seq), ("plain Celery", ce_seq)):
             seq_rows.append([label, fmt_s(pct(lat, 50)), fmt_s(pct(lat, 99)), len(lat)])
 
+        if args.attribute:
+            quiet()
+            attribution = attribute(st, groups, args.attribute, conc, results[0])
+
         best = max((r for r in results if r.label.startswith("forklift")), key=lambda r: r.rate)
         best_fl = best.rate
         celery_rate = next(r.rate for r in results if r.label.startswith("plain Celery"))
-        if args.profile or best_fl < 0.75 * celery_rate:
+        wanted = args.profile or best_fl < 0.75 * celery_rate
+        if wanted and not args.no_profile and importlib.util.find_spec("pyinstrument"):
             quiet()
             out_dir = results_dir(args.quick) / "profiles"
             profile_text, profile_files = profile_run(st, n, conc, out_dir)
@@ -569,6 +609,7 @@ def main() -> None:
         "Redis commands per job (`INFO commandstats`, all clients; commands run inside Lua"
         " scripts count too):",
         commands,
+        *(["## Who sends the commands (MONITOR)", attribution] if attribution else []),
         "## One job at a time (latency)",
         md_table(["path", "p50", "p99", "jobs"], seq_rows),
         "## Target (issue 5)",

@@ -8,6 +8,13 @@ times a second: one script claims the due ids (a lease, so two APIs never both p
 and an API that dies mid-move leaves them to be claimed again), the messages are rebuilt from
 the records and published, and each id leaves the index only if its lease is still the one
 claimed (a retry scheduled again meanwhile keeps its entry).
+
+A mover does not poll: after a pass it reads the index's first score and sleeps until then
+(at most `IDLE_S`), and whatever adds an entry wakes every API's mover: the create script of a
+delayed job and `DueStore.put` publish the due time on `Keys.jobs_due_wake`, a retry's `queued`
+event carries `retry_at` (the API's event hub calls `on_due` for both, and after each
+resubscription, when messages may have been lost). An idle API costs Redis a few commands
+every `IDLE_S`, not ten a second.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from shared.settings import Settings
 
 log = logging.getLogger("forklift.due")
 
-INTERVAL_S = 0.2  # how often each API looks for due jobs: a due job starts within this
+INTERVAL_S = 0.2  # a due job the mover knows of is published within this of its time
+IDLE_S = 5.0  # with nothing due sooner, a mover looks again after this, woken or not
 LEASE_S = 30.0  # a claimed id is claimed again after this if its mover did not finish
 BATCH = 500  # ids moved per pass at most
 
@@ -75,7 +83,16 @@ class DueStore(Generic[ClientT]):
     @round_trip
     def put(self, job_id: str, at: float) -> MaybeAwaitable[int]:
         """Publish `job_id` at `at` (a waiting job launched with a delay still to run)."""
-        return then(self.client.zadd(self.key, {job_id: at}), int)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.key, {job_id: at})
+        pipe.publish(self.settings.keys.jobs_due_wake, repr(at))
+        return then(pipe.execute(), lambda replies: int(replies[0]))
+
+    @round_trip
+    def next_due(self) -> MaybeAwaitable[float | None]:
+        """The index's first score (a due time or a lease's end), None when it is empty."""
+        reply = self.client.zrange(self.key, 0, 0, withscores=True)
+        return then(reply, lambda rows: float(rows[0][1]) if rows else None)
 
     @round_trip
     def claim(self, now: float, lease: float = LEASE_S) -> MaybeAwaitable[list[str]]:
@@ -127,6 +144,9 @@ class DueMover:
         self.jobs = JobStore(client, settings)
         self.arrays = ArrayStore(client, settings)
         self.publish = publish
+
+    def next_due(self) -> float | None:
+        return self.store.next_due()
 
     def __call__(self) -> int:
         """Returns how many messages it published."""

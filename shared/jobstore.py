@@ -45,25 +45,22 @@ from shared.settings import Settings
 #     (`jp`: the job-key prefix), not listed among the jobs;
 #   fl_part_progress(parent, parent_id, index, fraction, events): a part's progress moves its
 #     running job's, the mean of its parts' (kept in `<job>:progress`), published;
-#   fl_attempt_begin(job, now) / fl_attempt_end(job, now, error): the record's list of runs
-#     (`attempt_log`, the view's `attempts`): a start appends one (ending the one before as
-#     lost if nothing ended it: a redelivery), an end stamps the last with its error.
+#   fl_runs_begun(raw, now) / fl_runs_ended(raw, now, error): the record's list of runs
+#     (`attempt_log`, the view's `attempts`) as its caller read it, and what to write back:
+#     a start appends one (ending the one before as lost if nothing ended it: a
+#     redelivery), an end stamps the last with its error (nil: nothing to write);
+#     fl_attempt_end(job, now, error) reads and writes it for the rarer endings.
 LUA_RECORDS = """
-local function fl_attempt_log(job)
-  local raw = redis.call('HGET', job, 'attempt_log')
-  if raw then return cjson.decode(raw) end
-  return {}
-end
-local function fl_attempt_end(job, now, error)
-  local runs = fl_attempt_log(job)
+local function fl_runs_ended(raw, now, error)
+  local runs = raw and cjson.decode(raw) or {}
   local last = runs[#runs]
-  if not last or last['finished_at'] then return end
+  if not last or last['finished_at'] then return nil end
   last['finished_at'] = now
   if error and error ~= '' then last['error'] = error end
-  redis.call('HSET', job, 'attempt_log', cjson.encode(runs))
+  return cjson.encode(runs)
 end
-local function fl_attempt_begin(job, now)
-  local runs = fl_attempt_log(job)
+local function fl_runs_begun(raw, now)
+  local runs = raw and cjson.decode(raw) or {}
   local last = runs[#runs]
   if last and not last['finished_at'] then
     last['finished_at'] = now
@@ -71,7 +68,11 @@ local function fl_attempt_begin(job, now)
   end
   table.insert(runs, {started_at = now})
   while #runs > 50 do table.remove(runs, 1) end
-  redis.call('HSET', job, 'attempt_log', cjson.encode(runs))
+  return cjson.encode(runs)
+end
+local function fl_attempt_end(job, now, error)
+  local runs = fl_runs_ended(redis.call('HGET', job, 'attempt_log'), now, error)
+  if runs then redis.call('HSET', job, 'attempt_log', runs) end
 end
 local function fl_hset(key, fields, first)
   local flat = first
@@ -202,14 +203,16 @@ local function fl_part_released(part, status, parent_id)
   end
   return out
 end
-fl_release = function(job, force)
-  local f = redis.call('HMGET', job, 'id', 'input_ids', 'status', 'parts_total',
+-- `flagged`: the fields above as the caller read them (status: the one it wrote), for a
+-- record with no parts whose `released` flag the caller set in its own HSET.
+fl_release = function(job, force, flagged)
+  local f = flagged or redis.call('HMGET', job, 'id', 'input_ids', 'status', 'parts_total',
     'parts_released', 'parent', 'output_id', 'combining')
   if f[4] and not force then
     if tonumber(f[5] or '0') < tonumber(f[4]) then return {} end  -- parts still run
     if f[8] and f[8] ~= C.token then return {} end  -- its combine still runs
   end
-  if redis.call('HSETNX', job, 'released', '1') == 0 then return {} end
+  if not flagged and redis.call('HSETNX', job, 'released', '1') == 0 then return {} end
   local free = fl_unpin(f[2] or '')
   local final = f[3] ~= 'queued' and f[3] ~= 'running' and f[3] ~= 'waiting'
   if final then
@@ -228,7 +231,7 @@ end
 _CREATE = """
 -- KEYS: job, jobs-index, live-index, owner-index, owners, due, array keys...
 -- ARGV: now, owner, fields-json, metrics, parts-json, job-key prefix, output key or '',
---   due time or '' (a delayed job: no message until then, shared/due.py)
+--   due time or '' (a delayed job: no message until then, shared/due.py), wake channel
 local now = tonumber(ARGV[1])
 for i = 7, #KEYS do
   local a = redis.call('HMGET', KEYS[i], 'state', 'owner', 'delete_requested')
@@ -246,7 +249,10 @@ redis.call('ZADD', KEYS[2], now, fields['id'])
 redis.call('ZADD', KEYS[3], now, fields['id'])
 redis.call('ZADD', KEYS[4], now, fields['id'])
 redis.call('SADD', KEYS[5], ARGV[2])
-if ARGV[8] ~= '' then redis.call('ZADD', KEYS[6], tonumber(ARGV[8]), fields['id']) end
+if ARGV[8] ~= '' then  -- a delayed job: the due movers sleep until their index's first time
+  redis.call('ZADD', KEYS[6], tonumber(ARGV[8]), fields['id'])
+  redis.call('PUBLISH', ARGV[9], ARGV[8])
+end
 fl_put_parts(cjson.decode(ARGV[5]), ARGV[6], KEYS[3], now, ARGV[1])
 if ARGV[7] ~= '' then redis.call('PERSIST', ARGV[7]) end  -- the output lives as long as the job
 redis.call('HINCRBY', ARGV[4] .. 'submitted', fields['task'], 1)
@@ -256,41 +262,44 @@ return {'ok'}
 _START = """
 -- KEYS: context   ARGV: context, hostname, pid, domain, max-attempts, node
 --   -> {outcome, attempts, ids to free...}
-local st = redis.call('HGET', C.job, 'status')
+-- One HMGET, one HSET of the record, its running entry, its event: a first delivery's cost.
+local f = redis.call('HMGET', C.job, 'status', 'attempt_token', 'attempts', 'id', 'task',
+  'parent', 'attempt_log', 'retry_at', 'cancelled_from')
+local st = f[1]
 if not st then return {'missing', 0} end
-if st == 'running' and redis.call('HGET', C.job, 'attempt_token') == C.token then
-  return {'started', tonumber(redis.call('HGET', C.job, 'attempts'))}  -- a retried call
+if st == 'running' and f[2] == C.token then
+  return {'started', tonumber(f[3])}  -- a retried call
 end
 if st ~= 'queued' and st ~= 'running' then
   local out = {st, 0}
-  if redis.call('HGET', C.job, 'cancelled_from') == 'queued' then  -- no attempt holds it
+  if f[9] == 'queued' then  -- cancelled while queued: no attempt holds it
     fl_append(out, fl_release(C.job, false))
   end
   return out
 end
-local attempts = redis.call('HINCRBY', C.job, 'attempts', 1)
+local attempts = tonumber(f[3] or '0') + 1
 if attempts > tonumber(ARGV[12]) then
+  redis.call('HSET', C.job, 'attempts', attempts)
   fl_job_ended(C.job, 'lost', 'failed', C.now, C.m)
   redis.call('HSET', C.job, 'status', 'failed', 'finished_at', ARGV[1], 'error',
     'worker lost: the worker process running this job died ' .. (attempts - 1) ..
     ' time(s) (killed, out of memory or crashed); not retried again')
   fl_attempt_end(C.job, C.now, 'worker lost: the process running it died or lost it')
-  fl_publish(redis.call('HGET', C.job, 'id'), 'failed')
+  fl_publish(f[4], 'failed')
   return fl_append({'exhausted', attempts}, fl_release(C.job, false))
 end
 redis.call('HSET', C.job, 'status', 'running', 'started_at', ARGV[1], 'hostname', ARGV[9],
-  'pid', ARGV[10], 'domain', ARGV[11], 'node', ARGV[13], 'attempt_token', C.token)
-redis.call('HDEL', C.job, 'retry_at')  -- a retry's wait is over: no stale time in the view
-fl_attempt_begin(C.job, C.now)
-local job = redis.call('HMGET', C.job, 'id', 'task', 'parent')
-redis.call('HSET', C.m .. 'running', job[1], cjson.encode({domain = ARGV[11],
-  node = ARGV[13], task = job[2], started_at = C.now, pid = tonumber(ARGV[10])}))
-fl_publish(job[1], 'running')
-if job[3] then  -- a part: its parallel job runs from its first part's start
-  local parent = C.jp .. job[3]
+  'pid', ARGV[10], 'domain', ARGV[11], 'node', ARGV[13], 'attempt_token', C.token,
+  'attempts', attempts, 'attempt_log', fl_runs_begun(f[7], C.now))
+if f[8] then redis.call('HDEL', C.job, 'retry_at') end  -- a retry's wait is over
+redis.call('HSET', C.m .. 'running', f[4], cjson.encode({domain = ARGV[11],
+  node = ARGV[13], task = f[5], started_at = C.now, pid = tonumber(ARGV[10])}))
+fl_publish(f[4], 'running')
+if f[6] then  -- a part: its parallel job runs from its first part's start
+  local parent = C.jp .. f[6]
   if redis.call('HGET', parent, 'status') == 'queued' then
     redis.call('HSET', parent, 'status', 'running', 'started_at', ARGV[1])
-    fl_publish(job[3], 'running')
+    fl_publish(f[6], 'running')
   end
 end
 return {'started', attempts}
@@ -310,22 +319,34 @@ return 1
 _FINISH = """
 -- KEYS: context   ARGV: context, status, error, result-json, require-pid
 --   -> {outcome, ids to free and combine markers...}
-local st = redis.call('HGET', C.job, 'status')
+-- One HMGET reads what the ending, its metrics and the release need; one HSET writes the
+-- record (and, for a job without parts, its `released` flag: the release below is then
+-- this script's, as fl_release's HSETNX would have made it).
+local f = redis.call('HMGET', C.job, 'status', 'ended_by', 'pid', 'attempt_token', 'id',
+  'task', 'started_at', 'parent', 'attempt_log', 'input_ids', 'parts_total',
+  'parts_released', 'output_id', 'combining', 'released')
+local st = f[1]
 if not st then return {'missing'} end
-if C.token ~= '' and redis.call('HGET', C.job, 'ended_by') == C.token then
+if C.token ~= '' and f[2] == C.token then
   return {'ok'}  -- a retried call whose first reply was lost
 end
 if st ~= 'running' then return {st} end
-local holder = redis.call('HMGET', C.job, 'pid', 'attempt_token')
-if ARGV[12] ~= '' and holder[1] ~= ARGV[12] then return {'moved'} end
-if C.token ~= '' and holder[2] ~= C.token then return {'moved'} end
-fl_job_ended(C.job, 'running', ARGV[9], C.now, C.m)
-redis.call('HSET', C.job, 'status', ARGV[9], 'finished_at', ARGV[1], 'ended_by', C.token)
-fl_attempt_end(C.job, C.now, ARGV[10])
-if ARGV[10] ~= '' then redis.call('HSET', C.job, 'error', ARGV[10]) end
-if ARGV[11] ~= '' then redis.call('HSET', C.job, 'result', ARGV[11]) end
-fl_publish(redis.call('HGET', C.job, 'id'), ARGV[9])
-return fl_append({'ok'}, fl_release(C.job, false))
+if ARGV[12] ~= '' and f[3] ~= ARGV[12] then return {'moved'} end
+if C.token ~= '' and f[4] ~= C.token then return {'moved'} end
+fl_job_counted(f[5], f[6], f[7], f[8], 'running', ARGV[9], C.now, C.m)
+local set = {'status', ARGV[9], 'finished_at', ARGV[1], 'ended_by', C.token}
+local runs = fl_runs_ended(f[9], C.now, ARGV[10])
+if runs then table.insert(set, 'attempt_log'); table.insert(set, runs) end
+if ARGV[10] ~= '' then table.insert(set, 'error'); table.insert(set, ARGV[10]) end
+if ARGV[11] ~= '' then table.insert(set, 'result'); table.insert(set, ARGV[11]) end
+local flagged = nil
+if not f[11] and not f[15] then
+  table.insert(set, 'released'); table.insert(set, '1')
+  flagged = {f[5], f[10], ARGV[9], nil, nil, f[8], f[13], f[14]}
+end
+redis.call('HSET', C.job, unpack(set))
+fl_publish(f[5], ARGV[9])
+return fl_append({'ok'}, fl_release(C.job, false, flagged))
 """
 
 # A run that raised and may run again (worker/retrying.py): back to `queued`, due at
@@ -596,7 +617,7 @@ class JobStore(Generic[ClientT]):
         args = [repr(time.time()), owner, json.dumps(fields), self.metrics]
         args += [json.dumps(parts or []), self.keys.job_prefix]
         args += [self.keys.array(output_id) if output_id else ""]
-        args += ["" if due is None else repr(due)]
+        args += ["" if due is None else repr(due), self.keys.jobs_due_wake]
 
         def parse(reply: list[Any]) -> str | None:
             return None if reply[0] == "ok" else names[int(reply[1])]

@@ -84,6 +84,12 @@ class Keys:
         when due; the create and finish scripts add, `shared/due.py` publishes them."""
         return self._k("jobs", "due")
 
+    @property
+    def jobs_due_wake(self) -> str:
+        """pub/sub channel: a time was added to `jobs_due` (message: that time); it wakes
+        the due movers (`shared/due.py`)."""
+        return self._k("jobs", "due", "wake")
+
     def idempotency(self, owner: str, key: str) -> str:
         """string (with TTL): the job ids an `Idempotency-Key` of an owner created;
         `api/idempotency.py`."""
@@ -245,7 +251,7 @@ class Keys:
 
     @property
     def metrics_duration(self) -> str:
-        """hash: "task|<bucket>", "task|sum", "task|count" -> run times; JobStore scripts."""
+        """hash: "task|<bucket>", "task|sum" -> run times (runs: the buckets' sum); JobStore."""
         return self.metrics_prefix + "duration"
 
     @property

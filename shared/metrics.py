@@ -9,7 +9,7 @@ Layout, under `<prefix>:metrics:`:
     submitted            hash  task -> jobs created
     finished             hash  "task|state" -> jobs that reached a final state
     duration             hash  "task|<i>" -> runs in bucket i (1-based, not cumulative; the
-                               last is +Inf), "task|sum" -> seconds, "task|count" -> runs
+                               last is +Inf), "task|sum" -> seconds (runs: the buckets' sum)
     running              hash  job id -> {"domain","node","task","started_at","pid"} (JSON)
     tp:<t // 10>         string  jobs finished in that 10 s slot (expires after ~1 h)
     array_bytes          hash  "upload" / "download" -> bytes of .npy bodies over HTTP
@@ -46,23 +46,25 @@ THROUGHPUT_KEEP_S = 3900
 
 # Shared by the scripts that end a job: call before the job's status is overwritten.
 #   job: job key, before: status being left ('lost' = never really ran), status: new final
-#   state, now: seconds, m: metrics key prefix.
+#   state, now: seconds, m: metrics key prefix. `fl_job_counted` is the same for a caller
+#   that has read the record's id, task, started_at and parent already (one HMGET for all).
+# Five writes per ended job: the count per final state, the running entry, the throughput
+# slot (its TTL set by the first job of the slot), the run time's bucket and sum (the run
+# count is the buckets' sum, `_parse_durations`).
 LUA_JOB_ENDED = (
     """
-local function fl_job_ended(job, before, status, now, m)
-  local f = redis.call('HMGET', job, 'id', 'task', 'started_at', 'parent')
-  if f[4] then  -- a part of a parallel job: the job is counted, not its parts
-    if f[1] then redis.call('HDEL', m .. 'running', f[1]) end
+local function fl_job_counted(id, task, started_at, parent, before, status, now, m)
+  if parent then  -- a part of a parallel job: the job is counted, not its parts
+    if id then redis.call('HDEL', m .. 'running', id) end
     return
   end
-  local task = f[2] or '?'
+  task = task or '?'
   redis.call('HINCRBY', m .. 'finished', task .. '|' .. status, 1)
-  if f[1] then redis.call('HDEL', m .. 'running', f[1]) end
+  if id then redis.call('HDEL', m .. 'running', id) end
   local slot = m .. 'tp:' .. string.format('%d', math.floor(now / SLOT_S))
-  redis.call('INCR', slot)
-  redis.call('EXPIRE', slot, KEEP_S)
-  if before == 'running' and f[3] then
-    local d = now - tonumber(f[3])
+  if redis.call('INCR', slot) == 1 then redis.call('EXPIRE', slot, KEEP_S) end
+  if before == 'running' and started_at then
+    local d = now - tonumber(started_at)
     if d < 0 then d = 0 end
     local b = {BUCKETS}
     local i = #b + 1
@@ -71,8 +73,11 @@ local function fl_job_ended(job, before, status, now, m)
     end
     redis.call('HINCRBY', m .. 'duration', task .. '|' .. i, 1)
     redis.call('HINCRBYFLOAT', m .. 'duration', task .. '|sum', string.format('%.6f', d))
-    redis.call('HINCRBY', m .. 'duration', task .. '|count', 1)
   end
+end
+local function fl_job_ended(job, before, status, now, m)
+  local f = redis.call('HMGET', job, 'id', 'task', 'started_at', 'parent')
+  fl_job_counted(f[1], f[2], f[3], f[4], before, status, now, m)
 end
 """.replace("SLOT_S", str(THROUGHPUT_SLOT_S))
     .replace("KEEP_S", str(THROUGHPUT_KEEP_S))
@@ -139,12 +144,12 @@ def _parse_durations(raw: dict[str, str]) -> dict[str, tuple[list[int], float, i
         buckets, total, count = out.get(task, ([0] * slots, 0.0, 0))
         if part == "sum":
             total = float(value)
-        elif part == "count":
+        elif part == "count":  # written before the count was the buckets' sum
             count = int(value)
         elif part.isdigit() and 1 <= int(part) <= slots:
             buckets[int(part) - 1] = int(value)
         out[task] = (buckets, total, count)
-    return out
+    return {task: (b, total, max(count, sum(b))) for task, (b, total, count) in out.items()}
 
 
 async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) -> Snapshot:

@@ -3,7 +3,7 @@
 A schedule is a hash (`Keys.schedule`: its spec as JSON, owner, counters) and an entry in
 `Keys.schedules` (id -> its next run, unix time); `Keys.schedules_by_owner` bounds and lists
 an owner's. Every API runs `Scheduler` a few times a second, but only the one holding the
-`Keys.scheduler` lease (SET NX PX, renewed by its holder on each pass) fires. Each due schedule
+`Keys.scheduler` lease (SET NX PX, renewed by its holder once a second) fires. Each due schedule
 is then claimed by a script that moves it to its next run only if its score is still the one
 seen, so even two schedulers (a lease that lapsed under a stalled holder) never fire one tick
 twice. A run is a normal job submitted by the API (`fire`), tagged `schedule: <id>`.
@@ -37,6 +37,7 @@ log = logging.getLogger("forklift.schedules")
 
 INTERVAL_S = 0.25  # how often each API runs the pass: a run fires within this of its time
 LEASE_S = 5.0  # the scheduler lock's lease: a dead holder is replaced within this
+RENEW_S = 1.0  # its holder renews it this often (not every pass: 3 commands each time)
 BATCH = 100  # schedules fired per pass at most
 _HORIZON_DAYS = 5 * 366  # a cron expression must match within this (Feb 29 does)
 
@@ -366,11 +367,17 @@ class Scheduler:
         self.store = store
         self.fire = fire
         self.token = uuid.uuid4().hex
+        self._renewed = -math.inf  # monotonic time of this holder's last renewal
 
     async def tick(self) -> int:
-        """One pass; returns how many runs it submitted."""
-        if not await self.store.hold(self.token):
-            return 0
+        """One pass; returns how many runs it submitted. A holder renews its lease once a
+        `RENEW_S` (it holds it for `LEASE_S`); the others try to take it every pass."""
+        now_m = time.monotonic()
+        if now_m - self._renewed >= RENEW_S:
+            if not await self.store.hold(self.token):
+                self._renewed = -math.inf
+                return 0
+            self._renewed = now_m
         fired = 0
         now = time.time()
         for schedule_id, tick in await self.store.due(now):
@@ -402,4 +409,5 @@ class Scheduler:
 
     async def close(self) -> None:
         """Give up the lock if held (a stopping API)."""
+        self._renewed = -math.inf
         await self.store.let_go(self.token)

@@ -331,13 +331,23 @@ async def _wait_for_end(state: AppState, job_id: str, owner: str, wait: float) -
             if remaining <= 0:
                 break
             try:
-                await asyncio.wait_for(events.get(), timeout=remaining)
+                event = await asyncio.wait_for(events.get(), timeout=remaining)
             except TimeoutError:
                 break
+            moved = _may_have_ended(event)
             while not events.empty():
-                events.get_nowait()
-            record = await load_job(state, job_id, owner)
+                moved |= _may_have_ended(events.get_nowait())
+            if moved:  # a start or progress event says the job still runs: no reload
+                record = await load_job(state, job_id, owner)
     return record
+
+
+_LIVE_EVENTS = frozenset({"queued", "running", "waiting"})
+
+
+def _may_have_ended(event: dict[str, Any]) -> bool:
+    """Anything but an event naming a live status (a resync, a shutdown, an ending)."""
+    return event.get("status") not in _LIVE_EVENTS
 
 
 @router.get(
