@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,7 +35,8 @@ pytestmark = pytest.mark.slow
 # The reaper (in every API) declares a silent worker's jobs lost after this, plus its
 # confirmation (two heartbeats): the take-down test waits for that, not for the broker.
 LOST_AFTER = 3
-# HTTP and TCP framing of one pull, beyond the array's bytes (headers, acks, handshake).
+# One pull's framing beyond the array's bytes: Ethernet, IP and TCP headers (under 5% at MTU
+# 1500, far less with the veth's segmentation offloads), HTTP headers, the handshake.
 PULL_OVERHEAD = 64 << 10
 
 
@@ -87,7 +89,9 @@ def namespace(pid: int, kind: str) -> str:
     return os.readlink(f"/proc/{pid}/ns/{kind}")
 
 
-def run(host: netns.Host, task: str, params: dict | None = None, **inputs: str) -> dict:
+def run(
+    host: netns.Host, task: str, params: dict[str, Any] | None = None, **inputs: str
+) -> dict[str, Any]:
     with host.http() as http:
         return wait(http, submit(http, task, inputs=inputs, **(params or {})), 60)
 
@@ -97,7 +101,7 @@ def test_hosts_are_apart_and_reach_redis_over_their_veths_only(hosts: Hosts) -> 
     # Each host has a network stack of its own: its own address, no root loopback Redis.
     assert a.api is not None and b.api is not None
     for kind in ("net", "ipc", "mnt"):
-        spaces = {host.name: namespace(host.api.pid, kind) for host in (a, b)}
+        spaces = {"a": namespace(a.api.pid, kind), "b": namespace(b.api.pid, kind)}
         assert len({*spaces.values(), namespace(os.getpid(), kind)}) == 3, (kind, spaces)
     for host in (a, b):
         assert host.env["REDIS_URL"].startswith(f"redis://{host.redis_addr}:")
@@ -165,7 +169,7 @@ def test_job_on_b_pulls_as_array_once_over_the_veth(hosts: Hosts) -> None:
         assert first["result"]["sum"] == pytest.approx(float(x.sum()))
         rx1, tx1 = hosts.link()
         pulled = rx1 - rx0
-        assert x.nbytes <= pulled <= x.nbytes + PULL_OVERHEAD, pulled
+        assert x.nbytes <= pulled <= x.nbytes * 1.05 + PULL_OVERHEAD, pulled
         assert tx1 - tx0 < PULL_OVERHEAD  # b's requests and TCP acks only
         assert a.link_bytes(b)[1] - a_tx0 == pulled  # the same bytes, left a on that link
         assert a.link_bytes(b)[0] - a_rx0 == tx1 - tx0
