@@ -9,6 +9,8 @@ side), stops a's worker so every job runs on b, and per round uploads a fresh ar
   (`pulled array ... in X s`: segment created, bytes streamed in, replica marked ready);
 - **warm**: the same job again (b attaches its replica: no byte crosses);
 - **bytes on the veth**: b's receive counter on its link to a, around each job;
+- **socket floor**: one plain TCP connection moving the same bytes a → b over the veth and
+  a → a over loopback (Python `sendall` / `recv_into`: no HTTP, no copies);
 - **raw streams**: the same internal GET from inside b's network namespace by a bare httpx
   client that drops the bytes (the pull's client, without the segment writes), and by
   http.client reading straight into a buffer (`readinto`: what a copy-free client gets).
@@ -83,6 +85,65 @@ while n < total:
 print(n, time.perf_counter() - began)
 """
 
+# The floor under any HTTP: one TCP connection, sendall of a buffer, recv_into another.
+SOCKET_SERVER = """
+import socket, sys
+addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = memoryview(bytearray(b"\\1") * n)  # touched: no page faults while sending
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port))
+    s.listen(1)
+    print("ready", flush=True)
+    c, _ = s.accept()
+    c.sendall(data)
+    c.close()
+"""
+SOCKET_CLIENT = """
+import mmap, socket, sys, time
+addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+view = memoryview(mmap.mmap(-1, n))
+view[::4096] = b"\\0" * len(range(0, n, 4096))  # touched: no page faults while receiving
+began = time.perf_counter()
+got = 0
+with socket.create_connection((addr, port)) as c:
+    while got < n:
+        k = c.recv_into(view[got : got + (16 << 20)])
+        if not k:
+            break
+        got += k
+print(got, time.perf_counter() - began)
+"""
+SOCKET_PORT = 9000
+
+
+def in_netns(host: netns.Host, *argv: str) -> list[str]:
+    assert host.holder is not None
+    return ["nsenter", f"--target={host.holder.pid}", "--net", "--", sys.executable, *argv]
+
+
+def socket_floor(server: netns.Host, client: netns.Host, nbytes: int) -> float:
+    """Seconds to move `nbytes` over one plain TCP connection from `server` to `client`."""
+    argv = in_netns(server, "-c", SOCKET_SERVER, server.addr, str(SOCKET_PORT), str(nbytes))
+    srv = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        out = subprocess.run(
+            in_netns(client, "-c", SOCKET_CLIENT, server.addr, str(SOCKET_PORT), str(nbytes)),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        srv.wait(30)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait(10)
+    got, seconds = out.stdout.split()
+    assert int(got) == nbytes, got
+    return float(seconds)
+
 
 def pull_seconds(log: str, array_id: str) -> float:
     found = re.search(rf"pulled array {array_id} \(\d+ bytes\).* in ([0-9.]+) s", log)
@@ -95,10 +156,12 @@ def raw_stream(
     host: netns.Host, url: str, token: str, client: str = RAW_CLIENT
 ) -> tuple[int, float]:
     """GET `url` from inside `host`'s network namespace with `client`; (bytes, seconds)."""
-    assert host.holder is not None
-    argv = ["nsenter", f"--target={host.holder.pid}", "--net", "--", sys.executable, "-c"]
     out = subprocess.run(
-        [*argv, client, url, token], capture_output=True, text=True, timeout=600, check=True
+        in_netns(host, "-c", client, url, token),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     n, seconds = out.stdout.split()
     return int(n), float(seconds)
@@ -169,6 +232,7 @@ def main() -> None:
                 assert into_n == nbytes, into_n
                 lo_n, lo_s = raw_stream(a, url, token, READINTO_CLIENT)  # a to a: over its lo
                 assert lo_n == nbytes, lo_n
+                floor_veth, floor_lo = socket_floor(a, b, nbytes), socket_floor(a, a, nbytes)
                 fl.delete_array(array_id)
                 stack.wait_until(
                     lambda: not a.array_shm(topo.shm_prefix) and not b.array_shm(topo.shm_prefix),
@@ -187,6 +251,8 @@ def main() -> None:
                         f"{fmt_s(raw_s)} ({raw_n / raw_s / GB:.2f} GB/s)",
                         f"{fmt_s(into_s)} ({into_n / into_s / GB:.2f} GB/s)",
                         f"{fmt_s(lo_s)} ({lo_n / lo_s / GB:.2f} GB/s)",
+                        f"{nbytes / floor_veth / GB:.2f} GB/s",
+                        f"{nbytes / floor_lo / GB:.2f} GB/s",
                         f"{busy:.2f}",
                     ]
                 )
@@ -210,6 +276,8 @@ def main() -> None:
             "httpx stream in b's netns",
             "http.client readinto in b's netns",
             "… the same inside a (over a's lo)",
+            "plain TCP socket a → b (veth)",
+            "… a → a (lo)",
             "foreign load (cores)",
         ],
         [[*row] for row in rows],
@@ -223,7 +291,9 @@ Two hosts in their own network namespaces (tests/netns.py), a direct veth betwee
 round, then a `sum` job on b (pulls it into b's /dev/shm), the same job again (uses the
 replica), then the same internal GET from inside b's network namespace by a bare httpx
 client (chunks dropped) and by http.client `readinto` one buffer, and that last one again
-from inside a itself (over a's loopback: no veth). Foreign load: cores kept busy by other
+from inside a itself (over a's loopback: no veth); last, the floor under any HTTP: one plain
+TCP connection, Python `sendall` of a buffer in a, `recv_into` one (both faulted in first)
+in b (over the veth) or in a (over its loopback). Foreign load: cores kept busy by other
 processes on this shared machine just before the round (`bench.common.wait_quiet`, ≤ 2 min).
 Bytes are b's receive counter on its link to a (`ip -s link`); the ratio is to the array's size.
 

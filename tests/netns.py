@@ -28,6 +28,7 @@ import json
 import os
 import random
 import secrets
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
@@ -157,6 +158,10 @@ class Host:
         self.start_api()
         self.shm_domain = httpx.get(f"{self.url}/healthz", timeout=5).json()["shm_domain"]
 
+    def pids_inside(self) -> list[int]:
+        """Every process in this host's network namespace (`ip netns pids`)."""
+        return [int(pid) for pid in _ip("netns", "pids", self.netns, check=False).stdout.split()]
+
     def take_down(self) -> None:
         """The host dies at once: SIGKILL to every process in its namespaces, by pid."""
         procs = [*self.procs, *([self.holder] if self.holder else [])]
@@ -203,29 +208,35 @@ class Topology:
         supervisor.stop_all(procs, report=self.leftovers.append)
         for host in self.hosts.values():
             if host.holder is not None:
-                if host.holder.running():
-                    self.leftovers += [
-                        f"{host.name}: segments {sorted(n)}"
-                        for n in [host.shm(self.env.get("FORKLIFT_SHM_PREFIX", "forklift_"))]
-                        if n
-                    ]
+                if host.holder.running() and self.env:
+                    with contextlib.suppress(OSError):  # its tmpfs goes with the holder
+                        if left := sorted(host.shm(self.shm_prefix)):
+                            self.leftovers.append(f"host {host.name}'s /dev/shm: {left}")
                 host.holder.stop(timeout=5)
-            pids = _ip("netns", "pids", host.netns, check=False).stdout.split()
+            pids = host.pids_inside()
             if pids:
                 self.leftovers.append(f"{host.netns}: processes {pids} (killed)")
                 for pid in pids:
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.kill(int(pid), 9)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             _ip("netns", "del", host.netns, check=False)
         if self.redis is not None:
             self.redis.stop()
         for veth in self.links:
             _ip("link", "del", veth, check=False)  # gone with its peer's namespace, normally
-        left = [ns for ns in _ip("netns", "list").stdout.split() if self.tag in ns]
-        left += [line for line in _ip("-o", "link").stdout.splitlines() if f"fl{self.tag}" in line]
+        netns_list = _ip("netns", "list", check=False).stdout.split()
+        left = [ns for ns in netns_list if self.tag in ns]
+        links = _ip("-o", "link", check=False).stdout.splitlines()
+        left += [line for line in links if f"fl{self.tag}" in line]
         if left:
             self.leftovers.append(f"left in the root namespace: {left}")
         if self.env:
+            stray = stack.processes_with_env("FORKLIFT_KEY_PREFIX", self.env["FORKLIFT_KEY_PREFIX"])
+            if stray:
+                self.leftovers.append(f"processes of the run still alive: {sorted(stray)}")
+                for pid in stray:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             root_shm = stack.segments(self.shm_prefix)
             if root_shm:
                 self.leftovers.append(f"segments in the root /dev/shm: {sorted(root_shm)}")

@@ -250,7 +250,7 @@ def test_host_taken_down_has_its_jobs_redelivered_elsewhere(hosts: Hosts) -> Non
         pids = set().union(*(p.pids for p in [*b.procs, b.holder]))
         b.take_down()
         assert not any(stack.pid_alive(pid) for pid in pids)
-        assert netns._ip("netns", "pids", b.netns).stdout.split() == []
+        assert b.pids_inside() == []
         views = [wait(http, job_id, 45) for job_id in ids]
     assert [v["status"] for v in views] == ["succeeded"] * len(ids), views
     for view in views:
