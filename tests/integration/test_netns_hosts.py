@@ -38,6 +38,8 @@ LOST_AFTER = 3
 # One pull's framing beyond the array's bytes: Ethernet, IP and TCP headers (under 5% at MTU
 # 1500, far less with the veth's segmentation offloads), HTTP headers, the handshake.
 PULL_OVERHEAD = 64 << 10
+# What may cross a link that carries no array: an ARP probe or a late TCP close, never a chunk.
+STRAY = 2 << 10
 
 
 @dataclass
@@ -139,8 +141,9 @@ def test_job_runs_on_the_host_that_holds_its_array_and_nothing_crosses(hosts: Ho
         assert view["worker"]["domain"] == b.shm_domain
         assert view["worker"]["pid"] in b_children
     rx, tx = hosts.link()
-    # Not one packet between the hosts: submits and results go over the root links.
-    assert (rx - before[0], tx - before[1]) == (0, 0)
+    # Nothing between the hosts (submits and results go over the root links): 0 bytes here,
+    # STRAY allows for an ARP probe of the kernel's own.
+    assert rx - before[0] < STRAY and tx - before[1] < STRAY, (rx - before[0], tx - before[1])
     assert hosts.stats().get(f"pulls:{b.shm_domain}", 0) == 0
     assert hosts.stats().get(f"pulls:{a.shm_domain}", 0) == 0
 
@@ -180,7 +183,8 @@ def test_job_on_b_pulls_as_array_once_over_the_veth(hosts: Hosts) -> None:
             again = run(via, "inspect_input", a=x_id)
             assert again["worker"]["domain"] == b.shm_domain
             assert again["result"]["sum"] == pytest.approx(first["result"]["sum"])
-        assert hosts.link() == (rx1, tx1)
+        rx2, tx2 = hosts.link()
+        assert rx2 - rx1 < STRAY and tx2 - tx1 < STRAY, (rx2 - rx1, tx2 - tx1)  # 0 B measured
         assert hosts.stats()[f"pulls:{b.shm_domain}"] == 1
     finally:
         a.start_worker()  # for the tests after this one
