@@ -1,6 +1,6 @@
 """Hands a job to Celery. Publishing is blocking I/O (kombu), so it runs in a thread.
 
-The API publishes with its own Celery app (`shared/celery_app.py:create_app`, one per Redis URL,
+The API publishes with its own Celery app (`shared/celery_app.py:create_app`, one per broker URL,
 kept for the process so its producer pool stays warm); it never imports the worker.
 """
 
@@ -39,10 +39,11 @@ def route(settings: Settings, payload: TaskPayload, live: Collection[str] | None
     return settings.queue
 
 
-def broker_priority(priority: int) -> int:
+def broker_priority(priority: int, amqp: bool = False) -> int:
     """forklift's 0..9 (higher first) as the message priority: kombu's Redis transport
-    serves its lowest number first (shared/keys.py: one list per step)."""
-    return MAX_PRIORITY - priority
+    serves its lowest number first (shared/keys.py: one list per step); RabbitMQ serves the
+    highest first, up to the queues' x-max-priority (shared/celery_app.py), so as is."""
+    return priority if amqp else MAX_PRIORITY - priority
 
 
 _clients: dict[str, redis.Redis] = {}
@@ -50,10 +51,10 @@ _apps: dict[str, Celery] = {}
 
 
 def _app(settings: Settings) -> Celery:
-    """One Celery app per Redis URL, shared by the threads that publish."""
-    app = _apps.get(settings.redis_url)
+    """One Celery app per broker URL, shared by the threads that publish."""
+    app = _apps.get(settings.broker)
     if app is None:
-        app = _apps.setdefault(settings.redis_url, create_app(settings))
+        app = _apps.setdefault(settings.broker, create_app(settings))
     return app
 
 
@@ -80,7 +81,8 @@ def _live(settings: Settings, payloads: list[TaskPayload]) -> set[str] | None:
 def _batched(producer: Producer) -> contextlib.AbstractContextManager[object]:
     """kombu >= 5.7 buffers a batch's LPUSHes into one pipeline (one round trip instead of
     one per message); an error discards what was not sent, and the caller undoes the rest.
-    Older kombu publishes one by one."""
+    Older kombu, and its AMQP transport, publish one by one (on RabbitMQ each publish waits
+    for its publisher confirm)."""
     batch = getattr(producer, "batch", None)
     return batch() if batch is not None else contextlib.nullcontext()
 
@@ -90,6 +92,7 @@ def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
     live = _live(settings, payloads)
     queues = []
     app = _app(settings)
+    amqp = settings.broker_is_amqp
     with app.producer_or_acquire() as producer, _batched(producer):
         for payload in payloads:
             queue = route(settings, payload, live)
@@ -100,7 +103,7 @@ def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
                 "task_id": payload.job_id,
                 "queue": queue,
                 "ignore_result": True,
-                "priority": broker_priority(payload.priority),
+                "priority": broker_priority(payload.priority, amqp),
             }
             if payload.timeout is not None:
                 options["soft_time_limit"] = payload.timeout
