@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -29,31 +27,18 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from kombu import Connection
 
 from shared.settings import Settings
 from tests import stack
 from tests.http_api import FINAL, submit, upload, wait
 
-RABBIT = ("127.0.0.1", 5672)
+RABBIT = stack.RABBITMQ
 LOST_AFTER = 3.0  # FORKLIFT_WORKER_LOST_AFTER: the reaper runs every second
 MAX_ATTEMPTS = 3
 
-
-def _rabbit_up() -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(RABBIT, timeout=1):
-        return True
-    return False
-
-
 pytestmark = pytest.mark.skipif(
-    not (_rabbit_up() and shutil.which("rabbitmqctl") and os.geteuid() == 0),
-    reason="needs RabbitMQ on 127.0.0.1:5672 and rabbitmqctl (as root)",
+    not stack.rabbitmq_available(), reason="needs RabbitMQ on 127.0.0.1:5672 and rabbitmqctl"
 )
-
-
-def _ctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 class Relay:
@@ -139,51 +124,43 @@ class Amqp:
     def depths(self) -> dict[str, int]:
         """Ready messages in the stack's common and domain queues, asked of RabbitMQ."""
         settings = self.settings
-        out: dict[str, int] = {}
-        with Connection(settings.broker, connect_timeout=3) as conn:
-            channel = conn.channel()
-            for queue in (settings.queue, settings.domain_queue()):
-                out[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
-            channel.close()
-        return out
+        return stack.amqp_depths(settings.broker, (settings.queue, settings.domain_queue()))
 
 
 @pytest.fixture(scope="module")
 def amqp(redis_url: str) -> Iterator[Amqp]:
-    vhost = f"forklift-test-{uuid.uuid4().hex[:12]}"
-    _ctl("add_vhost", vhost)
-    _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    relay = Relay()
-    relay.start()
-    env = stack.stack_env(
-        redis_url,
-        FORKLIFT_BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
-        FORKLIFT_WORKER_LOST_AFTER=str(LOST_AFTER),
-        FORKLIFT_JOB_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
-        FORKLIFT_JANITOR_INTERVAL="1",
-    )
-    api_env = {**env, "FORKLIFT_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{relay.port}/{vhost}"}
-    before = stack.segments(env["FORKLIFT_SHM_PREFIX"])
-    procs: list[stack.Proc] = []
-    a: Amqp | None = None
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        worker = stack.start_worker(env, "amqp", 2)
-        procs.append(worker)
-        api, url = stack.start_api(api_env)
-        procs.append(api)
-        a = Amqp(env, api_env, vhost, relay, api, url, worker, client)
-        yield a
-    finally:
-        for proc in (a.worker, a.api) if a else reversed(procs):
-            proc.stop()
-        relay.stop()
-        client.close()
-        _ctl("delete_vhost", vhost)
-        left = stack.segments(env["FORKLIFT_SHM_PREFIX"]) - before
-        for name in left:
-            (Path("/dev/shm") / name).unlink(missing_ok=True)
-        assert not left, f"segments left behind: {sorted(left)}"
+    with stack.amqp_vhost() as (vhost, broker_url):
+        relay = Relay()
+        relay.start()
+        env = stack.stack_env(
+            redis_url,
+            FORKLIFT_BROKER_URL=broker_url,
+            FORKLIFT_WORKER_LOST_AFTER=str(LOST_AFTER),
+            FORKLIFT_JOB_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
+            FORKLIFT_JANITOR_INTERVAL="1",
+        )
+        relayed = f"amqp://guest:guest@127.0.0.1:{relay.port}/{vhost}"
+        api_env = {**env, "FORKLIFT_BROKER_URL": relayed}
+        before = stack.segments(env["FORKLIFT_SHM_PREFIX"])
+        procs: list[stack.Proc] = []
+        a: Amqp | None = None
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            worker = stack.start_worker(env, "amqp", 2)
+            procs.append(worker)
+            api, url = stack.start_api(api_env)
+            procs.append(api)
+            a = Amqp(env, api_env, vhost, relay, api, url, worker, client)
+            yield a
+        finally:
+            for proc in (a.worker, a.api) if a else reversed(procs):
+                proc.stop()
+            relay.stop()
+            client.close()
+            left = stack.segments(env["FORKLIFT_SHM_PREFIX"]) - before
+            for name in left:
+                (Path("/dev/shm") / name).unlink(missing_ok=True)
+            assert not left, f"segments left behind: {sorted(left)}"
 
 
 def _view(http: httpx.Client, job_id: str) -> dict:
@@ -262,13 +239,7 @@ def test_queues_are_priority_queues_and_an_array_job_runs_on_its_domain_queue(
             assert amqp.depths() == {common: 0, domain: 0}
         finally:
             _cancel_unfinished(http, ids)
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "-p", amqp.vhost, "name", "arguments"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    out = stack.rabbitmqctl("list_queues", "-p", amqp.vhost, "name", "arguments")
     for queue in (common, domain):
         line = next(ln for ln in out.splitlines() if ln.split("\t")[0] == queue)
         assert '"x-max-priority",9' in line.replace(" ", ""), line

@@ -134,10 +134,17 @@ def check_compose_shape(doc: dict[str, Any]) -> None:
     services = doc["services"]
     assert {"redis", "api", "worker"} <= set(services)
     optional = set(services) - {"redis", "api", "worker"}
-    assert optional <= {"flower"}, f"unexpected services {optional}"
+    assert optional <= {"flower", "rabbitmq"}, f"unexpected services {optional}"
     for name in optional:
         assert services[name].get("profiles"), f"{name} must only start when its profile is asked"
     redis_svc, api, worker = services["redis"], services["api"], services["worker"]
+    rabbit = services.get("rabbitmq")
+    if rabbit is not None:  # the RabbitMQ broker's profile: never a dependency, never published
+        assert rabbit["profiles"] == ["rabbitmq"]
+        assert "ports" not in rabbit
+        assert "/var/lib/rabbitmq" in volume_targets(rabbit)
+        assert "ping" in rabbit["healthcheck"]["test"]
+        assert all("rabbitmq" not in (svc.get("depends_on") or {}) for svc in services.values())
 
     assert redis_svc["image"] == "redis:7"
     redis_cmd = " ".join(map(str, redis_svc["command"]))
