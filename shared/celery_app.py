@@ -106,6 +106,10 @@ def amqp_config(settings: Settings) -> dict[str, object]:
         # adds (worker/tasks.py) and the queues the API creates on first publish alike.
         "task_queue_max_priority": amqp_queue_arguments(settings)["x-max-priority"],
         "task_default_priority": 0,
+        # The broker requeues a lost connection's unacked messages at once, so a job still
+        # running on it would run again elsewhere at the same time: Celery terminates it
+        # instead (its redelivery starts a new attempt; the default from Celery 6).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_transport_options": {"confirm_publish": True},
     }
 

@@ -379,3 +379,35 @@ def test_broker_down_on_submit_is_503_and_leaves_nothing_then_reconnects(amqp: A
         assert amqp.depths() == {settings.queue: 0, settings.domain_queue(): 0}
         again = submit(http, "sum", inputs={"a": x})
         assert wait(http, again)["result"] == 6.0
+
+
+def test_a_worker_that_loses_the_broker_mid_job_runs_it_once(amqp: Amqp) -> None:
+    """A worker (through a relay of its own) loses its broker connection while a job runs:
+    RabbitMQ requeues the message at once, so Celery terminates the running job
+    (`worker_cancel_long_running_tasks_on_connection_loss`) rather than let it run twice at
+    the same time; once the worker is back the job runs again and completes once. (~8 s)"""
+    relay = Relay()
+    relay.start()
+    log = Path("/tmp") / f"forklift-amqp-loss-{uuid.uuid4().hex}"
+    vhost_url = amqp.settings.broker
+    env = {**amqp.env, "FORKLIFT_BROKER_URL": vhost_url.replace(":5672/", f":{relay.port}/")}
+    amqp.worker.stop()
+    worker = stack.start_worker(env, f"loss{uuid.uuid4().hex[:6]}", 2)
+    try:
+        with amqp.client() as http:
+            job_id = submit(http, "record_run", log=str(log), tag="once", seconds=2.0)
+            _running(http, job_id)
+            relay.stop()
+            time.sleep(1.0)
+            relay.start()
+            done = wait(http, job_id, 40)
+            assert done["status"] == "succeeded", done
+            assert len(done["attempts"]) == 2, done["attempts"]
+            time.sleep(2.5)  # a first run left going would have written by now
+            assert log.read_text().count("done once") == 1, log.read_text()
+            assert amqp.depths()[amqp.settings.queue] == 0
+    finally:
+        worker.stop()
+        relay.stop()
+        log.unlink(missing_ok=True)
+        amqp.start_worker()
