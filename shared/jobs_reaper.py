@@ -30,8 +30,8 @@ On RabbitMQ (FORKLIFT_BROKER_URL=amqp://...) there is no `unacked` hash and no q
 read: the broker puts an unacked message back in its queue as soon as its consumer's
 connection closes (the worker died, or lost the broker), and a queue cannot be searched for a
 message without consuming it. So the reaper reads and restores nothing there and republishes
-nothing (that would run the job twice): a lost running job's record goes back to `queued` (or
-ends `failed` once its attempts are spent) and the broker's redelivery runs it. A queued job
+nothing (that would run the job twice): a lost running job's record goes back to `queued` and
+the broker's redelivery runs it (or, its attempts spent, its start ends it `failed`). A queued job
 is never declared "message lost" on AMQP: an empty queue cannot tell a purged message from one
 still unacked on a connection the broker has not yet seen die (up to two AMQP heartbeats), and
 cancelling that job would be wrong; after a `celery purge` on RabbitMQ, cancel its jobs.
