@@ -61,6 +61,11 @@ class Stack:
     def key_prefix(self) -> str:
         return self.running.key_prefix
 
+    @property
+    def on_amqp(self) -> bool:
+        """The session runs on RabbitMQ (FORKLIFT_TEST_BROKER=amqp): no kombu keys in Redis."""
+        return Settings.from_env(self.env).broker_is_amqp
+
     def queue_lengths(self) -> int:
         """Messages waiting in this stack's queues: its own and its shm domain's (only those:
         other stacks on the same Redis have queues of their own)."""
