@@ -309,10 +309,13 @@ def test_a_worker_killed_whole_has_its_job_requeued_and_redelivered(amqp: Amqp) 
             assert queued["started_at"] is None or queued["status"] == "queued"
             time.sleep(2)  # more reaper passes: nothing republished meanwhile
             assert amqp.depths()[amqp.settings.queue] == 1
-            amqp.start_worker()
+            amqp.start_worker()  # returns once the worker has reported in
+            up = time.time()
             done = wait(http, job_id, 30)
             assert done["status"] == "succeeded", done
             assert len(done["attempts"]) == 2, done["attempts"]
+            print(f"redelivered {done['started_at'] - up:.2f} s after the new worker was up")
+            assert done["started_at"] - up < 5
             assert log.read_text().count("done lost") == 1
             assert amqp.depths()[amqp.settings.queue] == 0
         finally:
