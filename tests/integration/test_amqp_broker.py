@@ -414,3 +414,24 @@ def test_a_worker_that_loses_the_broker_mid_job_runs_it_once(amqp: Amqp) -> None
         relay.stop()
         log.unlink(missing_ok=True)
         amqp.start_worker()
+
+
+def test_forklift_up_broker_runs_jobs_through_rabbitmq(redis_url: str) -> None:
+    """`forklift up --broker amqp://...` (on the session's Redis): the API and the worker
+    both take the broker, a job runs through the vhost's queue, and SIGINT stops all. (~10 s)"""
+    from tests.integration import test_deploy as deploy
+
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    env = deploy._launcher_env(FORKLIFT_QUEUE=f"forklift-up-{uuid.uuid4().hex[:8]}")
+    with stack.amqp_vhost() as (vhost, broker_url):
+        proc, url = deploy._start_launcher(env, redis_port, up_options=("--broker", broker_url))
+        try:
+            assert "broker: amqp://guest:***@127.0.0.1:5672/" in proc.log()
+            deploy._run_fib(url)
+            queues = stack.rabbitmqctl("list_queues", "-p", vhost, "name", "messages")
+            assert env["FORKLIFT_QUEUE"] in {line.split("\t")[0] for line in queues.splitlines()}
+            code, started = deploy._interrupt(proc)
+            assert code == 0, proc.log()[-3000:]
+            assert deploy._all_gone(started | {proc.pid}) == set()
+        finally:
+            proc.stop()

@@ -474,11 +474,13 @@ def _start_launcher(
     redis_port: int,
     global_options: tuple[str, ...] = (),
     cwd: Path | None = None,
+    up_options: tuple[str, ...] = (),
 ) -> tuple[stack.Proc, str]:
     """`forklift up` from the repository (or from `cwd`: the installed package), once ready."""
     port = stack.free_port()
     argv = [sys.executable, "-m", "forklift", *global_options, "up", "--port", str(port),
-            "--redis-port", str(redis_port), "--workers", "2", "--stop-timeout", "20"]  # fmt: skip
+            "--redis-port", str(redis_port), "--workers", "2", "--stop-timeout", "20",
+            *up_options]  # fmt: skip
     spawner = stack.SUPERVISOR if cwd is None else Supervisor(cwd=cwd, log_dir=stack.LOG_DIR)
     proc = spawner.spawn("forklift-up", argv, env)
     url = f"http://127.0.0.1:{port}"
