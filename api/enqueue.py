@@ -1,7 +1,7 @@
 """Hands a job to Celery. Publishing is blocking I/O (kombu), so it runs in a thread, one
 batch of whatever the process's requests publish meanwhile per trip (`enqueue_many`).
 
-The API publishes with its own Celery app (`shared/celery_app.py:create_app`, one per Redis URL,
+The API publishes with its own Celery app (`shared/celery_app.py:create_app`, one per broker URL,
 kept for the process so its producer pool stays warm); it never imports the worker.
 """
 
@@ -42,10 +42,11 @@ def route(settings: Settings, payload: TaskPayload, live: Collection[str] | None
     return settings.queue
 
 
-def broker_priority(priority: int) -> int:
+def broker_priority(priority: int, amqp: bool = False) -> int:
     """forklift's 0..9 (higher first) as the message priority: kombu's Redis transport
-    serves its lowest number first (shared/keys.py: one list per step)."""
-    return MAX_PRIORITY - priority
+    serves its lowest number first (shared/keys.py: one list per step); RabbitMQ serves the
+    highest first, up to the queues' x-max-priority (shared/celery_app.py), so as is."""
+    return priority if amqp else MAX_PRIORITY - priority
 
 
 _clients: dict[str, redis.Redis] = {}
@@ -53,10 +54,10 @@ _apps: dict[str, Celery] = {}
 
 
 def _app(settings: Settings) -> Celery:
-    """One Celery app per Redis URL, shared by the threads that publish."""
-    app = _apps.get(settings.redis_url)
+    """One Celery app per broker URL, shared by the threads that publish."""
+    app = _apps.get(settings.broker)
     if app is None:
-        app = _apps.setdefault(settings.redis_url, create_app(settings))
+        app = _apps.setdefault(settings.broker, create_app(settings))
     return app
 
 
@@ -83,7 +84,8 @@ def _live(settings: Settings, payloads: list[TaskPayload]) -> set[str] | None:
 def _batched(producer: Producer) -> contextlib.AbstractContextManager[object]:
     """kombu >= 5.7 buffers a batch's LPUSHes into one pipeline (one round trip instead of
     one per message); an error discards what was not sent, and the caller undoes the rest.
-    Older kombu publishes one by one."""
+    Older kombu, and its AMQP transport, publish one by one (on RabbitMQ each publish waits
+    for its publisher confirm)."""
     batch = getattr(producer, "batch", None)
     return batch() if batch is not None else contextlib.nullcontext()
 
@@ -93,6 +95,7 @@ def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
     live = _live(settings, payloads)
     queues = []
     app = _app(settings)
+    amqp = settings.broker_is_amqp
     with app.producer_or_acquire() as producer, _batched(producer):
         for payload in payloads:
             queue = route(settings, payload, live)
@@ -103,7 +106,7 @@ def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
                 "task_id": payload.job_id,
                 "queue": queue,
                 "ignore_result": True,
-                "priority": broker_priority(payload.priority),
+                "priority": broker_priority(payload.priority, amqp),
                 # Celery's default repr of the args (saferepr of the whole payload, for its
                 # events and logs) costs as much as the rest of a publish; the job id says enough.
                 "argsrepr": payload.job_id,

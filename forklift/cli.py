@@ -470,6 +470,12 @@ def _waiting(f: F) -> F:
 )
 @click.option("--log-level", default="info", show_default=True, help="uvicorn and celery level")
 @click.option(
+    "--broker",
+    metavar="URL",
+    help="Celery broker, e.g. amqp://guest:guest@127.0.0.1:5672// (RabbitMQ); default "
+    "FORKLIFT_BROKER_URL, else the Redis",
+)
+@click.option(
     "--env-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="settings file (default ./.env when there is one); the environment wins",
@@ -481,6 +487,7 @@ def up(
     redis_port: int,
     stop_timeout: float,
     log_level: str,
+    broker: str | None,
     env_file: Path | None,
 ) -> int:
     """Run the stack here: API, workers (and Redis).
@@ -489,7 +496,9 @@ def up(
     REDIS_URL is unset and none answers locally). Ctrl-C stops everything. The client options
     given before `up` are accepted and ignored.
     """
-    options = launcher.UpOptions(host, port, workers, redis_port, stop_timeout, log_level, env_file)
+    options = launcher.UpOptions(
+        host, port, workers, redis_port, stop_timeout, log_level, env_file, broker
+    )
     return launcher.run(options)
 
 

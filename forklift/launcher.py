@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from forklift import supervisor
 from forklift.supervisor import Proc, Supervisor
-from shared.settings import Settings, SettingsFileError, with_env_file
+from shared.settings import Settings, SettingsFileError, redacted_url, with_env_file
 
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_ENV_FILE = Path(".env")
@@ -59,6 +59,7 @@ class UpOptions:
     stop_timeout: float = 20.0
     log_level: str = "info"
     env_file: Path | None = None  # None: ./.env when there is one
+    broker: str | None = None  # FORKLIFT_BROKER_URL for the children (amqp://...); None: as set
 
 
 def say(name: str, line: str) -> None:
@@ -169,6 +170,8 @@ class Launcher:
                 _up("error: --workers must be at least 1")
                 return 2
             env["FORKLIFT_WORKER_CONCURRENCY"] = str(options.workers)
+        if options.broker is not None:
+            env["FORKLIFT_BROKER_URL"] = options.broker
         try:
             first = Settings.from_env(env)
         except SettingsFileError as exc:
@@ -195,6 +198,8 @@ class Launcher:
             env["FORKLIFT_SHM_PREFIX"] = f"forklift_up{os.getpid()}_"
         settings = Settings.from_env(env)
         self.settings = settings
+        if settings.broker_is_amqp:
+            _up(f"broker: {redacted_url(settings.broker)} (job records and arrays in Redis)")
 
         _up(f"worker pool: {settings.worker_concurrency} process(es)")
         level = options.log_level

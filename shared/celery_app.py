@@ -21,6 +21,11 @@ TASK_PREFIX = "forklift."
 TASK_NAME = TASK_PREFIX + "run_job"
 
 
+# forklift's priorities are 0..9 (shared/schemas.py MAX_PRIORITY; not imported: it brings
+# NumPy): on RabbitMQ they are the message priority as is, so queues need ten levels.
+AMQP_MAX_PRIORITY = 9
+
+
 def task_name(job: str) -> str:
     """The Celery task a job's message names (api/enqueue.py) and a worker registers."""
     return TASK_PREFIX + job
@@ -42,8 +47,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # One list per priority (api/enqueue.py:broker_priority), so 0..9 are ten levels.
         "priority_steps": list(KOMBU_PRIORITY_STEPS),
     }
-    return {
-        "broker_url": settings.redis_url,
+    config: dict[str, object] = {
+        "broker_url": settings.broker,
+        # Unused (task_ignore_result: the job record is the result), but kept on Redis so
+        # that a `celery result` or an AsyncResult never needs a backend of its own.
         "result_backend": settings.redis_url,
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
@@ -75,6 +82,35 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_send_task_events": settings.celery_events,
         "task_send_sent_event": settings.celery_events,
         "worker_hijack_root_logger": False,
+    }
+    if settings.broker_is_amqp:
+        config.update(amqp_config(settings))
+    return config
+
+
+def amqp_queue_arguments(settings: Settings) -> dict[str, object]:
+    """The arguments every forklift queue is declared with on RabbitMQ, by every declarer
+    (the API publishing, a worker consuming, the reaper): RabbitMQ refuses a redeclaration
+    with other arguments (PRECONDITION_FAILED), so this is their one home."""
+    return {"x-max-priority": AMQP_MAX_PRIORITY}
+
+
+def amqp_config(settings: Settings) -> dict[str, object]:
+    """What differs on RabbitMQ: real priorities (higher first, api/enqueue.py), publisher
+    confirms (a job accepted is a message the broker has), no visibility timeout (the broker
+    redelivers an unacked message when its consumer's connection closes). RabbitMQ's
+    `consumer_timeout` is the broker's (3.10/3.11 have no queue argument for it):
+    docs/deployment.md says how to size it above the hard time limit."""
+    return {
+        # Celery adds x-max-priority to every queue it declares, the domain queues a worker
+        # adds (worker/tasks.py) and the queues the API creates on first publish alike.
+        "task_queue_max_priority": amqp_queue_arguments(settings)["x-max-priority"],
+        "task_default_priority": 0,
+        # The broker requeues a lost connection's unacked messages at once, so a job still
+        # running on it would run again elsewhere at the same time: Celery terminates it
+        # instead (its redelivery starts a new attempt; the default from Celery 6).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_transport_options": {"confirm_publish": True},
     }
 
 

@@ -25,6 +25,16 @@ own `restore_by_tag`, done here with a compare-and-move), else published again f
 record; once its attempts are spent it ends `failed` instead. Every end releases the inputs
 in the same script that ends the record (shared/jobstore.py), so a job's inputs are released
 once whoever ends it.
+
+On RabbitMQ (FORKLIFT_BROKER_URL=amqp://...) there is no `unacked` hash and no queue list to
+read: the broker puts an unacked message back in its queue as soon as its consumer's
+connection closes (the worker died, or lost the broker), and a queue cannot be searched for a
+message without consuming it. So the reaper reads and restores nothing there and republishes
+nothing (that would run the job twice): a lost running job's record goes back to `queued` and
+the broker's redelivery runs it (or, its attempts spent, its start ends it `failed`). A queued job
+is never declared "message lost" on AMQP: an empty queue cannot tell a purged message from one
+still unacked on a connection the broker has not yet seen die (up to two AMQP heartbeats), and
+cancelling that job would be wrong; after a `celery purge` on RabbitMQ, cancel its jobs.
 """
 
 from __future__ import annotations
@@ -168,6 +178,8 @@ class _Pass:
         self.beats: dict[str, float] = {}
         self.held: dict[str, tuple[float, set[str]]] = {}
         self.unacked: dict[str, _Message] = {}
+        # RabbitMQ keeps (and redelivers) what kombu's Redis transport leaves to us.
+        self.amqp = settings.broker_is_amqp
         self._restore = client.register_script(_RESTORE)
         self._drop = client.register_script(_DROP)
 
@@ -209,6 +221,8 @@ class _Pass:
         return routing_key == queue or routing_key.startswith(queue + ".")
 
     def read_unacked(self) -> None:
+        if self.amqp:
+            return  # no such hash: the broker holds unacked messages itself
         entries = {str(k): str(v) for k, v in self.client.hgetall(UNACKED).items()}
         if not entries:
             return
@@ -503,7 +517,11 @@ class _Pass:
         wanted = set(lost) | set(queued)
         present: set[str] = set()
         complete = True
-        if wanted:
+        if self.amqp:
+            # The broker has every lost running job's message (redelivered once its
+            # consumer's connection closed); whether a queued one's is gone cannot be told.
+            present, complete, queued = set(lost), False, {}
+        elif wanted:
             queues = self.queues_for([*lost.values(), *queued.values()])
             present, complete = self.find_in_queues(wanted, queues)
         for job_id, rec in lost.items():

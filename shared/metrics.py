@@ -25,16 +25,23 @@ which needs no key, do work proportional to what others stored).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from anyio import to_thread
+from kombu.exceptions import OperationalError
+
 from shared.arrays.store import ArrayStore, ShmUsage
+from shared.broker import amqp_queue_depths
 from shared.keys import KOMBU_PRIORITY_STEPS, queue_keys
 from shared.schemas import WorkerSeen
 from shared.settings import Settings
 from shared.workers import WorkerStore
+
+log = logging.getLogger("forklift.metrics")
 
 # Job run time buckets (seconds): CPU jobs run from milliseconds to the hour limit.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -186,8 +193,11 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
         snap.shm_bytes[domain] = held.bytes
         if held.segments:
             snap.shm_segments[domain] = held.segments
-    pipe = client.pipeline(transaction=False)
     queues = [settings.queue, *(settings.domain_queue(d) for d in domains)]
+    if settings.broker_is_amqp:
+        snap.queues = await _amqp_depths(settings, queues)
+        return snap
+    pipe = client.pipeline(transaction=False)
     for queue in queues:
         for key in queue_keys(queue):
             pipe.llen(key)
@@ -196,6 +206,16 @@ async def read_snapshot(client: Any, settings: Settings, *, stale_after: float) 
     for i, queue in enumerate(queues):
         snap.queues[queue] = sum(int(n) for n in depths[i * steps : (i + 1) * steps])
     return snap
+
+
+async def _amqp_depths(settings: Settings, queues: list[str]) -> dict[str, int]:
+    """RabbitMQ's ready counts (shared/broker.py), in a thread; none when the broker does
+    not answer: the other figures are Redis's and still worth serving (the gauge is absent)."""
+    try:
+        return await to_thread.run_sync(amqp_queue_depths, settings, queues)
+    except OperationalError as exc:
+        log.warning("queue depth unavailable: the broker did not answer: %s", exc)
+        return {}
 
 
 async def read_throughput(client: Any, settings: Settings, slots: int = 60) -> list[int]:

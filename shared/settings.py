@@ -173,6 +173,8 @@ def _variable(name: str, env: Mapping[str, str]) -> str:
     return f"FORKLIFT_{name.upper()}"
 
 
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
 _SECRET_FIELDS = {"redis_password", "internal_token", "api_keys"}
 
 
@@ -190,7 +192,9 @@ def _named_by_variable(exc: ValidationError, env: Mapping[str, str]) -> Validati
         shown = error["input"]
         if field in _SECRET_FIELDS:  # a bad secret is named, never printed
             shown = "**********"
-        elif isinstance(shown, str) and field.upper().endswith("REDIS_URL"):
+        elif isinstance(shown, str) and (
+            field.upper().endswith("REDIS_URL") or field == "broker_url"
+        ):
             shown = redacted_url(shown)
         detail: InitErrorDetails = {"type": error["type"], "loc": loc, "input": shown}
         if "ctx" in error:
@@ -221,6 +225,9 @@ class Settings(BaseSettings):
     # Redis's password (its `requirepass`), folded into redis_url (and so into the Celery
     # broker URL) when that URL names none: a secret file can hold it apart from the URL.
     redis_password: SecretStr | None = None
+    # The Celery broker (its transport): empty = the Redis of redis_url (password included),
+    # or amqp:// (RabbitMQ). Job records, arrays and events stay in Redis whichever it is.
+    broker_url: str = Field(default="", pattern=r"^((redis|rediss|unix|amqp|amqps|pyamqp)://.*)?$")
     key_prefix: str = Field(default="forklift", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     queue: str = Field(default="forklift", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     shm_prefix: str = Field(default="forklift_", pattern=r"^forklift_[A-Za-z0-9_]{0,40}$")
@@ -395,6 +402,16 @@ class Settings(BaseSettings):
         if self.shm_pool_bytes < 0:
             return self.shm_limit_bytes // 4
         return self.shm_pool_bytes
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker's URL: FORKLIFT_BROKER_URL, else the Redis URL."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        """RabbitMQ (AMQP) rather than Redis: priorities, queue depth and the reaper differ."""
+        return urlsplit(self.broker).scheme in AMQP_SCHEMES
 
     def domain_queue(self, domain: str | None = None) -> str:
         """The queue only workers of one shm domain consume: jobs go where their data is."""

@@ -61,11 +61,18 @@ class Stack:
     def key_prefix(self) -> str:
         return self.running.key_prefix
 
+    @property
+    def on_amqp(self) -> bool:
+        """The session runs on RabbitMQ (FORKLIFT_TEST_BROKER=amqp): no kombu keys in Redis."""
+        return Settings.from_env(self.env).broker_is_amqp
+
     def queue_lengths(self) -> int:
         """Messages waiting in this stack's queues: its own and its shm domain's (only those:
         other stacks on the same Redis have queues of their own)."""
         settings = Settings.from_env(self.env)
         queues = (settings.queue, settings.domain_queue())
+        if settings.broker_is_amqp:
+            return sum(stack.amqp_depths(settings.broker, queues).values())
         return sum(self.redis.llen(key) for queue in queues for key in queue_keys(queue))
 
 
@@ -82,11 +89,27 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def live(redis_url: str) -> Iterator[Stack]:
+def broker_env() -> Iterator[dict[str, str]]:
+    """The session stack's broker: Redis (the default), or with FORKLIFT_TEST_BROKER=amqp a
+    RabbitMQ vhost of the session's own, deleted afterwards (tests/stack.py amqp_vhost)."""
+    choice = os.environ.get("FORKLIFT_TEST_BROKER", "redis")
+    if choice == "redis":
+        yield {}
+        return
+    if choice != "amqp":
+        raise pytest.UsageError(f"FORKLIFT_TEST_BROKER must be redis or amqp, not {choice!r}")
+    if not stack.rabbitmq_available():
+        raise pytest.UsageError("FORKLIFT_TEST_BROKER=amqp needs RabbitMQ and rabbitmqctl")
+    with stack.amqp_vhost() as (_, url):
+        yield {"FORKLIFT_BROKER_URL": url}
+
+
+@pytest.fixture(scope="session")
+def live(redis_url: str, broker_env: dict[str, str]) -> Iterator[Stack]:
     harness = testing.running_stack(
         stack.JOB_MODULES,
         redis_url=redis_url,
-        env={"FORKLIFT_JANITOR_INTERVAL": "2"},
+        env={"FORKLIFT_JANITOR_INTERVAL": "2", **broker_env},
         supervisor=stack.SUPERVISOR,
     )
     with harness as running:

@@ -8,6 +8,13 @@ environment and the /dev/shm listings the leak checks use.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from forklift import supervisor, testing
@@ -21,6 +28,8 @@ from forklift.supervisor import (  # re-exported: the tests' vocabulary
     wait_until,
 )
 from forklift.testing import segments
+from shared.broker import amqp_queue_depths
+from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 LOG_DIR = REPO / "test-artifacts" / "logs"
@@ -42,11 +51,15 @@ __all__ = [
     "REPO",
     "SUPERVISOR",
     "Proc",
+    "amqp_depths",
+    "amqp_vhost",
     "array_segments",
     "children_of",
     "free_port",
     "pid_alive",
     "processes_with_env",
+    "rabbitmq_available",
+    "rabbitmqctl",
     "segments",
     "spawn",
     "stack_env",
@@ -70,6 +83,44 @@ def stack_env(redis_url: str, **extra: str) -> dict[str, str]:
     checks of freed arrays use array_segments(), without them.
     """
     return testing.isolated_env(redis_url, extra, job_modules=JOB_MODULES)
+
+
+RABBITMQ = ("127.0.0.1", 5672)
+
+
+def rabbitmq_available() -> bool:
+    """RabbitMQ answers on 127.0.0.1:5672 and `rabbitmqctl` can make vhosts (as root)."""
+    if not (shutil.which("rabbitmqctl") and os.geteuid() == 0):
+        return False
+    with contextlib.suppress(OSError), socket.create_connection(RABBITMQ, timeout=1):
+        return True
+    return False
+
+
+def rabbitmqctl(*args: str) -> str:
+    result = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return result.stdout
+
+
+@contextlib.contextmanager
+def amqp_vhost() -> Iterator[tuple[str, str]]:
+    """A RabbitMQ vhost of its own (guest may use it), deleted afterwards, with everything in
+    it: (vhost, broker URL). No other stack's queues are ever touched."""
+    vhost = f"forklift-test-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield vhost, f"amqp://guest:guest@{RABBITMQ[0]}:{RABBITMQ[1]}/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def amqp_depths(broker_url: str, queues: Iterable[str]) -> dict[str, int]:
+    """Ready messages in each queue, asked of RabbitMQ (passive declares: 0 if undeclared)."""
+    settings = Settings.from_env({"FORKLIFT_BROKER_URL": broker_url})
+    return amqp_queue_depths(settings, queues)
 
 
 def array_segments(prefix: str) -> set[str]:

@@ -204,6 +204,9 @@ def _worker_shutdown(**_: object) -> None:
 
 @signals.celeryd_after_setup.connect
 def _consume_domain_queue(sender: str, instance: object, **_: object) -> None:
-    """Besides the common queue, take the jobs whose arrays live in this shm domain."""
+    """Besides the common queue, take the jobs whose arrays live in this shm domain.
+
+    On RabbitMQ, Celery's queue table gives it the same x-max-priority as every other
+    declarer (shared/celery_app.py amqp_config): a redeclaration with other arguments fails."""
     settings = get_settings()
     instance.app.amqp.queues.select_add(settings.domain_queue())  # type: ignore[attr-defined]

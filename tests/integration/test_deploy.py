@@ -134,10 +134,17 @@ def check_compose_shape(doc: dict[str, Any]) -> None:
     services = doc["services"]
     assert {"redis", "api", "worker"} <= set(services)
     optional = set(services) - {"redis", "api", "worker"}
-    assert optional <= {"flower"}, f"unexpected services {optional}"
+    assert optional <= {"flower", "rabbitmq"}, f"unexpected services {optional}"
     for name in optional:
         assert services[name].get("profiles"), f"{name} must only start when its profile is asked"
     redis_svc, api, worker = services["redis"], services["api"], services["worker"]
+    rabbit = services.get("rabbitmq")
+    if rabbit is not None:  # the RabbitMQ broker's profile: never a dependency, never published
+        assert rabbit["profiles"] == ["rabbitmq"]
+        assert "ports" not in rabbit
+        assert "/var/lib/rabbitmq" in volume_targets(rabbit)
+        assert "ping" in rabbit["healthcheck"]["test"]
+        assert all("rabbitmq" not in (svc.get("depends_on") or {}) for svc in services.values())
 
     assert redis_svc["image"] == "redis:7"
     redis_cmd = " ".join(map(str, redis_svc["command"]))
@@ -467,11 +474,13 @@ def _start_launcher(
     redis_port: int,
     global_options: tuple[str, ...] = (),
     cwd: Path | None = None,
+    up_options: tuple[str, ...] = (),
 ) -> tuple[stack.Proc, str]:
     """`forklift up` from the repository (or from `cwd`: the installed package), once ready."""
     port = stack.free_port()
     argv = [sys.executable, "-m", "forklift", *global_options, "up", "--port", str(port),
-            "--redis-port", str(redis_port), "--workers", "2", "--stop-timeout", "20"]  # fmt: skip
+            "--redis-port", str(redis_port), "--workers", "2", "--stop-timeout", "20",
+            *up_options]  # fmt: skip
     spawner = stack.SUPERVISOR if cwd is None else Supervisor(cwd=cwd, log_dir=stack.LOG_DIR)
     proc = spawner.spawn("forklift-up", argv, env)
     url = f"http://127.0.0.1:{port}"
