@@ -1,6 +1,6 @@
 """Cross-host array pull over a veth: two hosts in their own network namespaces (issue 18).
 
-Builds the test topology of tests/netns.py (hosts a and b, each its own network, IPC and mount
+Builds the test topology of forklift/netns.py (hosts a and b, each its own network, IPC and mount
 namespace, /dev/shm, API and worker; a direct veth between them; a private Redis on the root
 side), stops a's worker so every job runs on b, and per round uploads a fresh array to a, then:
 
@@ -34,6 +34,7 @@ import numpy as np
 import redis
 
 from bench.common import (
+    SUPERVISOR,
     Forklift,
     fmt_bytes,
     fmt_s,
@@ -43,8 +44,8 @@ from bench.common import (
     wait_quiet,
     write_results,
 )
+from forklift import netns, supervisor
 from shared.workers import WorkerStore
-from tests import netns, stack
 
 GB = 1e9
 TARGET_GBPS = 1.0
@@ -188,14 +189,14 @@ def main() -> None:
     shm = f"{max(2, 2 * args.mib // 1024 + 2)}g"  # the array (a) or its replica (b), and room
     rows: list[list[object]] = []
     pulls: list[float] = []
-    with netns.topology(("a", "b"), shm_size=shm, concurrency=1) as topo:
+    with netns.topology(("a", "b"), shm_size=shm, concurrency=1, base=SUPERVISOR) as topo:
         a, b = topo["a"], topo["b"]
         set_mtu(topo, args.mtu)
         settings = topo.settings
         client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         assert a.worker is not None and b.worker is not None
         a.worker.stop()  # every job runs on b, which must pull a's arrays
-        stack.wait_until(
+        supervisor.wait_until(
             lambda: a.shm_domain not in WorkerStore(client, settings).live_domains(),
             15,
             what="a's worker gone from the heartbeats",
@@ -234,7 +235,7 @@ def main() -> None:
                 assert lo_n == nbytes, lo_n
                 floor_veth, floor_lo = socket_floor(a, b, nbytes), socket_floor(a, a, nbytes)
                 fl.delete_array(array_id)
-                stack.wait_until(
+                supervisor.wait_until(
                     lambda: not a.array_shm(topo.shm_prefix) and not b.array_shm(topo.shm_prefix),
                     30,
                     what="the array and its replica freed on both hosts",
@@ -286,7 +287,7 @@ def main() -> None:
 
 {machine_info()}
 
-Two hosts in their own network namespaces (tests/netns.py), a direct veth between them
+Two hosts in their own network namespaces (forklift/netns.py), a direct veth between them
 (MTU {args.mtu}), a's worker stopped so b runs every job; float64 array uploaded to a each
 round, then a `sum` job on b (pulls it into b's /dev/shm), the same job again (uses the
 replica), then the same internal GET from inside b's network namespace by a bare httpx

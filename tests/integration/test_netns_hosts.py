@@ -4,7 +4,7 @@ Where tests/integration/test_multihost.py makes its second "host" with IPC and m
 only (both share one network stack and talk over loopback), here each host is an `ip netns`
 namespace with its own IPC and mount namespace and /dev/shm, its own API and worker, a direct
 veth to the other host and one to the root namespace, where the test's private Redis listens
-on the root-side veth addresses only (tests/netns.py builds it all). Pulls are counted in
+on the root-side veth addresses only (forklift/netns.py builds it all). Pulls are counted in
 bytes on the hosts' link, read from the kernel's interface counters.
 
 The tests run in order on one module-scoped topology (about 35 s in all, start-up included):
@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 import redis
 
+from forklift import netns
 from shared.arrays.replicas import ReplicaStore, read_stats
 from shared.arrays.store import ArrayStore
 from shared.workers import WorkerStore
-from tests import netns, stack
+from tests import stack
 from tests.http_api import submit, upload, wait
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,9 @@ def hosts() -> Iterator[Hosts]:
     if reason:
         pytest.skip(f"cannot make hosts in network namespaces: {reason}")
     settings = {"FORKLIFT_WORKER_LOST_AFTER": str(LOST_AFTER)}
-    with netns.topology(("a", "b"), settings=settings) as topo:
+    with netns.topology(
+        ("a", "b"), settings=settings, base=stack.SUPERVISOR, job_modules=stack.JOB_MODULES
+    ) as topo:
         client = redis.Redis.from_url(topo.settings.redis_url, decode_responses=True)
         try:
             assert topo["a"].shm_domain != topo["b"].shm_domain

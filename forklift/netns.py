@@ -1,4 +1,7 @@
-"""Test hosts in their own network namespaces: two or three "machines" on one Linux box.
+"""Test hosts in their own network namespaces: two or three "machines" on one Linux box
+(root only: `ip netns`, veths, `nsenter`). Part of the harness, like `forklift.supervisor`:
+the test suite (tests/integration/test_netns_hosts.py) and the bench (bench/netns_pull.py)
+both build their hosts here.
 
 Each host is an `ip netns` network namespace with its own IPC and mount namespace and a
 private tmpfs on /dev/shm, held open by one `sleep` (its *holder*, started by
@@ -39,10 +42,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from forklift import supervisor
+from forklift import supervisor, testing
 from forklift.supervisor import Proc, Supervisor
 from shared.settings import Settings
-from tests import stack
 
 SUBNET = "10.231"  # 10.231.X.0/24, X free on this machine
 API_PORT = 8000  # each host has its own port space
@@ -231,13 +233,15 @@ class Topology:
         if left:
             self.leftovers.append(f"left in the root namespace: {left}")
         if self.env:
-            stray = stack.processes_with_env("FORKLIFT_KEY_PREFIX", self.env["FORKLIFT_KEY_PREFIX"])
+            stray = supervisor.processes_with_env(
+                "FORKLIFT_KEY_PREFIX", self.env["FORKLIFT_KEY_PREFIX"]
+            )
             if stray:
                 self.leftovers.append(f"processes of the run still alive: {sorted(stray)}")
                 for pid in stray:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-            root_shm = stack.segments(self.shm_prefix)
+            root_shm = testing.segments(self.shm_prefix)
             if root_shm:
                 self.leftovers.append(f"segments in the root /dev/shm: {sorted(root_shm)}")
                 supervisor.sweep_segments(self.shm_prefix)
@@ -262,7 +266,7 @@ def _no_ipv6(ns: str | None, iface: str) -> None:
     subprocess.run(argv, capture_output=True, check=False, timeout=10)
 
 
-def _build(topo: Topology, shm_size: str) -> None:
+def _build(topo: Topology, shm_size: str, base: Supervisor) -> None:
     prefix = f"{SUBNET}.{topo.octet}"
     link = 0
 
@@ -315,7 +319,7 @@ def _build(topo: Topology, shm_size: str) -> None:
     for host in hosts:
         script = f"mount -t tmpfs -o size={shm_size} tmpfs /dev/shm && exec sleep infinity"
         argv = ["ip", "netns", "exec", host.netns, *_unshare(script)]
-        host.holder = stack.spawn(f"netns-{host.name}-holder", argv, os.environ)
+        host.holder = base.spawn(f"netns-{host.name}-holder", argv, os.environ)
         holder = host.holder
 
         def mounted(proc: Proc = holder) -> bool:
@@ -326,10 +330,10 @@ def _build(topo: Topology, shm_size: str) -> None:
             except OSError:
                 return False
 
-        stack.wait_until(mounted, 10, what=f"host {host.name}'s namespaces")
+        supervisor.wait_until(mounted, 10, what=f"host {host.name}'s namespaces")
         host.supervisor = Supervisor(
-            cwd=stack.REPO,
-            log_dir=stack.LOG_DIR,
+            cwd=base.cwd,
+            log_dir=base.log_dir,
             worker_options=supervisor.QUIET_WORKER_OPTIONS,
             wrap=(
                 "nsenter",
@@ -337,7 +341,7 @@ def _build(topo: Topology, shm_size: str) -> None:
                 "--net",
                 "--ipc",
                 "--mount",
-                f"--wd={stack.REPO}",
+                f"--wd={base.cwd or Path.cwd()}",
                 "--",
             ),
         )
@@ -351,9 +355,16 @@ def topology(
     shm_size: str = "2g",
     concurrency: int = 2,
     start: bool = True,
+    base: Supervisor | None = None,
+    job_modules: str | Sequence[str] = (),
 ) -> Iterator[Topology]:
     """Hosts `names`, linked, with a private Redis and (with `start`) each host's API and
-    worker running; everything stopped and deleted when the block ends, however it ends."""
+    worker running; everything stopped and deleted when the block ends, however it ends.
+
+    `base` says where the processes run and log (its `cwd`, `log_dir`; the hosts' own
+    supervisors copy them and wrap each command in `nsenter`); `job_modules` are loaded
+    besides the built-in jobs (the test suite passes its test jobs)."""
+    base = base or Supervisor(worker_options=supervisor.QUIET_WORKER_OPTIONS)
     tag = secrets.token_hex(3)
     octet = _free_octet()
     hosts = {
@@ -369,26 +380,27 @@ def topology(
     }
     topo = Topology(tag=tag, octet=octet, hosts=hosts)
     try:
-        _build(topo, shm_size)
+        _build(topo, shm_size, base)
         addrs = [h.redis_addr for h in hosts.values()]
         # Bound off loopback, Redis wants a password (protected mode): as a real one would.
         password = secrets.token_hex(16)
-        topo.redis, url = stack.SUPERVISOR.start_redis(
-            bind=addrs, name=f"netns-redis-{tag}", password=password
-        )
+        topo.redis, url = base.start_redis(bind=addrs, name=f"netns-redis-{tag}", password=password)
         topo.redis_port = urlsplit(url).port or 0
-        topo.env = stack.stack_env(
+        topo.env = testing.isolated_env(
             topo.redis_url,
-            FORKLIFT_QUEUE=f"forklift-netns-{tag}",
-            FORKLIFT_INTERNAL_TOKEN=uuid.uuid4().hex,
-            # Each host reads arrays from the other hosts' APIs only, at their own addresses.
-            FORKLIFT_PEER_URLS=",".join(h.url for h in hosts.values()),
-            # The APIs listen on a host address (not loopback) with no keys: reachable only
-            # from this machine's namespaces, so open on purpose.
-            FORKLIFT_ALLOW_OPEN="1",
-            FORKLIFT_JANITOR_INTERVAL="1",
-            FORKLIFT_REDIS_PASSWORD=password,
-            **(settings or {}),
+            dict(
+                FORKLIFT_QUEUE=f"forklift-netns-{tag}",
+                FORKLIFT_INTERNAL_TOKEN=uuid.uuid4().hex,
+                # Each host reads arrays from the other hosts' APIs only, at their own addresses.
+                FORKLIFT_PEER_URLS=",".join(h.url for h in hosts.values()),
+                # The APIs listen on a host address (not loopback) with no keys: reachable only
+                # from this machine's namespaces, so open on purpose.
+                FORKLIFT_ALLOW_OPEN="1",
+                FORKLIFT_JANITOR_INTERVAL="1",
+                FORKLIFT_REDIS_PASSWORD=password,
+                **(settings or {}),
+            ),
+            job_modules=job_modules,
         )
         for host in hosts.values():
             host.env = {
