@@ -6,8 +6,9 @@ shared-memory prefix, so a running forklift on this machine is never disturbed.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -88,40 +89,76 @@ def redis_url() -> Iterator[str]:
         proc.stop()
 
 
-@pytest.fixture(scope="session")
-def broker_env() -> Iterator[dict[str, str]]:
-    """The session stack's broker: Redis (the default), or with FORKLIFT_TEST_BROKER=amqp a
-    RabbitMQ vhost of the session's own, deleted afterwards (tests/stack.py amqp_vhost)."""
+BROKERS = ("redis", "amqp")
+
+
+def default_broker() -> str:
+    """The broker of the session's stack: Redis, or what FORKLIFT_TEST_BROKER names."""
     choice = os.environ.get("FORKLIFT_TEST_BROKER", "redis")
-    if choice == "redis":
-        yield {}
-        return
-    if choice != "amqp":
+    if choice not in BROKERS:
         raise pytest.UsageError(f"FORKLIFT_TEST_BROKER must be redis or amqp, not {choice!r}")
-    if not stack.rabbitmq_available():
-        raise pytest.UsageError("FORKLIFT_TEST_BROKER=amqp needs RabbitMQ and rabbitmqctl")
-    with stack.amqp_vhost() as (_, url):
-        yield {"FORKLIFT_BROKER_URL": url}
+    return choice
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module marked `both_brokers` runs each of its tests that use the stack twice, on the
+    Redis broker and on RabbitMQ (`test_x[redis]`, `test_x[amqp]`): the modules where the
+    transport matters (delivery, acks, redelivery, priorities, cancel). The others run on
+    the default broker only, so the suite stays one pass."""
+    if "live" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_brokers"):
+        metafunc.parametrize("live", BROKERS, indirect=True, scope="module")
+
+
+@contextlib.contextmanager
+def running_on(redis_url: str, broker: str) -> Iterator[Stack]:
+    """A stack on `broker`: Celery's messages in the session's Redis, or in a RabbitMQ vhost of
+    its own, deleted afterwards (tests/stack.py amqp_vhost). Checked afterwards: no process
+    left running, no segment leaked."""
+    with contextlib.ExitStack() as cleanup:
+        broker_env: dict[str, str] = {}
+        if broker == "amqp":
+            _, url = cleanup.enter_context(stack.amqp_vhost())
+            broker_env = {"FORKLIFT_BROKER_URL": url}
+        harness = testing.running_stack(
+            stack.JOB_MODULES,
+            redis_url=redis_url,
+            env={"FORKLIFT_JANITOR_INTERVAL": "2", **broker_env},
+            supervisor=stack.SUPERVISOR,
+        )
+        with harness as running:
+            client = redis.Redis.from_url(redis_url, decode_responses=True)
+            try:
+                yield Stack(running=running, redis=client)
+            finally:
+                client.close()
+        assert not running.stray_pids, f"the stack left processes running: {running.stray_pids}"
+        assert not running.leaked_segments, (
+            f"the stack leaked shared-memory segments: {running.leaked_segments}"
+        )
 
 
 @pytest.fixture(scope="session")
-def live(redis_url: str, broker_env: dict[str, str]) -> Iterator[Stack]:
-    harness = testing.running_stack(
-        stack.JOB_MODULES,
-        redis_url=redis_url,
-        env={"FORKLIFT_JANITOR_INTERVAL": "2", **broker_env},
-        supervisor=stack.SUPERVISOR,
-    )
-    with harness as running:
-        client = redis.Redis.from_url(redis_url, decode_responses=True)
-        try:
-            yield Stack(running=running, redis=client)
-        finally:
-            client.close()
-    assert not running.stray_pids, f"the test session left processes running: {running.stray_pids}"
-    assert not running.leaked_segments, (
-        f"the test session leaked shared-memory segments: {running.leaked_segments}"
-    )
+def stacks(redis_url: str) -> Iterator[Callable[[str], Stack]]:
+    """The session's stacks, one per broker, each started when a test first needs it."""
+    with contextlib.ExitStack() as started:
+        by_broker: dict[str, Stack] = {}
+
+        def on(broker: str) -> Stack:
+            if broker not in by_broker:
+                by_broker[broker] = started.enter_context(running_on(redis_url, broker))
+            return by_broker[broker]
+
+        yield on
+
+
+@pytest.fixture(scope="module")
+def live(request: pytest.FixtureRequest, stacks: Callable[[str], Stack]) -> Stack:
+    """The stack a test runs against: the default broker's, or in a `both_brokers` module the
+    broker of its parameter."""
+    broker = getattr(request, "param", None) or default_broker()
+    if broker == "amqp" and not stack.rabbitmq_available():
+        pytest.skip("needs RabbitMQ on 127.0.0.1:5672 and rabbitmqctl")
+    return stacks(broker)
 
 
 @pytest.fixture

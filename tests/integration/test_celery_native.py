@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import redis
 
 from forklift import testing
@@ -38,6 +39,9 @@ from shared.workers import WorkerStore
 from tests import stack
 from tests.conftest import Stack
 from tests.http_api import submit, upload, wait
+
+# Delivery, acks, priorities and cancel depend on the transport: every test runs on both.
+pytestmark = pytest.mark.both_brokers
 
 
 def celery(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -34,6 +34,9 @@ from tests import stack
 from tests.conftest import Stack
 from tests.redis_proxy import RedisProxy
 
+# Delivery, acks, priorities and cancel depend on the transport: every test runs on both.
+pytestmark = pytest.mark.both_brokers
+
 KEY_A = f"ka-{uuid.uuid4().hex}"
 KEY_B = f"kb-{uuid.uuid4().hex}"
 TTL = 2

@@ -12,6 +12,9 @@ from tests import stack
 from tests.conftest import Stack
 from tests.http_api import submit, wait
 
+# Delivery, acks, priorities and cancel depend on the transport: every test runs on both.
+pytestmark = pytest.mark.both_brokers
+
 
 def test_fib_succeeds_over_http(http: httpx.Client) -> None:
     response = http.post("/jobs", json={"task": "fib", "params": {"n": 25}})

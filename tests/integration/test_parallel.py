@@ -22,6 +22,9 @@ from tests.conftest import Stack
 from tests.http_api import download, wait
 from tests.http_api import upload as _upload
 
+# Delivery, acks, priorities and cancel depend on the transport: every test runs on both.
+pytestmark = pytest.mark.both_brokers
+
 # Arrays a test made (inputs and results): deleted after it, and /dev/shm checked.
 _made: list[str] = []
 

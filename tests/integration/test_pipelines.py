@@ -24,6 +24,9 @@ from tests import stack
 from tests.conftest import Stack
 from tests.http_api import download, upload, wait
 
+# Delivery, acks, priorities and cancel depend on the transport: every test runs on both.
+pytestmark = pytest.mark.both_brokers
+
 
 def _arrays(live: Stack) -> set[str]:
     return set(live.redis.scan_iter(match=f"{live.key_prefix}:array:*", count=1000))

@@ -31,6 +31,9 @@ from tests import stack
 from tests.conftest import Stack
 from tests.http_api import FINAL, upload, wait
 
+# Delivery, acks, priorities and cancel depend on the transport: every test runs on both.
+pytestmark = pytest.mark.both_brokers
+
 START_SLACK_S = 1.0  # a due job starts within this after its time (the bound)
 
 

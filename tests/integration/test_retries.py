@@ -24,6 +24,9 @@ from tests.conftest import Stack
 from tests.http_api import upload, wait
 from worker import retrying
 
+# Delivery, acks, priorities and cancel depend on the transport: every test runs on both.
+pytestmark = pytest.mark.both_brokers
+
 BACKOFF, BACKOFF_MAX = 0.3, 2.0  # flaky's
 SLOW_BACKOFF = 4.0  # flaky_slow's
 

@@ -41,6 +41,9 @@ from tests import stack
 from tests.conftest import Stack
 from tests.http_api import upload
 
+# Delivery, acks, priorities and cancel depend on the transport: every test runs on both.
+pytestmark = pytest.mark.both_brokers
+
 FORKLIFT = Path(sys.executable).with_name("forklift")
 
 
