@@ -29,6 +29,14 @@ def noop() -> int:
 
 
 @job
+def pause(ms: Annotated[int, Field(ge=0, le=60_000)]) -> int:
+    """Sleeps `ms` milliseconds: a job of a known length that uses no CPU, so on a small machine
+    more hosts still add capacity (bench/scale.py)."""
+    time.sleep(ms / 1000)
+    return ms
+
+
+@job
 def entered(a: np.ndarray) -> dict:
     """The wall clock when the job function was entered (its input already attached)."""
     now = time.time()

@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -140,9 +140,13 @@ async def _forklift_load(
             c.close()
 
 
-async def _forklift_batch(url: str, n: int, conc: int, batch: int) -> tuple[float, list, int]:
-    """`POST /jobs/batch` of `batch` jobs, then `POST /jobs/wait` on their ids, per connection."""
-    conns = [await RawConnection.open(url) for _ in range(conc)]
+async def _forklift_batch(
+    url: str | Sequence[str], n: int, conc: int, batch: int, body: dict = BODY
+) -> tuple[float, list, int]:
+    """`POST /jobs/batch` of `batch` jobs, then `POST /jobs/wait` on their ids, per connection;
+    with several API URLs the connections go to them in turn."""
+    urls = [url] if isinstance(url, str) else list(url)
+    conns = [await RawConnection.open(urls[i % len(urls)]) for i in range(conc)]
     failed = 0
     try:
         await asyncio.gather(*(c.request("GET", "/healthz") for c in conns))
@@ -152,7 +156,7 @@ async def _forklift_batch(url: str, n: int, conc: int, batch: int) -> tuple[floa
         async def worker(conn: RawConnection) -> None:
             nonlocal failed
             for size in sizes:
-                view = await conn.json("POST", "/jobs/batch", {"jobs": [BODY] * size})
+                view = await conn.json("POST", "/jobs/batch", {"jobs": [body] * size})
                 ids = [j["id"] for j in view["jobs"]]  # type: ignore[index]
                 while ids:
                     view = await conn.json("POST", "/jobs/wait", {"ids": ids, "wait": 30})

@@ -183,6 +183,8 @@ class Topology:
     hosts: dict[str, Host]
     redis: Proc | None = None
     redis_port: int = 0
+    rabbitmq: Proc | None = None  # the private broker, with `broker="amqp"`
+    rabbitmq_url: str = ""  # from the root namespace (its first address)
     env: dict[str, str] = field(default_factory=dict)  # what every host shares
     links: list[str] = field(default_factory=list)  # root-side veth ends
     leftovers: list[str] = field(default_factory=list)  # what close() had to clean
@@ -222,8 +224,9 @@ class Topology:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
             _ip("netns", "del", host.netns, check=False)
-        if self.redis is not None:
-            self.redis.stop()
+        for server in (self.redis, self.rabbitmq):
+            if server is not None:
+                server.stop()
         for veth in self.links:
             _ip("link", "del", veth, check=False)  # gone with its peer's namespace, normally
         netns_list = _ip("netns", "list", check=False).stdout.split()
@@ -357,9 +360,12 @@ def topology(
     start: bool = True,
     base: Supervisor | None = None,
     job_modules: str | Sequence[str] = (),
+    broker: str = "redis",
 ) -> Iterator[Topology]:
     """Hosts `names`, linked, with a private Redis and (with `start`) each host's API and
     worker running; everything stopped and deleted when the block ends, however it ends.
+    `broker="amqp"`: Celery's messages go to a private RabbitMQ node instead (records and
+    arrays stay in Redis), listening on the same root-side addresses as Redis.
 
     `base` says where the processes run and log (its `cwd`, `log_dir`; the hosts' own
     supervisors copy them and wrap each command in `nsenter`); `job_modules` are loaded
@@ -386,6 +392,10 @@ def topology(
         password = secrets.token_hex(16)
         topo.redis, url = base.start_redis(bind=addrs, name=f"netns-redis-{tag}", password=password)
         topo.redis_port = urlsplit(url).port or 0
+        if broker == "amqp":
+            topo.rabbitmq, topo.rabbitmq_url = base.start_rabbitmq(bind=addrs, password=password)
+        elif broker != "redis":
+            raise ValueError(f"broker must be redis or amqp, not {broker!r}")
         topo.env = testing.isolated_env(
             topo.redis_url,
             dict(
@@ -408,6 +418,11 @@ def topology(
                 "REDIS_URL": f"redis://{host.redis_addr}:{topo.redis_port}/0",
                 "FORKLIFT_API_INTERNAL_URL": host.url,
             }
+            if topo.rabbitmq_url:
+                amqp = urlsplit(topo.rabbitmq_url)
+                host.env["FORKLIFT_BROKER_URL"] = amqp._replace(
+                    netloc=f"{amqp.username}:{amqp.password}@{host.redis_addr}:{amqp.port}"
+                ).geturl()
         if start:
             with ThreadPoolExecutor(len(hosts)) as pool:  # the hosts boot side by side
                 list(pool.map(lambda h: h.start(concurrency), hosts.values()))

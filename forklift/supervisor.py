@@ -492,6 +492,64 @@ class Supervisor:
         auth = f":{quote(password, safe='')}@" if password else ""
         return proc, f"redis://{auth}{display_host(bind[0])}:{port}/0"
 
+    def start_rabbitmq(
+        self,
+        *,
+        bind: Sequence[str] = ("127.0.0.1",),
+        port: int | None = None,
+        user: str = "forklift",
+        password: str = "",
+        timeout: float = 60,
+    ) -> tuple[Proc, str]:
+        """A private RabbitMQ node (its own node name, ports, Mnesia directory and user),
+        listening on `bind` only, once it answers the AMQP handshake: a broker whose CPU is
+        this stack's alone (bench/scale.py) and that test hosts in network namespaces reach
+        over their veths. The URL returned names the first address and the default vhost."""
+        server = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # not the wrapper: it runs as root
+        binary = str(server) if server.exists() else shutil.which("rabbitmq-server")
+        if binary is None:
+            raise RuntimeError("no rabbitmq-server (apt-get install rabbitmq-server)")
+        port = port or free_port()
+        password = password or uuid.uuid4().hex
+        home = Path(tempfile.mkdtemp(prefix=f"rabbitmq-{port}-", dir=self.log_dir))
+        listeners = "".join(f"listeners.tcp.{i} = {a}:{port}\n" for i, a in enumerate(bind, 1))
+        (home / "rabbit.conf").write_text(
+            f"{listeners}loopback_users = none\ndefault_user = {user}\n"
+            f"default_pass = {password}\nlog.console = true\nlog.file = false\n"
+        )
+        (home / "plugins").write_text("[].\n")
+        env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": f"forklift{port}@localhost",
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_CONFIG_FILE": str(home / "rabbit"),
+            "RABBITMQ_MNESIA_BASE": str(home / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(home / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(home / "plugins"),
+            "RABBITMQ_PID_FILE": str(home / "pid"),
+        }
+        proc = self.spawn(f"rabbitmq-{port}", [binary], env)
+
+        def answers() -> bool:
+            if not proc.running():
+                raise _exited(proc, "rabbitmq-server")
+            try:
+                with socket.create_connection((bind[0], port), timeout=1) as sock:
+                    sock.sendall(b"AMQP\x00\x00\x09\x01")
+                    return sock.recv(1) == b"\x01"  # a method frame: connection.start
+            except OSError:
+                return False
+
+        try:
+            wait_until(answers, timeout, what="rabbitmq-server")
+        except BaseException:
+            proc.stop()
+            raise
+        proc.remember_pids()
+        auth = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        return proc, f"amqp://{auth}@{display_host(bind[0])}:{port}//"
+
     def start_worker(
         self,
         env: Mapping[str, str],
