@@ -8,6 +8,7 @@ stays pinned afterwards.
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Iterator
@@ -272,7 +273,9 @@ def test_bad_references_are_refused_before_anything_is_written(
     http: httpx.Client, live: Stack, jobs: list[dict], code: str, text: str
 ) -> None:
     x = upload(http, np.arange(5.0))["id"]
-    jobs = [_job("sum", {"a": {"array": x}}), *jobs]  # a valid entry first: none is queued
+    # A valid entry first: none is queued. A copy: the parameters are shared by every run of
+    # the test (one per broker), and the references are shifted below.
+    jobs = [_job("sum", {"a": {"array": x}}), *copy.deepcopy(jobs)]
     for job in jobs[1:]:  # indexes shift by one with the entry put first
         for ref in job["inputs"].values():
             if ref["job"].startswith("#") and ref["job"][1:].isdigit():
