@@ -134,6 +134,27 @@ def open_client(kind: str, url: str, **kwargs: Any) -> Iterator[Client]:
             portal.call(target.aclose)
 
 
+#: What a recording server saw: (method, path, JSON body or None) per request.
+Recorded = list[tuple[str, str, Any]]
+
+
+@contextlib.contextmanager
+def recording_client(
+    kind: str, handler: Callable[[httpx.Request], httpx.Response]
+) -> Iterator[Client]:
+    """A client of either kind whose requests go to `handler` (an httpx `MockTransport`): for
+    unit tests of the request bodies the clients build; the real API's side is the
+    integration tests'."""
+    transport = httpx.MockTransport(handler)
+    with open_client(kind, "http://forklift.test", transport=transport) as client:
+        yield client
+
+
+def posted(recorded: Recorded, path: str) -> list[Any]:
+    """The bodies POSTed to `path`, in order."""
+    return [body for method, p, body in recorded if method == "POST" and p == path]
+
+
 def completed(jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
     """`as_completed` for either kind of job."""
     jobs = list(jobs)

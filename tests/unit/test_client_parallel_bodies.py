@@ -19,9 +19,7 @@ import pytest
 
 from forklift import ArrayInput, Client, InvalidRequest, JobInput, cli, common
 from shared.schemas import is_id
-from tests.clients import KINDS, open_client
-
-Recorded = list[tuple[str, str, Any]]
+from tests.clients import Recorded, posted, recording_client
 
 
 def _view(entry: dict[str, Any], status: str = "queued") -> dict[str, Any]:
@@ -60,25 +58,10 @@ def _server(
     return handle
 
 
-@pytest.fixture(params=KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def recorded() -> Recorded:
-    return []
-
-
 @pytest.fixture
 def fl(kind: str, recorded: Recorded) -> Iterator[Client]:
-    transport = httpx.MockTransport(_server(recorded))
-    with open_client(kind, "http://forklift.test", transport=transport) as client:
+    with recording_client(kind, _server(recorded)) as client:
         yield client
-
-
-def _posted(recorded: Recorded, path: str) -> list[Any]:
-    return [body for method, p, body in recorded if method == "POST" and p == path]
 
 
 A = ArrayInput(array="a" * 32)
@@ -89,7 +72,7 @@ def test_parallel_is_sent_as_given_and_one_part_is_not_sent(fl: Client, recorded
     fl.submit("matmul", {"a": A, "b": A}, parallel=4)
     fl.submit_job("sum", {"a": A}, parallel=1, time_limit=5)
     fl.submit("sum", a=A)
-    bodies = _posted(recorded, "/jobs")
+    bodies = posted(recorded, "/jobs")
     assert [b.get("parallel") for b in bodies] == ["auto", 4, None, None]
     assert bodies[0]["inputs"] == {"a": {"array": A.array}, "b": {"array": A.array}}
     assert bodies[2]["timeout"] == 5 and "parallel" not in bodies[2]
@@ -115,7 +98,7 @@ def test_a_job_handle_is_an_input_by_id_and_output_names_one_array(
         "matmul", a=first.output("u"), b=JobInput(job=second.id, key=None), parallel=2
     )
     by_id = fl.submit("sum", a=JobInput(job=third.id, key="x"))
-    bodies = _posted(recorded, "/jobs")
+    bodies = posted(recorded, "/jobs")
     assert bodies[1] == {
         "task": "sort",
         "params": {"axis": 0},
@@ -136,7 +119,7 @@ def test_a_batch_sends_a_pipeline_in_one_request(fl: Client, recorded: Recorded)
         outside = batch.submit_job("sum", {"a": before}, time_limit=9)
         with pytest.raises(InvalidStateError):
             normal.id  # noqa: B018 (no id until the batch is sent)
-    assert _posted(recorded, "/jobs/batch") == [
+    assert posted(recorded, "/jobs/batch") == [
         {
             "jobs": [
                 {"task": "normalize", "params": {}, "inputs": {"a": {"array": A.array}}}
@@ -161,7 +144,7 @@ def test_a_batch_sends_a_pipeline_in_one_request(fl: Client, recorded: Recorded)
     assert counts.view is not None and counts.view.task == "histogram"
     # a job of a sent batch is an input like any other
     fl.submit("sum", a=counts)
-    assert _posted(recorded, "/jobs")[-1]["inputs"] == {"a": {"job": counts.id}}
+    assert posted(recorded, "/jobs")[-1]["inputs"] == {"a": {"job": counts.id}}
     with pytest.raises(InvalidStateError):
         batch.submit("sum", a=A)
 
@@ -178,13 +161,12 @@ def test_a_batch_whose_block_raises_sends_nothing(fl: Client, recorded: Recorded
 def test_a_long_batch_names_earlier_chunks_by_id_and_cancels_them_when_refused(
     kind: str, recorded: Recorded
 ) -> None:
-    transport = httpx.MockTransport(_server(recorded, refuse_batch=1))
-    with open_client(kind, "http://forklift.test", transport=transport) as fl:
+    with recording_client(kind, _server(recorded, refuse_batch=1)) as fl:
         with pytest.raises(InvalidRequest, match="cycle"), fl.batch() as batch:
             jobs = [batch.submit("fib", n=1)]
             for _ in range(common.BATCH):
                 jobs.append(batch.submit("sum", a=jobs[-1]))
-        first, second = _posted(recorded, "/jobs/batch")
+        first, second = posted(recorded, "/jobs/batch")
         assert len(first["jobs"]) == common.BATCH and len(second["jobs"]) == 1
         assert first["jobs"][1]["inputs"] == {"a": {"job": "#0"}}
         assert first["jobs"][-1]["inputs"] == {"a": {"job": f"#{common.BATCH - 2}"}}

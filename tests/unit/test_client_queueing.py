@@ -18,9 +18,8 @@ import httpx
 import pytest
 
 from forklift import ArrayInput, Client, cli, common
-from tests.clients import KINDS, open_client
+from tests.clients import Recorded, posted, recording_client
 
-Recorded = list[tuple[str, str, Any]]
 A = ArrayInput(array="a" * 32)
 
 
@@ -62,25 +61,10 @@ def _server(recorded: Recorded) -> Callable[[httpx.Request], httpx.Response]:
     return handle
 
 
-@pytest.fixture(params=KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def recorded() -> Recorded:
-    return []
-
-
 @pytest.fixture
 def fl(kind: str, recorded: Recorded) -> Iterator[Client]:
-    transport = httpx.MockTransport(_server(recorded))
-    with open_client(kind, "http://forklift.test", transport=transport) as client:
+    with recording_client(kind, _server(recorded)) as client:
         yield client
-
-
-def _posted(recorded: Recorded, path: str) -> list[Any]:
-    return [body for method, p, body in recorded if method == "POST" and p == path]
 
 
 QUEUE_FIELDS = {"priority", "delay", "not_before", "retries", "tags"}
@@ -93,7 +77,7 @@ def test_the_fields_are_sent_as_given_and_only_when_given(fl: Client, recorded: 
     fl.submit("sum", a=A, delay=timedelta(minutes=2), priority=0)
     fl.submit_job("sum", {"a": A}, not_before=at, time_limit=5)
     fl.submit_job("sum", {"a": A}, not_before=1_900_000_000.5, tags={})
-    plain, full, minutes, aware, unix = _posted(recorded, "/jobs")
+    plain, full, minutes, aware, unix = posted(recorded, "/jobs")
     assert not QUEUE_FIELDS & set(plain)
     assert {k: full[k] for k in QUEUE_FIELDS & set(full)} == {
         "priority": 9,
@@ -109,7 +93,7 @@ def test_the_fields_are_sent_as_given_and_only_when_given(fl: Client, recorded: 
 
 def test_a_param_named_like_a_field_goes_in_the_mapping(fl: Client, recorded: Recorded) -> None:
     fl.submit("fib", {"priority": "p", "tags": 3}, priority=4)
-    (body,) = _posted(recorded, "/jobs")
+    (body,) = posted(recorded, "/jobs")
     assert body["params"] == {"priority": "p", "tags": 3} and body["priority"] == 4
 
 
@@ -151,7 +135,7 @@ def test_each_job_of_a_batch_has_its_own_fields(fl: Client, recorded: Recorded) 
         first = batch.submit("normalize", a=A, priority=3, tags={"step": "1"})
         batch.submit_job("sum", {"a": first}, delay=2.0, retries=0)
         batch.submit("sum", a=A)
-    ((one, two, three),) = (body["jobs"] for body in _posted(recorded, "/jobs/batch"))
+    ((one, two, three),) = (body["jobs"] for body in posted(recorded, "/jobs/batch"))
     assert (one["priority"], one["tags"]) == (3, {"step": "1"}) and "delay" not in one
     assert (two["delay"], two["retries"], two["inputs"]) == (2.0, 0, {"a": {"job": "#0"}})
     assert not QUEUE_FIELDS & set(three)
@@ -161,7 +145,7 @@ def test_map_gives_every_job_the_same_fields(fl: Client, recorded: Recorded) -> 
     at = datetime.now(UTC) + timedelta(seconds=5)
     results = fl.map("sum", [{"a": A}, {"a": A}], priority=7, not_before=at, tags={"m": "1"})
     assert results == [7, 7]
-    ((one, two),) = (body["jobs"] for body in _posted(recorded, "/jobs/batch"))
+    ((one, two),) = (body["jobs"] for body in posted(recorded, "/jobs/batch"))
     for body in (one, two):
         assert body["priority"] == 7 and body["tags"] == {"m": "1"}
         assert body["not_before"] == at.isoformat()
@@ -186,7 +170,7 @@ def test_the_command_sends_the_fields(command_posts: Recorded) -> None:
     assert cli.main(["submit", "fib", "n=3", "--not-before", "2030-01-02T03:04:05+01:00"]) == 0
     assert cli.main(["submit", "fib", "n=3", "--not-before", "1900000000"]) == 0
     assert cli.main(["submit", "fib", "n=3"]) == 0
-    full, naive, offset, unix, plain = _posted(command_posts, "/jobs")
+    full, naive, offset, unix, plain = posted(command_posts, "/jobs")
     assert full["inputs"] == {"a": {"array": A.array}}
     assert {k: full[k] for k in QUEUE_FIELDS & set(full)} == {
         "priority": 9,
