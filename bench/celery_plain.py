@@ -16,9 +16,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 from celery import Celery  # noqa: E402
 
 URL = os.environ.get("BENCH_CELERY_URL", "redis://127.0.0.1:6379/1")
+# The broker: the same Redis, or RabbitMQ (bench/throughput.py --broker amqp); results in Redis.
+BROKER = os.environ.get("BENCH_CELERY_BROKER") or URL
 QUEUE = "bench-plain"
 
-app = Celery("bench_plain", broker=URL, backend=URL)
+app = Celery("bench_plain", broker=BROKER, backend=URL)
 app.conf.update(
     task_serializer="pickle",
     result_serializer="pickle",

@@ -413,13 +413,16 @@ class Stack:
         return groups
 
 
-def start_plain_celery(redis_url: str, concurrency: int) -> tuple[Proc, str]:
-    """The bench's plain Celery worker (pickle) on database 1 of the same Redis."""
+def start_plain_celery(redis_url: str, concurrency: int, broker_url: str = "") -> tuple[Proc, str]:
+    """The bench's plain Celery worker (pickle) on database 1 of the same Redis (its broker
+    too, unless `broker_url` names another: RabbitMQ)."""
     url = redis_url.rsplit("/", 1)[0] + "/1"
     env = dict(os.environ)
     env.update(
         {"BENCH_CELERY_URL": url, "C_FORCE_ROOT": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": ""}
     )
+    if broker_url:
+        env["BENCH_CELERY_BROKER"] = broker_url
     argv = [
         sys.executable,
         "-m",
@@ -448,12 +451,12 @@ def start_plain_celery(redis_url: str, concurrency: int) -> tuple[Proc, str]:
     return proc, url
 
 
-def plain_app(url: str) -> ModuleType:
-    """Import bench.celery_plain as a client bound to `url`."""
+def plain_app(url: str, broker_url: str = "") -> ModuleType:
+    """Import bench.celery_plain as a client bound to `url` (and `broker_url`, if given)."""
     os.environ["BENCH_CELERY_URL"] = url
     import bench.celery_plain as plain
 
-    plain.app.conf.broker_url = url
+    plain.app.conf.broker_url = broker_url or url
     plain.app.conf.result_backend = url
     plain.noop.apply_async().get(timeout=60)  # the worker answers
     return plain
@@ -461,9 +464,12 @@ def plain_app(url: str) -> ModuleType:
 
 @contextlib.contextmanager
 def running_stack(
-    concurrency: int = CORES, plain_celery: bool = False, **extra_env: str
+    concurrency: int = CORES, plain_celery: bool = False, broker_url: str = "", **extra_env: str
 ) -> Iterator[Stack]:
-    """Start redis + forklift worker + API (+ plain Celery), stop them all on exit."""
+    """Start redis + forklift worker + API (+ plain Celery), stop them all on exit; with
+    `broker_url` (RabbitMQ) both take their messages from there, records stay in Redis."""
+    if broker_url:
+        extra_env = {"FORKLIFT_BROKER_URL": broker_url, **extra_env}
     tag = uuid.uuid4().hex[:8]
     settings = {
         "FORKLIFT_KEY_PREFIX": f"forklift-bench-{tag}",
@@ -484,7 +490,7 @@ def running_stack(
         assert running.redis is not None  # the harness started its own
         plain, plain_url = None, ""
         if plain_celery:
-            plain, plain_url = start_plain_celery(running.redis_url, concurrency)
+            plain, plain_url = start_plain_celery(running.redis_url, concurrency, broker_url)
         started = [running.redis, running.worker, running.api, *([plain] if plain else [])]
         st = Stack(
             running.redis_url, running.env, running.url, running.redis, running.worker,

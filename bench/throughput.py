@@ -91,10 +91,14 @@ async def _submit(conn: RawConnection) -> str:
 
 
 async def _wait(conn: RawConnection, job_id: str) -> bool:
+    return (await _final_view(conn, job_id))["status"] == "succeeded"
+
+
+async def _final_view(conn: RawConnection, job_id: str) -> dict:
     while True:
         view = await conn.json("GET", f"/jobs/{job_id}?wait=30")
         if view["status"] in FINAL:  # type: ignore[index]
-            return view["status"] == "succeeded"  # type: ignore[index]
+            return view  # type: ignore[return-value]
 
 
 async def _forklift_load(
@@ -176,18 +180,42 @@ def has_batch_endpoint(url: str) -> bool:
     return "/jobs/batch" in paths and "/jobs/wait" in paths
 
 
-def forklift_sequential(url: str, n: int) -> list[float]:
-    async def run() -> list[float]:
+# Where one job's time goes, from the client's clock and the record's stamps (API: created_at;
+# worker: started_at, finished_at; one machine, one clock).
+PHASES = (
+    ("client → record created (HTTP, validation, create script)", "created"),
+    ("record created → submit answered (publish, response)", "answered"),
+    ("created → started (broker, worker main, prefork hand-off, start script)", "started"),
+    ("started → finished (the job, the finish script)", "finished"),
+    ("finished → client has the result (event, long-poll answer)", "seen"),
+)
+
+
+def forklift_sequential(url: str, n: int) -> tuple[list[float], dict[str, list[float]]]:
+    """One job at a time: latencies, and per job the phases of PHASES (seconds)."""
+
+    async def run() -> tuple[list[float], dict[str, list[float]]]:
         conn = await RawConnection.open(url)
-        latencies = []
+        latencies: list[float] = []
+        phases: dict[str, list[float]] = {key: [] for _, key in PHASES}
         try:
             for _ in range(n):
-                t0 = time.perf_counter()
-                await _wait(conn, await _submit(conn))
+                t0, w0 = time.perf_counter(), time.time()
+                job_id = await _submit(conn)
+                answered = time.time()
+                view = await _final_view(conn, job_id)
                 latencies.append(time.perf_counter() - t0)
+                seen = time.time()
+                created, started = view["created_at"], view["started_at"] or 0.0
+                finished = view["finished_at"] or 0.0
+                phases["created"].append(created - w0)
+                phases["answered"].append(answered - created)
+                phases["started"].append(started - created)
+                phases["finished"].append(finished - started)
+                phases["seen"].append(seen - finished)
         finally:
             conn.close()
-        return latencies
+        return latencies, phases
 
     return asyncio.run(run())
 
@@ -468,6 +496,12 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="200 jobs, 50 sequential")
     parser.add_argument("--quiet", type=float, default=0.25, help="see bench/cpu.py; 0: off")
+    parser.add_argument(
+        "--broker",
+        choices=("redis", "amqp"),
+        default="redis",
+        help="amqp: forklift and plain Celery on a private RabbitMQ node (throughput_amqp.md)",
+    )
     args = parser.parse_args()
     n = 200 if args.quick else args.jobs
     seq = 50 if args.quick else args.sequential
@@ -475,12 +509,21 @@ def main() -> None:
 
     results: list[Result] = []
     attribution = ""
-    seq_rows = []
+    seq_rows: list[list[object]] = []
+    phase_rows: list[list[object]] = []
     profile_text, profile_files = "", []
-    with running_stack(plain_celery=True) as st:
-        plain = plain_app(st.plain_url)
+    rabbit, broker_url = None, ""
+    if args.broker == "amqp":
+        rabbit, broker_url = SUPERVISOR.start_rabbitmq()
+    with (
+        supervisor.stopping(*([rabbit] if rabbit else [])),
+        running_stack(plain_celery=True, broker_url=broker_url) as st,
+    ):
+        plain = plain_app(st.plain_url, broker_url)
         groups = st.groups()
         groups["client"] = lambda: [os.getpid()]
+        if rabbit is not None:
+            groups["rabbitmq"] = lambda: tree(rabbit.pid)
         ours = [p for f in groups.values() for p in f()]
         rclient = redis.Redis.from_url(st.redis_url)
 
@@ -534,11 +577,15 @@ def main() -> None:
             print(f"  {results[-1].label}: {results[-1].rate:.0f} jobs/s", flush=True)
 
         quiet()
-        fl_seq = forklift_sequential(st.url, seq)
+        fl_seq, fl_phases = forklift_sequential(st.url, seq)
         quiet()
         ce_seq = celery_sequential(plain, seq)
         for label, lat in (("forklift over HTTP", fl_seq), ("plain Celery", ce_seq)):
             seq_rows.append([label, fmt_s(pct(lat, 50)), fmt_s(pct(lat, 99)), len(lat)])
+        phase_rows = [
+            [label, fmt_s(pct(fl_phases[key], 50)), fmt_s(pct(fl_phases[key], 90))]
+            for label, key in PHASES
+        ]
 
         if args.attribute:
             quiet()
@@ -561,6 +608,7 @@ def main() -> None:
         "redis",
         "celery_main",
         "celery_children",
+        *(["rabbitmq"] if rabbit is not None else []),
     ]
     rows, cost_rows, cmd_rows = [], [], []
     for r in results:
@@ -600,8 +648,18 @@ def main() -> None:
         align="lll",
     )
     parts = [
-        "# bench/throughput.py: trivial jobs end to end",
+        "# bench/throughput.py: trivial jobs end to end"
+        + (" (RabbitMQ as the broker)" if rabbit is not None else ""),
         machine_info(),
+        *(
+            [
+                "`--broker amqp`: forklift (`FORKLIFT_BROKER_URL`) and plain Celery take their"
+                " messages from a private RabbitMQ node (`Supervisor.start_rabbitmq`, its CPU"
+                " the *rabbitmq* group); records and Celery's results stay in Redis."
+            ]
+            if rabbit is not None
+            else []
+        ),
         f"{n} jobs per run; forklift's trivial job is the bench job `noop`, Celery's a task"
         " returning 1. Columns after *failed* are CPU cores used by each process group during"
         " the run (client = this bench process; *foreign* = other processes on the machine)."
@@ -616,6 +674,9 @@ def main() -> None:
         *(["## Who sends the commands (MONITOR)", attribution] if attribution else []),
         "## One job at a time (latency)",
         md_table(["path", "p50", "p99", "jobs"], seq_rows),
+        "forklift's one job, phase by phase (the client's clock against the record's stamps;"
+        " the second row overlaps the third):",
+        md_table(["phase", "p50", "p90"], phase_rows, "lrr"),
         "## Target (issue 5)",
         targets,
     ]
@@ -624,7 +685,8 @@ def main() -> None:
         parts.append("Raw stacks: " + ", ".join(f"`{p.name}`" for p in profile_files))
     text = "\n\n".join(parts)
     print("\n" + text)
-    print(f"\nwritten to {write_results('throughput', text, quick=args.quick)}")
+    name = "throughput" if rabbit is None else "throughput_amqp"
+    print(f"\nwritten to {write_results(name, text, quick=args.quick)}")
 
 
 def _celery_result(
