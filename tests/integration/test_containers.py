@@ -107,7 +107,8 @@ class Project:
         env_file = ["--env-file", str(self.env_file)] if self.env_file else []
         return [self.compose, *files, *env_file, *args]
 
-    def run(self, *args: str, timeout: float = COMPOSE_TIMEOUT) -> str:
+    def compose_run(self, *args: str, timeout: float = COMPOSE_TIMEOUT) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) of `compose args`, unchecked."""
         result = subprocess.run(
             self.argv(*args),
             cwd=REPO,
@@ -116,8 +117,17 @@ class Project:
             text=True,
             timeout=timeout,
         )
-        assert result.returncode == 0, f"compose {args}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
+        return result.returncode, result.stdout, result.stderr
+
+    def run(self, *args: str, timeout: float = COMPOSE_TIMEOUT) -> str:
+        status, out, err = self.compose_run(*args, timeout=timeout)
+        assert status == 0, f"compose {args}:\n{out}\n{err}"
+        return out
+
+    def build(self) -> tuple[int, str]:
+        """`compose build` of the project's image: (exit status, its whole output)."""
+        status, out, err = self.compose_run("--progress", "plain", "build")
+        return status, out + err
 
     def down(self) -> None:
         """`down -v` without checks, for a `finally`: whatever is left of the project goes."""
@@ -251,24 +261,16 @@ def test_compose_stack_in_real_containers(
         # -- the project's own Dockerfile, built by Compose ------------------------------------
         started = time.monotonic()
         build_log = LOGS / f"compose-build-{project.name}.log"
-        build = subprocess.run(
-            project.argv("--progress", "plain", "build"),
-            cwd=REPO,
-            env=project.env,
-            capture_output=True,
-            text=True,
-            timeout=COMPOSE_TIMEOUT,
-        )
-        build_output = build.stdout + build.stderr
+        status, build_output = project.build()
         build_log.write_text(build_output)
         with capsys.disabled():
             print(
                 f"\n[containers] docker compose build (this repository's Dockerfile, "
                 f"log {build_log}):"
             )
-            for line in (build.stdout + build.stderr).splitlines():
+            for line in build_output.splitlines():
                 print(f"[build] {line}")
-        assert build.returncode == 0, (build.stdout + build.stderr)[-5000:]
+        assert status == 0, build_output[-5000:]
         say(capsys, f"image {project.image} built in {time.monotonic() - started:.0f} s")
         config = json.loads(project.docker_out("image", "inspect", project.image))[0]["Config"]
         assert config["User"] == "forklift:forklift", config["User"]
@@ -482,16 +484,8 @@ def test_worker_host_compose_file_adds_a_second_host(
     try:
         # The first test's image: this build is all cache hits after it.
         started = time.monotonic()
-        build = subprocess.run(
-            host1.argv("--progress", "plain", "build"),
-            cwd=REPO,
-            env=host1.env,
-            capture_output=True,
-            text=True,
-            timeout=COMPOSE_TIMEOUT,
-        )
-        build_output = build.stdout + build.stderr
-        assert build.returncode == 0, build_output[-5000:]
+        status, build_output = host1.build()
+        assert status == 0, build_output[-5000:]
         same = image_id(docker, IMAGE) == previous
         say(
             capsys,
