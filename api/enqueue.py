@@ -18,6 +18,7 @@ from anyio import to_thread
 from celery import Celery
 from kombu import Producer
 
+from shared.amqp_confirms import confirmed_together
 from shared.celery_app import create_app, task_name
 from shared.redis_io import REDIS_ERRORS, sync_redis
 from shared.schemas import MAX_PRIORITY, TaskPayload
@@ -81,11 +82,14 @@ def _live(settings: Settings, payloads: list[TaskPayload]) -> set[str] | None:
         return None
 
 
-def _batched(producer: Producer) -> contextlib.AbstractContextManager[object]:
-    """kombu >= 5.7 buffers a batch's LPUSHes into one pipeline (one round trip instead of
-    one per message); an error discards what was not sent, and the caller undoes the rest.
-    Older kombu, and its AMQP transport, publish one by one (on RabbitMQ each publish waits
-    for its publisher confirm)."""
+def _batched(producer: Producer, amqp: bool) -> contextlib.AbstractContextManager[object]:
+    """One trip's messages sent together. On Redis, kombu >= 5.7 buffers a batch's LPUSHes
+    into one pipeline (one round trip instead of one per message); an error discards what was
+    not sent, and the caller undoes the rest. On RabbitMQ, every message is sent before the
+    publisher confirms are awaited, together (`shared/amqp_confirms.py`): one wait for the
+    broker's disk write per trip instead of one per message."""
+    if amqp:
+        return confirmed_together(producer.channel)
     batch = getattr(producer, "batch", None)
     return batch() if batch is not None else contextlib.nullcontext()
 
@@ -96,7 +100,7 @@ def _publish(settings: Settings, payloads: list[TaskPayload]) -> list[str]:
     queues = []
     app = _app(settings)
     amqp = settings.broker_is_amqp
-    with app.producer_or_acquire() as producer, _batched(producer):
+    with app.producer_or_acquire() as producer, _batched(producer, amqp):
         for payload in payloads:
             queue = route(settings, payload, live)
             # ignore_result: the job record is the result; without it Celery subscribes this
