@@ -13,7 +13,7 @@ batch's records. The channel never keeps an ack outstanding for its next, unbatc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from amqp.exceptions import MessageNacked
@@ -40,13 +40,14 @@ class _Batch:
             self.singles.add(int(delivery_tag))
         if not self.first:  # only the first message is out when its ack comes
             self.first = int(delivery_tag)
+            self.upto = max(self.upto, self.first - 1)  # the tags before it were acked before
         while self.upto + 1 in self.singles:
             self.upto += 1
 
     def on_nack(self, delivery_tag: int, multiple: bool) -> None:
         self.nacked = True
 
-    def _until(self, done: Any) -> None:
+    def _until(self, done: Callable[[], object]) -> None:
         while not done():
             if self.nacked:
                 raise MessageNacked()
@@ -64,7 +65,6 @@ class _Batch:
         self.sent += 1
         if self.sent == 1:  # its ack names the batch's first tag
             self._until(lambda: self.first)
-            self.upto = max(self.upto, self.first)
         return sent
 
     def wait_for_all(self) -> None:
@@ -86,17 +86,15 @@ def confirmed_together(channel: Any) -> Iterator[None]:
     channel.events["basic_ack"].add(batch.on_ack)
     channel.events["basic_nack"].add(batch.on_nack)
     try:
-        try:
-            yield
-        except BaseException:
-            channel.basic_publish = original
-            # No ack of this batch may be left for a later publish on this (pooled) channel
-            # to take for its own; what the block raised is the error either way.
-            if batch.sent > 1:
-                with contextlib.suppress(Exception):
-                    batch.wait_for_all()
-            raise
-        channel.basic_publish = original
+        yield
+    except BaseException:
+        # No ack of this batch may be left for a later publish on this (pooled) channel to
+        # take for its own; what the block raised is the error either way.
+        if batch.sent > 1:
+            with contextlib.suppress(Exception):
+                batch.wait_for_all()
+        raise
+    else:
         if batch.sent > 1:
             batch.wait_for_all()
     finally:
