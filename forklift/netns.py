@@ -44,6 +44,7 @@ import httpx
 
 from forklift import supervisor, testing
 from forklift.supervisor import Proc, Supervisor
+from shared.arrays.pool import POOL_MARK
 from shared.settings import Settings
 
 SUBNET = "10.231"  # 10.231.X.0/24, X free on this machine
@@ -131,7 +132,7 @@ class Host:
 
     def array_shm(self, prefix: str) -> set[str]:
         """Its segments that hold arrays or replicas (not the pool's freed ones)."""
-        return {n for n in self.shm(prefix) if not n.startswith(f"{prefix}pool_")}
+        return {n for n in self.shm(prefix) if not n.startswith(prefix + POOL_MARK)}
 
     def link_bytes(self, other: Host) -> tuple[int, int]:
         """(rx, tx) bytes of this host's end of its direct link to `other`."""

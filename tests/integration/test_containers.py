@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import redis
 
+from shared.arrays.pool import POOL_MARK
 from shared.arrays.replicas import read_stats
 from shared.settings import Settings
 from tests import stack
@@ -132,13 +133,7 @@ class Project:
     def down(self) -> None:
         """`down -v` without checks, for a `finally`: whatever is left of the project goes."""
         if self.containers() or self.volumes() or self.networks():
-            subprocess.run(
-                self.argv("down", "-v", "--timeout", "10"),
-                cwd=REPO,
-                env=self.env,
-                capture_output=True,
-                timeout=COMPOSE_TIMEOUT,
-            )
+            self.compose_run("down", "-v", "--timeout", "10")
 
     def docker_out(self, *args: str) -> str:
         result = subprocess.run(
@@ -177,7 +172,7 @@ class Project:
 
     def array_shm(self) -> set[str]:
         """api_shm() but the pool's freed segments (`pool_*`, kept for reuse): the arrays."""
-        return {n for n in self.api_shm() if not n.startswith(f"{self.shm_prefix}pool_")}
+        return {n for n in self.api_shm() if not n.startswith(self.shm_prefix + POOL_MARK)}
 
 
 def image_id(docker: str, tag: str) -> str:
